@@ -1,0 +1,3 @@
+from gdbklp.cli import main
+
+raise SystemExit(main())

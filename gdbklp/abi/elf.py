@@ -1,0 +1,108 @@
+"""ELF64 little-endian symbol tables: vmlinux files and module kallsyms in memory.
+
+gdbklp's core checks need only ELF symbols (no DWARF): trampoline addresses,
+which object a text address belongs to, and function names for reports.
+"""
+
+import bisect
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+SYM_SIZE = 24  # sizeof(Elf64_Sym)
+STT_FUNC = 2
+_SYM = struct.Struct("<IBBHQQ")
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+EM_PPC64 = 21
+
+
+class ElfError(Exception):
+    """Not a usable ppc64le ELF file; str() says why."""
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    address: int
+    size: int
+    is_function: bool
+
+
+class SymbolTable:
+    """Address-sorted symbols with address -> name+offset lookup."""
+
+    def __init__(self, symbols, owner: str = "vmlinux"):
+        self.owner = owner
+        self.symbols = sorted((s for s in symbols if s.address), key=lambda s: s.address)
+        self._addresses = [s.address for s in self.symbols]
+        self._by_name = {}
+        for s in self.symbols:
+            self._by_name.setdefault(s.name, s)
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def get(self, name: str) -> Symbol | None:
+        return self._by_name.get(name)
+
+    def address(self, name: str) -> int | None:
+        sym = self._by_name.get(name)
+        return sym.address if sym else None
+
+    def lookup(self, address: int) -> tuple[Symbol, int] | None:
+        """The function symbol containing address, and the offset into it."""
+        i = bisect.bisect_right(self._addresses, address) - 1
+        while i >= 0:
+            sym = self.symbols[i]
+            if sym.is_function:
+                if sym.size == 0 or address < sym.address + sym.size:
+                    return sym, address - sym.address
+                return None
+            i -= 1
+        return None
+
+    def describe(self, address: int) -> str:
+        """name+0xoff, or the bare address if no function contains it."""
+        found = self.lookup(address)
+        if not found:
+            return f"{address:#x}"
+        sym, off = found
+        return f"{sym.name}+{off:#x}" if off else sym.name
+
+
+def parse_symbols(symtab: bytes, strtab: bytes) -> list[Symbol]:
+    """Elf64_Sym records and their string table (file or module kallsyms)."""
+    out = []
+    for i in range(0, len(symtab) - SYM_SIZE + 1, SYM_SIZE):
+        st_name, st_info, _other, _shndx, value, size = _SYM.unpack_from(symtab, i)
+        end = strtab.find(b"\0", st_name)
+        if st_name == 0 or end < 0:
+            continue
+        name = strtab[st_name:end].decode(errors="replace")
+        out.append(Symbol(name, value, size, st_info & 0xF == STT_FUNC))
+    return out
+
+
+def read_elf_symbols(path: Path) -> SymbolTable:
+    """The .symtab of a ppc64le ELF file; ElfError if it is not one or has none."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ElfError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) < _EHDR.size or data[:4] != b"\x7fELF":
+        raise ElfError(f"{path} is not an ELF file")
+    if data[4] != 2 or data[5] != 1:
+        raise ElfError(f"{path} is not a 64-bit little-endian ELF file")
+    hdr = _EHDR.unpack_from(data)
+    machine, shoff, shentsize, shnum = hdr[2], hdr[6], hdr[11], hdr[12]
+    if machine != EM_PPC64:
+        raise ElfError(f"{path} is not a ppc64 ELF file (e_machine {machine})")
+    sections = [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
+    for sh in sections:
+        if sh[1] == 2:  # SHT_SYMTAB; sh_link names its string table
+            strtab = sections[sh[6]]
+            return SymbolTable(parse_symbols(data[sh[4]:sh[4] + sh[5]],
+                                             data[strtab[4]:strtab[4] + strtab[5]]))
+    raise ElfError(f"{path} has no symbol table (stripped?)")

@@ -1,0 +1,107 @@
+"""The merged design's trampoline (livepatch_handler) and its per-task stack.
+
+livepatch_handler pushes [r2, RA, STACK_END_MAGIC] on a stack that grows up
+from the bottom of the task's kernel stack (thread_info->livepatch_sp),
+branches to C with bctrl, and pops on return. The offsets it uses are read
+from its own instructions here, not hard-coded, so a kernel with another
+PACA or thread_info layout is decoded correctly or refused with a reason.
+"""
+
+from dataclasses import dataclass
+
+from gdbklp.abi import ppc
+
+
+class LayoutError(Exception):
+    """The trampoline's code does not have the expected shape; str() says where."""
+
+
+@dataclass(frozen=True)
+class LivepatchHandlerLayout:
+    address: int            # livepatch_handler
+    paca_thread_info: int   # offset of the thread_info pointer in the PACA (r13)
+    ti_livepatch_sp: int    # offset of livepatch_sp in thread_info
+    entry_size: int         # bytes pushed per redirection
+    toc_slot: int           # offsets from the new livepatch_sp
+    ra_slot: int
+    magic_slot: int
+    magic: int
+    call_to_c: int          # address of the bctrl that enters C (P1's branch)
+
+    @property
+    def return_point(self) -> int:
+        """P3: where C returns to inside the handler."""
+        return self.call_to_c + 4
+
+
+def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> LivepatchHandlerLayout:
+    """Decode the push half of livepatch_handler from its code bytes."""
+    insns = ppc.words(code)[:max_insns]
+    ti_reg = sp_reg = ra_reg = None
+    paca_off = ti_off = size = None
+    slots: dict[str, int] = {}
+    magic_regs: dict[int, int] = {}  # register -> constant built by lis/ori
+    magic = None
+    for i, word in enumerate(insns):
+        here = address + 4 * i
+        d = ppc.decode_dform(word)
+        if ppc.is_ld(word) and d.ra == 13 and paca_off is None:
+            paca_off, ti_reg = d.disp, d.rt
+        elif ppc.is_ld(word) and d.ra == ti_reg and ti_off is None:
+            ti_off, sp_reg = d.disp, d.rt
+        elif ppc.is_addi(word) and d.rt == sp_reg and d.ra == sp_reg and size is None:
+            size = d.disp
+        elif word & 0xFC1FFFFF == 0x7C0802A6:  # mflr rX
+            ra_reg = (word >> 21) & 31
+        elif word >> 26 == 15 and (word >> 16) & 31 == 0:  # lis rX,imm
+            magic_regs[(word >> 21) & 31] = (word & 0xFFFF) << 16
+        elif word >> 26 == 24 and (word >> 21) & 31 in magic_regs:  # ori rA,rS,imm
+            rs, ra = (word >> 21) & 31, (word >> 16) & 31
+            magic_regs[ra] = magic_regs[rs] | (word & 0xFFFF)
+        elif ppc.is_std(word) and d.ra == sp_reg and size is not None:
+            if d.rt == 2:
+                slots["toc"] = d.disp
+            elif d.rt == ra_reg:
+                slots["ra"] = d.disp
+            elif d.rt in magic_regs:
+                slots["magic"] = d.disp
+                magic = magic_regs[d.rt]
+        elif word == ppc.BCTRL:
+            missing = [n for n, v in (("ld rX,OFF(r13)", paca_off), ("ld rY,OFF(rX)", ti_off),
+                                      ("addi rY,rY,SIZE", size)) if v is None]
+            missing += [f"std of the {s} slot" for s in ("toc", "ra", "magic") if s not in slots]
+            if missing:
+                raise LayoutError(f"livepatch_handler at {address:#x}: no {', '.join(missing)} "
+                                  f"before the bctrl at {here:#x}")
+            return LivepatchHandlerLayout(
+                address=address, paca_thread_info=paca_off, ti_livepatch_sp=ti_off,
+                entry_size=size, toc_slot=slots["toc"], ra_slot=slots["ra"],
+                magic_slot=slots["magic"], magic=magic, call_to_c=here)
+    raise LayoutError(f"livepatch_handler at {address:#x}: no bctrl in its first "
+                      f"{len(insns)} instructions")
+
+
+@dataclass(frozen=True)
+class LivepatchEntry:
+    """One [TOC, RA, magic] record of a task's livepatch stack."""
+
+    address: int  # address of the record's first slot
+    toc: int
+    ra: int
+    magic: int
+
+
+def entries(stack: bytes, base: int, livepatch_sp: int, layout: LivepatchHandlerLayout) -> list[LivepatchEntry]:
+    """Records between the stack's base and livepatch_sp, oldest first.
+
+    stack holds memory from address base upward, at least to livepatch_sp.
+    """
+    out = []
+    top = livepatch_sp
+    while top - layout.entry_size >= base:
+        rec = top - layout.entry_size
+        get = lambda slot: int.from_bytes(stack[top + slot - base: top + slot - base + 8], "little")
+        out.append(LivepatchEntry(rec, get(layout.toc_slot), get(layout.ra_slot), get(layout.magic_slot)))
+        top = rec
+    out.reverse()
+    return out

@@ -1,0 +1,87 @@
+"""Exact encodings of the ppc64 instructions gdbklp reasons about.
+
+Decisions are made on these encodings, never on disassembler text; capstone
+(see disassemble()) is only used to show instructions to people.
+"""
+
+from dataclasses import dataclass
+
+NOP = 0x60000000            # ori r0,r0,0
+LD_R2_24_R1 = 0xE8410018    # ld r2,24(r1): the TOC restore after a cross-object call
+BCTRL = 0x4E800421
+BLRL = 0x4E800021
+BLR = 0x4E800020
+MFLR_R0 = 0x7C0802A6
+STACK_END_MAGIC = 0x57AC6E9D
+
+
+def is_bl(word: int) -> bool:
+    """bl target (I-form, opcode 18, AA=0, LK=1)."""
+    return word & 0xFC000003 == 0x48000001
+
+
+def is_b(word: int) -> bool:
+    """b target (I-form, opcode 18, AA=0, LK=0): a branch that keeps LR."""
+    return word & 0xFC000003 == 0x48000000
+
+
+def branch_target(word: int, address: int) -> int:
+    """Target of an I-form branch (b/bl) at address."""
+    offset = word & 0x03FFFFFC
+    if offset & 0x02000000:
+        offset -= 0x04000000
+    return (address + offset) & 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class DForm:
+    """A D/DS-form load or store: opcode rt, disp(ra)."""
+
+    opcode: int
+    rt: int
+    ra: int
+    disp: int
+
+
+def decode_dform(word: int) -> DForm:
+    opcode = word >> 26
+    rt = (word >> 21) & 31
+    ra = (word >> 16) & 31
+    disp = word & 0xFFFF
+    if opcode in (58, 62):  # DS-form: ld/std; the low two bits select the variant
+        disp &= 0xFFFC
+    if disp & 0x8000:
+        disp -= 0x10000
+    return DForm(opcode, rt, ra, disp)
+
+
+def is_ld(word: int) -> bool:
+    return word >> 26 == 58 and word & 3 == 0
+
+
+def is_std(word: int) -> bool:
+    return word >> 26 == 62 and word & 3 == 0
+
+
+def is_addi(word: int) -> bool:
+    return word >> 26 == 14
+
+
+def words(data: bytes) -> list[int]:
+    """Little-endian 32-bit instruction words of data."""
+    return [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data) - 3, 4)]
+
+
+def disassemble(data: bytes, address: int) -> list[tuple[int, str]]:
+    """(address, "mnemonic operands") for each instruction, or .long for undecodable ones."""
+    try:
+        import capstone
+    except ImportError:  # display only: decisions never depend on capstone
+        return [(address + 4 * i, f".long {w:#010x}") for i, w in enumerate(words(data))]
+    md = capstone.Cs(capstone.CS_ARCH_PPC, capstone.CS_MODE_64 | capstone.CS_MODE_LITTLE_ENDIAN)
+    out = []
+    for i, word in enumerate(words(data)):
+        insn = next(md.disasm(word.to_bytes(4, "little"), address + 4 * i), None)
+        text = f"{insn.mnemonic} {insn.op_str}".strip() if insn else f".long {word:#010x}"
+        out.append((address + 4 * i, text))
+    return out

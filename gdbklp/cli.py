@@ -1,0 +1,23 @@
+"""gdbklp command line: gdbklp lab build|boot|gdb|demo."""
+
+import argparse
+import sys
+
+from gdbklp.lab import LabError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gdbklp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    lab = sub.add_parser("lab", help="the ppc64le live-patching lab in QEMU")
+    from gdbklp.lab import cli as lab_cli
+    lab_cli.configure(lab)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except LabError as e:
+        print(f"gdbklp: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gdbklp: interrupted", file=sys.stderr)
+        return 130

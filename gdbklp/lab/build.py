@@ -1,0 +1,364 @@
+"""Cached, incremental build of the lab: kernel, modules, initramfs.
+
+Each step's output directory is named after a hash of everything that goes
+into it (source files, configuration, the previous step's key, tool
+versions). A step is complete when its manifest exists and every output
+still has the recorded SHA-256: a missing or corrupt output is rebuilt, not
+trusted. A no-change rebuild therefore only hashes files.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gdbklp.lab import LabError
+from gdbklp.lab import config as cfg
+
+MANIFEST = "manifest.json"
+
+
+def log(msg: str) -> None:
+    print(f"[lab] {msg}", file=sys.stderr, flush=True)
+
+
+def check_host(requirements=cfg.HOST_REQUIREMENTS) -> None:
+    """Raise LabError naming the packages to install if any requirement is missing."""
+    missing = []
+    for req in requirements:
+        found = Path(req.path).exists() if req.path.startswith("/") else shutil.which(req.path)
+        if not found:
+            missing.append(req)
+    if missing:
+        names = ", ".join(r.path for r in missing)
+        pkgs = " ".join(sorted({r.package for r in missing}))
+        raise LabError(f"missing {names}: install with 'apt-get install {pkgs}'")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_cached(path: Path) -> str:
+    """SHA-256 of a large, rarely changing file, remembered by size and mtime."""
+    st = path.stat()
+    stamp = cfg.cache_root() / "hashes" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    ident = f"{st.st_size} {st.st_mtime_ns}"
+    try:
+        saved_ident, digest = stamp.read_text().split("\n")[:2]
+        if saved_ident == ident:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256_file(path)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(f"{ident}\n{digest}\n")
+    return digest
+
+
+def tool_version(command: str) -> str:
+    out = subprocess.run([command, "--version"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0] if out.stdout else ""
+
+
+def key_of(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    directory: Path
+    key: str
+    rebuilt: bool
+
+    def __truediv__(self, name: str) -> Path:
+        return self.directory / name
+
+
+def cached_step(name: str, parts: dict, outputs: tuple[str, ...], build) -> StepResult:
+    """Run build(directory) unless a verified result for these inputs exists.
+
+    outputs are paths relative to the step's directory; their hashes are
+    recorded in the manifest and checked on every reuse.
+    """
+    key = key_of(parts)
+    directory = cfg.cache_root() / f"{name}-{key}"
+    manifest = directory / MANIFEST
+    if manifest.exists():
+        try:
+            recorded = json.loads(manifest.read_text())["outputs"]
+            if set(recorded) == set(outputs) and all(
+                sha256_file(directory / out) == digest for out, digest in recorded.items()
+            ):
+                return StepResult(directory, key, rebuilt=False)
+            log(f"{name}: cached result {directory} is corrupt, rebuilding")
+        except (OSError, ValueError, KeyError):
+            log(f"{name}: cached manifest {manifest} is unreadable, rebuilding")
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    start = time.monotonic()
+    log(f"{name}: building in {directory}")
+    build(directory)
+    digests = {out: sha256_file(directory / out) for out in outputs}
+    manifest.write_text(json.dumps({"inputs": parts, "outputs": digests}, indent=1))
+    log(f"{name}: built in {time.monotonic() - start:.0f} s")
+    return StepResult(directory, key, rebuilt=True)
+
+
+def run(cmd: list, cwd=None, log_file: Path | None = None, env=None) -> None:
+    """Run a build command; on failure raise LabError with the output's tail."""
+    if log_file is None:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        output = proc.stdout + proc.stderr
+    else:
+        with open(log_file, "w") as f:
+            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        output = log_file.read_text(errors="replace")
+    if proc.returncode != 0:
+        tail = "\n".join(output.splitlines()[-15:])
+        raise LabError(f"'{' '.join(map(str, cmd))}' failed ({proc.returncode}):\n{tail}")
+
+
+# ---- kernel -------------------------------------------------------------
+
+
+def read_fragment(path: Path) -> dict[str, str]:
+    """CONFIG_X=value lines of a Kconfig fragment ('# CONFIG_X is not set' = 'n')."""
+    values = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line.startswith("CONFIG_"):
+            name, _, value = line.partition("=")
+            values[name] = value
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            values[line[2:].split()[0]] = "n"
+    return values
+
+
+def apply_fragment(config: Path, fragment: dict[str, str]) -> None:
+    """Replace or add the fragment's symbols in a .config."""
+    kept = []
+    for line in config.read_text().splitlines():
+        name = line[2:].split()[0] if line.startswith("# CONFIG_") else line.partition("=")[0]
+        if name not in fragment:
+            kept.append(line)
+    for name, value in fragment.items():
+        kept.append(f"# {name} is not set" if value == "n" else f"{name}={value}")
+    config.write_text("\n".join(kept) + "\n")
+
+
+def unmet_fragment_lines(config: Path, fragment: dict[str, str]) -> list[str]:
+    """Fragment lines the final .config does not honour (Kconfig dropped them)."""
+    final = read_fragment(config)
+    return [
+        f"{name}={want} (got {final.get(name, 'n')})"
+        for name, want in fragment.items()
+        if final.get(name, "n") != want
+    ]
+
+
+def kernel_source(kernel: cfg.KernelConfig = cfg.KERNEL) -> tuple[Path, str]:
+    """Extract the Debian kernel source once; return (tree, tarball digest)."""
+    digest = sha256_cached(kernel.source_tarball)
+    root = cfg.cache_root() / "src" / digest[:16]
+    done = root / ".extracted"
+    if not done.exists():
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        log(f"extracting {kernel.source_tarball}")
+        run(["tar", "xf", str(kernel.source_tarball), "-C", str(root)])
+        done.touch()
+    trees = [p for p in root.iterdir() if p.is_dir()]
+    if len(trees) != 1:
+        raise LabError(f"{kernel.source_tarball} did not unpack to one directory")
+    return trees[0], digest
+
+
+def make_cmd(kernel: cfg.KernelConfig, *args) -> list[str]:
+    jobs = str((os.cpu_count() or 1) + 1)
+    return ["make", f"-j{jobs}", f"ARCH={kernel.arch}", f"CROSS_COMPILE={kernel.cross_compile}", *args]
+
+
+def build_kernel(kernel: cfg.KernelConfig = cfg.KERNEL) -> StepResult:
+    """Configure and build vmlinux; the build tree stays for module builds."""
+    source, tarball_digest = kernel_source(kernel)
+    fragment = read_fragment(kernel.fragment)
+    parts = {
+        "tarball": tarball_digest,
+        "fragment": fragment,
+        "base": kernel.base_configs,
+        "targets": kernel.build_targets,
+        "cc": tool_version(kernel.cross_compile + "gcc"),
+    }
+
+    def build(out: Path) -> None:
+        obj = out / "build"
+        make = lambda *a: make_cmd(kernel, f"O={obj}", *a)
+        for target in kernel.base_configs:
+            run(make(target), cwd=source)
+        apply_fragment(obj / ".config", fragment)
+        run(make("olddefconfig"), cwd=source)
+        unmet = unmet_fragment_lines(obj / ".config", fragment)
+        if unmet:
+            raise LabError(f"kernel config fragment not honoured: {'; '.join(unmet)}")
+        run(make(*kernel.build_targets), cwd=source, log_file=out / "build.log")
+        os.link(obj / "vmlinux", out / "vmlinux")
+
+    return cached_step("kernel", parts, ("vmlinux", "build/.config"), build)
+
+
+# ---- modules ------------------------------------------------------------
+
+
+def files_digest(paths) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(paths)}
+
+
+def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES) -> StepResult:
+    sources = [p for p in modules.source_dir.iterdir() if p.is_file()]
+    parts = {"kernel": kernel.key, "sources": files_digest(sources)}
+    outputs = tuple(f"{name}.ko" for name in modules.names)
+
+    def build(out: Path) -> None:
+        src = out / "src"
+        src.mkdir()
+        for path in sources:
+            shutil.copy2(path, src / path.name)
+        run(make_cmd(cfg.KERNEL, "-C", str(kernel / "build"), f"M={src}", "modules"),
+            log_file=out / "build.log")
+        for name in outputs:
+            os.link(src / name, out / name)
+
+    return cached_step("modules", parts, outputs, build)
+
+
+# ---- initramfs ----------------------------------------------------------
+
+
+def apt_target_download(package: str, arch: str = "ppc64el") -> Path:
+    """Download a Debian package for the target architecture into the cache.
+
+    apt keeps its own package lists for the target architecture under the
+    cache, so the host's configuration is untouched.
+    """
+    apt_dir = cfg.cache_root() / "apt" / arch
+    debs = apt_dir / "debs"
+    found = sorted(debs.glob(f"{package}_*_{arch}.deb")) if debs.exists() else []
+    if found:
+        return found[-1]
+    lists = apt_dir / "lists"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    debs.mkdir(parents=True, exist_ok=True)
+    opts = ["-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}",
+            "-o", f"Dir::State::Lists={lists}", "-o", "Debug::NoLocking=1"]
+    log(f"apt: fetching {package} ({arch}) package lists")
+    update = subprocess.run(["apt-get", *opts, "update"], capture_output=True, text=True)
+    try:
+        run(["apt-get", *opts, "download", package], cwd=debs)
+    except LabError as e:
+        # a partly failed update (one mirror syncing) is fine if the package was found
+        raise LabError(f"{e}\napt-get update said:\n{update.stdout[-800:]}{update.stderr[-800:]}") from None
+    found = sorted(debs.glob(f"{package}_*_{arch}.deb"))
+    if not found:
+        raise LabError(f"apt-get download {package} for {arch} produced no .deb")
+    return found[-1]
+
+
+class CpioWriter:
+    """A deterministic newc cpio archive (what the kernel unpacks as initramfs)."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
+        encoded = name.encode() + b"\0"
+        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.buf.write(header + encoded)
+        self.buf.write(b"\0" * (-(110 + len(encoded)) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+        self.ino += 1
+
+    def directory(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def gzipped(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return gzip.compress(self.buf.getvalue(), mtime=0)
+
+
+def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.INITRAMFS) -> StepResult:
+    debs = [apt_target_download(p) for p in initramfs.target_packages]
+    parts = {
+        "modules": modules.key,
+        "debs": {d.name: sha256_file(d) for d in debs},
+        "init": sha256_file(initramfs.init),
+        "programs": {n: sha256_file(p) for n, p in initramfs.programs.items()},
+        "applets": initramfs.busybox_applets,
+        "cflags": initramfs.cflags,
+        "cc": tool_version(cfg.KERNEL.cross_compile + "gcc"),
+    }
+
+    def build(out: Path) -> None:
+        root = out / "debs"
+        for deb in debs:
+            run(["dpkg-deb", "-x", str(deb), str(root)])
+        cpio = CpioWriter()
+        for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+            cpio.directory(d)
+        cpio.file("init", initramfs.init.read_bytes(), 0o755)
+        cpio.file("bin/busybox", (root / initramfs.busybox).read_bytes(), 0o755)
+        for applet in initramfs.busybox_applets:
+            cpio.symlink(f"bin/{applet}", "busybox")
+        for name, source in initramfs.programs.items():
+            run([cfg.KERNEL.cross_compile + "gcc", *initramfs.cflags, "-o", str(out / name), str(source)])
+            cpio.file(f"bin/{name}", (out / name).read_bytes(), 0o755)
+        for ko in sorted(modules.directory.glob("*.ko")):
+            cpio.file(f"lib/modules/{ko.name}", ko.read_bytes())
+        (out / "initramfs.cpio.gz").write_bytes(cpio.gzipped())
+
+    return cached_step("initramfs", parts, ("initramfs.cpio.gz",), build)
+
+
+@dataclass(frozen=True)
+class LabImages:
+    vmlinux: Path
+    kernel_build: Path
+    modules: Path
+    initramfs: Path
+
+
+def build_all() -> LabImages:
+    """Build (or verify the cached) kernel, modules and initramfs."""
+    check_host()
+    kernel = build_kernel()
+    modules = build_modules(kernel)
+    initramfs = build_initramfs(modules)
+    return LabImages(
+        vmlinux=kernel / "vmlinux",
+        kernel_build=kernel / "build",
+        modules=modules.directory,
+        initramfs=initramfs / "initramfs.cpio.gz",
+    )

@@ -1,0 +1,233 @@
+"""Run the lab guest in qemu-system-ppc64 and talk to its console.
+
+The guest's console (hvc0) is QEMU's stdio; a reader thread copies it to a
+log file and a buffer, so the host can wait for markers printed by the lab's
+/init and run shell commands on the guest (serve mode). The gdbstub listens
+on 127.0.0.1 only.
+
+No QEMU outlives its owner: the child gets PR_SET_PDEATHSIG (SIGKILL when the
+owner dies, even by SIGKILL), and close() runs from atexit and on SIGTERM.
+"""
+
+import atexit
+import ctypes
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from gdbklp.lab import LabError
+from gdbklp.lab import config as cfg
+
+PR_SET_PDEATHSIG = 1
+_live_guests: "set[Guest]" = set()
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _close_all_guests() -> None:
+    for guest in list(_live_guests):
+        guest.close()
+
+
+def _on_sigterm(signum, frame):
+    _close_all_guests()
+    raise SystemExit(128 + signum)
+
+
+atexit.register(_close_all_guests)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_listening(port: int, host: str = "0100007F") -> bool:
+    """Whether something listens on 127.0.0.1:port (from /proc/net/tcp)."""
+    wanted = f"{host}:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1] == wanted and line.split()[3] == "0A"
+                   for line in list(f)[1:])
+
+
+def kernel_cmdline(mode: str = "serve", patch: bool = True, run_args: str = "",
+                   extra: tuple[str, ...] = (), qemu: cfg.QemuConfig = cfg.QEMU) -> str:
+    words = [*qemu.append, f"klplab.mode={mode}"]
+    if not patch:
+        words.append("klplab.patch=0")
+    if run_args:
+        words.append("klplab.run=" + ",".join(run_args.split()))
+    return " ".join([*words, *extra])
+
+
+class Guest:
+    """One lab guest. Use as a context manager, or call close()."""
+
+    def __init__(self, vmlinux: Path, initramfs: Path, *, append: str,
+                 smp: int | None = None, stopped: bool = False,
+                 workdir: Path | None = None, qemu: cfg.QemuConfig = cfg.QEMU):
+        self.vmlinux = Path(vmlinux)
+        self.initramfs = Path(initramfs)
+        self.append = append
+        self.smp = smp or qemu.smp
+        self.stopped = stopped
+        self.qemu = qemu
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="gdbklp-lab-"))
+        self.serial_log = self.workdir / "serial.log"
+        self.gdb_port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._console = ""
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ---- life cycle --------------------------------------------------------
+
+    def command_line(self, port: int) -> list[str]:
+        q = self.qemu
+        cmd = [
+            q.binary, "-M", q.machine, "-cpu", q.cpu, "-smp", str(self.smp), "-m", q.memory,
+            "-accel", q.accel, "-nodefaults", "-nographic", "-no-reboot",
+            "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
+            "-kernel", str(self.vmlinux), "-initrd", str(self.initramfs),
+            "-append", self.append,
+            "-gdb", f"tcp:127.0.0.1:{port}",
+        ]
+        return cmd + (["-S"] if self.stopped else [])
+
+    def start(self, attempts: int = 3) -> "Guest":
+        """Start QEMU; a gdbstub port taken in the meantime is replaced by another."""
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, _on_sigterm)
+        for _ in range(attempts):
+            port = free_port()
+            stderr_path = self.workdir / "qemu.stderr"
+            with open(stderr_path, "w") as err:
+                self.proc = subprocess.Popen(
+                    self.command_line(port), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=err, preexec_fn=_die_with_parent, start_new_session=True)
+            _live_guests.add(self)
+            self._reader = threading.Thread(target=self._read_console, daemon=True)
+            self._reader.start()
+            if self._wait_for_gdbstub(port):
+                self.gdb_port = port
+                return self
+            stderr = stderr_path.read_text(errors="replace")
+            self.close()
+            if "Address already in use" not in stderr and "Failed to bind" not in stderr:
+                raise LabError(f"QEMU exited early: {stderr.strip().splitlines()[-1:]}"
+                               f"{self._serial_tail()}")
+        raise LabError(f"no free gdbstub port after {attempts} attempts")
+
+    def _wait_for_gdbstub(self, port: int, timeout: float = 10.0) -> bool:
+        """True once QEMU listens on the port; False if QEMU exits first.
+
+        Looks in /proc/net/tcp rather than connecting: a client connecting to
+        QEMU's gdbstub pauses the guest.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            if is_listening(port):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        """Kill QEMU (if running) and wait for it."""
+        proc, self.proc = self.proc, None
+        _live_guests.discard(self)
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Guest":
+        return self if self.proc else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ---- console -------------------------------------------------------------
+
+    def _read_console(self) -> None:
+        proc = self.proc
+        with open(self.serial_log, "ab") as log:
+            while True:
+                data = os.read(proc.stdout.fileno(), 65536) if proc.stdout else b""
+                if not data:
+                    break
+                log.write(data)
+                log.flush()
+                with self._cond:
+                    self._console += data.decode(errors="replace").replace("\r", "")
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def console(self) -> str:
+        with self._cond:
+            return self._console
+
+    def _serial_tail(self, lines: int = 15) -> str:
+        tail = self.console.splitlines()[-lines:]
+        return ("\nlast lines of the serial log:\n  " + "\n  ".join(tail)) if tail else \
+            "\n(the serial log is empty)"
+
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        """Wait until the console (from offset start) matches pattern."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                m = regex.search(self._console, start)
+                if m:
+                    return m
+                if self.proc is None or self.proc.poll() is not None:
+                    raise LabError(f"QEMU exited while waiting for {pattern!r}{self._serial_tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LabError(f"timed out after {timeout:.0f} s waiting for {pattern!r}"
+                                   f"{self._serial_tail()}")
+                self._cond.wait(min(left, 0.5))
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        self.wait_for(re.escape(self.qemu.ready_marker), timeout)
+
+    def run(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
+        """Run a shell command on the guest (serve mode); return (status, output)."""
+        with self._lock:
+            start = len(self.console)
+            self.proc.stdin.write(command.encode() + b"\n")
+            self.proc.stdin.flush()
+            m = self.wait_for(re.escape(self.qemu.done_marker) + r" (\d+)\n", timeout, start)
+            return int(m.group(1)), self.console[start:m.start()]
+
+    def check(self, command: str, timeout: float = 120.0) -> str:
+        status, output = self.run(command, timeout)
+        if status != 0:
+            raise LabError(f"guest command {command!r} failed ({status}): {output.strip()}")
+        return output

@@ -1,0 +1,127 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * klp_lab_patch: the live patch. It replaces every B of klp_lab_target with
+ * a C that returns the same checksum under the NEW tag, so the caller sees
+ * which one ran. C lives in this module, with this module's TOC: a local
+ * caller's r2 must be saved and restored by the trampoline.
+ */
+#include <linux/delay.h>
+#include <linux/kernel.h>
+#include <linux/livepatch.h>
+#include <linux/module.h>
+#include <linux/sched.h>
+#include <linux/stdarg.h>
+#include "klp_lab.h"
+
+static void new_body(unsigned long flags)
+{
+	if (flags & KLP_LAB_YIELD)
+		yield();
+	if (flags & KLP_LAB_SLEEP)
+		msleep(1);
+}
+
+static long klp_lab_c_local(long x, unsigned long flags)
+{
+	long args[] = { x, flags };
+
+	new_body(flags);
+	return klp_lab_sum(args, 2) | KLP_LAB_NEW_TAG;
+}
+
+static long klp_lab_c_local_other(long x, unsigned long flags)
+{
+	long args[] = { x, flags };
+
+	new_body(flags);
+	return klp_lab_sum(args, 2) | KLP_LAB_NEW_TAG;
+}
+
+static long klp_lab_c_global(long x, unsigned long flags)
+{
+	long args[] = { x, flags };
+
+	new_body(flags);
+	return klp_lab_sum(args, 2) | KLP_LAB_NEW_TAG;
+}
+
+static long klp_lab_c_indirect(long x, unsigned long flags)
+{
+	long args[] = { x, flags };
+
+	new_body(flags);
+	return klp_lab_sum(args, 2) | KLP_LAB_NEW_TAG;
+}
+
+static long klp_lab_c_many_args(long a1, long a2, long a3, long a4, long a5,
+			   long a6, long a7, long a8, long a9, unsigned long flags)
+{
+	long args[] = { a1, a2, a3, a4, a5, a6, a7, a8, a9, flags };
+
+	new_body(flags);
+	return klp_lab_sum(args, 10) | KLP_LAB_NEW_TAG;
+}
+
+static long klp_lab_c_varargs(unsigned long flags, int n, ...)
+{
+	long args[16] = { flags };
+	va_list ap;
+	int i;
+
+	va_start(ap, n);
+	for (i = 0; i < n && i < 15; i++)
+		args[i + 1] = va_arg(ap, long);
+	va_end(ap);
+	new_body(flags);
+	return klp_lab_sum(args, i + 1) | KLP_LAB_NEW_TAG;
+}
+
+/* The sibling kind's C ends with "b klp_lab_c_sibling_tail": a tail call. */
+static noinline __attribute__((noipa)) long klp_lab_c_sibling_tail(long x, unsigned long flags)
+{
+	long args[] = { x, flags };
+
+	return klp_lab_sum(args, 2) | KLP_LAB_NEW_TAG;
+}
+
+static long klp_lab_c_sibling(long x, unsigned long flags)
+{
+	new_body(flags);
+	return klp_lab_c_sibling_tail(x, flags);
+}
+
+static struct klp_func funcs[] = {
+	{ .old_name = "klp_lab_b_local", .new_func = klp_lab_c_local },
+	{ .old_name = "klp_lab_b_local_other", .new_func = klp_lab_c_local_other },
+	{ .old_name = "klp_lab_b_global", .new_func = klp_lab_c_global },
+	{ .old_name = "klp_lab_b_indirect", .new_func = klp_lab_c_indirect },
+	{ .old_name = "klp_lab_b_many_args", .new_func = klp_lab_c_many_args },
+	{ .old_name = "klp_lab_b_varargs", .new_func = klp_lab_c_varargs },
+	{ .old_name = "klp_lab_b_sibling", .new_func = klp_lab_c_sibling },
+	{ }
+};
+
+static struct klp_object objs[] = {
+	{ .name = "klp_lab_target", .funcs = funcs },
+	{ }
+};
+
+static struct klp_patch patch = {
+	.mod = THIS_MODULE,
+	.objs = objs,
+};
+
+static int __init klp_lab_patch_init(void)
+{
+	return klp_enable_patch(&patch);
+}
+
+static void __exit klp_lab_patch_exit(void)
+{
+}
+
+module_init(klp_lab_patch_init);
+module_exit(klp_lab_patch_exit);
+MODULE_LICENSE("GPL");
+MODULE_INFO(livepatch, "Y");
+MODULE_DESCRIPTION("gdbklp lab: live patch of klp_lab_target");
