@@ -35,37 +35,41 @@ class LivepatchHandlerLayout:
 
 
 def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> LivepatchHandlerLayout:
-    """Decode the push half of livepatch_handler from its code bytes."""
+    """Decode the push half of livepatch_handler from its code bytes.
+
+    Registers are followed in program order: what a register holds when it
+    is stored (the TOC, the return address from mflr, a constant from
+    lis/ori) decides which slot the store fills.
+    """
     insns = ppc.words(code)[:max_insns]
-    ti_reg = sp_reg = ra_reg = None
+    holds: dict[int, object] = {2: "toc"}  # register -> "toc" | "ra" | "ti" | "sp" | int constant
     paca_off = ti_off = size = None
     slots: dict[str, int] = {}
-    magic_regs: dict[int, int] = {}  # register -> constant built by lis/ori
     magic = None
     for i, word in enumerate(insns):
         here = address + 4 * i
         d = ppc.decode_dform(word)
         if ppc.is_ld(word) and d.ra == 13 and paca_off is None:
-            paca_off, ti_reg = d.disp, d.rt
-        elif ppc.is_ld(word) and d.ra == ti_reg and ti_off is None:
-            ti_off, sp_reg = d.disp, d.rt
-        elif ppc.is_addi(word) and d.rt == sp_reg and d.ra == sp_reg and size is None:
+            paca_off = d.disp
+            holds[d.rt] = "ti"
+        elif ppc.is_ld(word) and holds.get(d.ra) == "ti" and ti_off is None:
+            ti_off = d.disp
+            holds[d.rt] = "sp"
+        elif ppc.is_addi(word) and holds.get(d.ra) == "sp" and d.rt == d.ra and size is None:
             size = d.disp
-        elif word & 0xFC1FFFFF == 0x7C0802A6:  # mflr rX
-            ra_reg = (word >> 21) & 31
+        elif word & 0xFC1FFFFF == ppc.MFLR_R0:  # mflr rX
+            holds[(word >> 21) & 31] = "ra"
         elif word >> 26 == 15 and (word >> 16) & 31 == 0:  # lis rX,imm
-            magic_regs[(word >> 21) & 31] = (word & 0xFFFF) << 16
-        elif word >> 26 == 24 and (word >> 21) & 31 in magic_regs:  # ori rA,rS,imm
-            rs, ra = (word >> 21) & 31, (word >> 16) & 31
-            magic_regs[ra] = magic_regs[rs] | (word & 0xFFFF)
-        elif ppc.is_std(word) and d.ra == sp_reg and size is not None:
-            if d.rt == 2:
-                slots["toc"] = d.disp
-            elif d.rt == ra_reg:
-                slots["ra"] = d.disp
-            elif d.rt in magic_regs:
+            holds[(word >> 21) & 31] = (word & 0xFFFF) << 16
+        elif word >> 26 == 24 and isinstance(holds.get((word >> 21) & 31), int):  # ori rA,rS,imm
+            holds[(word >> 16) & 31] = holds[(word >> 21) & 31] | (word & 0xFFFF)
+        elif ppc.is_std(word) and holds.get(d.ra) == "sp" and size is not None:
+            value = holds.get(d.rt)
+            if value in ("toc", "ra"):
+                slots[value] = d.disp
+            elif isinstance(value, int):
                 slots["magic"] = d.disp
-                magic = magic_regs[d.rt]
+                magic = value
         elif word == ppc.BCTRL:
             missing = [n for n, v in (("ld rX,OFF(r13)", paca_off), ("ld rY,OFF(rX)", ti_off),
                                       ("addi rY,rY,SIZE", size)) if v is None]
