@@ -30,13 +30,14 @@ def log(msg: str) -> None:
     print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
+def missing_requirements(requirements=cfg.HOST_REQUIREMENTS) -> list[cfg.HostRequirement]:
+    return [req for req in requirements
+            if not (Path(req.path).exists() if req.path.startswith("/") else shutil.which(req.path))]
+
+
 def check_host(requirements=cfg.HOST_REQUIREMENTS) -> None:
     """Raise LabError naming the packages to install if any requirement is missing."""
-    missing = []
-    for req in requirements:
-        found = Path(req.path).exists() if req.path.startswith("/") else shutil.which(req.path)
-        if not found:
-            missing.append(req)
+    missing = missing_requirements(requirements)
     if missing:
         names = ", ".join(r.path for r in missing)
         pkgs = " ".join(sorted({r.package for r in missing}))

@@ -1,8 +1,14 @@
-"""gdbklp lab subcommands."""
+"""gdbklp lab subcommands: build, boot, gdb, demo."""
 
 import argparse
+import os
+import subprocess
+import sys
+import time
 
-from gdbklp.lab import build
+from gdbklp.lab import LabError, build, session, workload
+from gdbklp.lab.gdbmi import LOADER
+from gdbklp.lab.qemu import Guest, kernel_cmdline
 
 
 def cmd_build(args) -> int:
@@ -12,7 +18,86 @@ def cmd_build(args) -> int:
     return 0
 
 
+def gdb_command(vmlinux, port: int) -> list[str]:
+    return ["gdb-multiarch", "-q", "-x", str(LOADER), "-ex", f"file {vmlinux}",
+            "-ex", f"target remote 127.0.0.1:{port}"]
+
+
+def cmd_boot(args) -> int:
+    images = build.build_all()
+    guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
+                  append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run))
+    with guest.start():
+        print(f"gdbstub: 127.0.0.1:{guest.gdb_port}   serial log: {guest.serial_log}")
+        print("attach with: " + " ".join(gdb_command(images.vmlinux, guest.gdb_port)))
+        if not args.stopped:
+            guest.wait_ready(120)
+            print("guest ready; Ctrl-C stops it")
+        while guest.running:
+            time.sleep(0.5)
+    return 0
+
+
+def cmd_gdb(args) -> int:
+    images = build.build_all()
+    if args.port:
+        return subprocess.call(gdb_command(images.vmlinux, args.port))
+    with session.booted(images, smp=args.smp) as guest:
+        print(f"guest booted (serial log: {guest.serial_log}); starting gdb", file=sys.stderr)
+        return subprocess.call(gdb_command(images.vmlinux, guest.gdb_port))
+
+
+def cmd_demo(args) -> int:
+    images = build.build_all()
+    run_args = f"-t {args.tasks} -n {args.calls} -k {args.kinds}"
+    if args.flags:
+        run_args += f" -f {args.flags}"
+    print(f"booting the lab ({images.vmlinux.parent.name}) ...", flush=True)
+    with session.booted(images, smp=args.smp) as guest:
+        print(f"guest ready; serial log: {guest.serial_log}")
+        with session.attached(guest, images.vmlinux) as gdb:
+            print(f"gdb attached; watching 'klplab-run {run_args}' ...", flush=True)
+            start = time.monotonic()
+            report, counts = session.watch_workload(guest, gdb, run_args)
+            elapsed = time.monotonic() - start
+    print()
+    print(report.format_text())
+    print()
+    rows = workload.compare(report.by_replacement, counts)
+    print(workload.format_comparison(rows))
+    ok = all(r.agrees for r in rows) and not report.errors
+    rate = report.redirections / elapsed if elapsed else 0
+    print(f"\n{report.redirections} redirections watched in {elapsed:.1f} s ({rate:.0f}/s); "
+          f"{'every kind agrees with the guest' if ok else 'MISMATCH between gdb and the guest'}")
+    if args.json:
+        report.write_json(args.json)
+        print(f"report: {args.json}")
+    return 0 if ok else 1
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="lab_command", required=True)
     p = sub.add_parser("build", help="build (or verify the cached) kernel, modules and initramfs")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("boot", help="boot the lab guest and wait (Ctrl-C stops it)")
+    p.add_argument("--smp", type=int, default=None, help="vCPUs (default 2)")
+    p.add_argument("-S", "--stopped", action="store_true", help="wait for gdb before starting")
+    p.add_argument("--mode", choices=("serve", "run", "shell"), default="serve")
+    p.add_argument("--run", default="", metavar="ARGS", help="klplab-run arguments (mode run)")
+    p.add_argument("--no-patch", action="store_true", help="do not load the live patch at boot")
+    p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("gdb", help="gdb-multiarch with gdbklp, attached to a new or running guest")
+    p.add_argument("--port", type=int, help="attach to a guest already listening on this port")
+    p.add_argument("--smp", type=int, default=None)
+    p.set_defaults(func=cmd_gdb)
+
+    p = sub.add_parser("demo", help="watch every call kind's redirections and compare with the guest")
+    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--calls", type=int, default=20, help="calls per kind per task")
+    p.add_argument("--kinds", default="all", help="comma-separated kinds, or all")
+    p.add_argument("--flags", default="", help="yield,sleep,hold")
+    p.add_argument("--smp", type=int, default=None)
+    p.add_argument("--json", metavar="FILE", help="also write the watch report as JSON")
+    p.set_defaults(func=cmd_demo)

@@ -44,6 +44,9 @@ HOST_REQUIREMENTS = (
     HostRequirement("dpkg-deb", "dpkg"),
     HostRequirement("/usr/include/openssl/ssl.h", "libssl-dev"),
     HostRequirement("/usr/include/libelf.h", "libelf-dev"),
+    HostRequirement("cpio", "cpio"),
+    # the project's environment is a venv of the Python gdb embeds
+    HostRequirement("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
 )
 
 

@@ -52,12 +52,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def is_listening(port: int, host: str = "0100007F") -> bool:
-    """Whether something listens on 127.0.0.1:port (from /proc/net/tcp)."""
-    wanted = f"{host}:{port:04X}"
+def is_listening(port: int, pid: int | None = None) -> bool:
+    """Whether something (process pid, if given) listens on 127.0.0.1:port.
+
+    Read from /proc/net/tcp and the process's file descriptors.
+    """
+    wanted = f"0100007F:{port:04X}"
     with open("/proc/net/tcp") as f:
-        return any(line.split()[1] == wanted and line.split()[3] == "0A"
-                   for line in list(f)[1:])
+        inodes = {fields[9] for fields in (line.split() for line in list(f)[1:])
+                  if fields[1] == wanted and fields[3] == "0A"}
+    if not inodes or pid is None:
+        return bool(inodes)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            return True
+    return False
 
 
 def kernel_cmdline(mode: str = "serve", patch: bool = True, run_args: str = "",
@@ -140,7 +157,7 @@ class Guest:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            if is_listening(port):
+            if is_listening(port, self.proc.pid):
                 return True
             time.sleep(0.05)
         return False
@@ -217,14 +234,22 @@ class Guest:
     def wait_ready(self, timeout: float = 60.0) -> None:
         self.wait_for(re.escape(self.qemu.ready_marker), timeout)
 
+    def send(self, command: str) -> int:
+        """Start a shell command on the guest (serve mode); return its console offset."""
+        start = len(self.console)
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+        return start
+
+    def wait_done(self, start: int, timeout: float = 120.0) -> tuple[int, str]:
+        """Wait for the command sent at offset start; return (status, output)."""
+        m = self.wait_for(re.escape(self.qemu.done_marker) + r" (\d+)\n", timeout, start)
+        return int(m.group(1)), self.console[start:m.start()]
+
     def run(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
         """Run a shell command on the guest (serve mode); return (status, output)."""
         with self._lock:
-            start = len(self.console)
-            self.proc.stdin.write(command.encode() + b"\n")
-            self.proc.stdin.flush()
-            m = self.wait_for(re.escape(self.qemu.done_marker) + r" (\d+)\n", timeout, start)
-            return int(m.group(1)), self.console[start:m.start()]
+            return self.wait_done(self.send(command), timeout)
 
     def check(self, command: str, timeout: float = 120.0) -> str:
         status, output = self.run(command, timeout)

@@ -1,0 +1,115 @@
+"""Drive gdb-multiarch over the MI protocol (pygdbmi), with gdbklp loaded.
+
+Used by the lab demo, the tests and the live monitor. MI runs asynchronously
+(mi-async on): -exec-continue returns at once and the guest runs while gdb
+keeps answering; -exec-interrupt stops it.
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+from gdbklp.lab import LabError
+from gdbklp.lab.config import REPO_ROOT
+
+LOADER = REPO_ROOT / "gdbinit.d" / "gdbklp.py"
+RESULT_CLASSES = ("done", "running", "connected", "error", "exit")
+
+
+class GdbCommandError(LabError):
+    """gdb answered ^error; str() is gdb's message."""
+
+
+def mi_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class GdbSession:
+    def __init__(self, vmlinux: Path | None = None, gdb: str = "gdb-multiarch",
+                 loader: Path = LOADER):
+        if not shutil.which(gdb):
+            raise LabError(f"missing {gdb}: install with 'apt-get install gdb-multiarch'")
+        from pygdbmi.gdbcontroller import GdbController
+
+        self._token = 0
+        self.running = False
+        self.pending: list[dict] = []  # async records not consumed yet (e.g. *stopped)
+        self.ctrl = GdbController(command=[gdb, "--nx", "-q", "--interpreter=mi3"])
+        self.mi("-gdb-set mi-async on")
+        self.mi("-gdb-set pagination off")
+        self.mi("-gdb-set confirm off")
+        if vmlinux is not None:
+            self.console(f"file {vmlinux}", timeout=120)
+        self.console(f"source {loader}")
+
+    # ---- raw MI ------------------------------------------------------------
+
+    def _read(self, timeout: float) -> list[dict]:
+        return self.ctrl.get_gdb_response(timeout_sec=timeout, raise_error_on_timeout=False)
+
+    def mi(self, command: str, timeout: float = 30.0) -> tuple[dict, str]:
+        """Send one MI command; return (result record, console text it printed)."""
+        self._token += 1
+        token = self._token
+        self.ctrl.write(f"{token}{command}", read_response=False)
+        text = []
+        result = None
+        deadline = time.monotonic() + timeout
+        while result is None and time.monotonic() < deadline:
+            # consume the whole batch: a *stopped may follow the result in it
+            for rec in self._read(0.1):
+                if rec["type"] in ("console", "log") and rec.get("payload"):
+                    text.append(rec["payload"])
+                elif rec["type"] == "result" and rec.get("token") == token:
+                    result = rec
+                elif rec["type"] == "notify":
+                    self.pending.append(rec)
+        if result is None:
+            raise LabError(f"gdb did not answer {command!r} within {timeout:.0f} s")
+        if result["message"] == "error":
+            raise GdbCommandError((result.get("payload") or {}).get("msg", ""))
+        return result, "".join(text)
+
+    def console(self, command: str, timeout: float = 30.0) -> str:
+        """Run a CLI command; return what it printed."""
+        return self.mi(f"-interpreter-exec console {mi_quote(command)}", timeout)[1]
+
+    # ---- execution control -----------------------------------------------
+
+    def connect(self, port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
+        self.mi(f"-target-select remote {host}:{port}", timeout)
+
+    def cont(self) -> None:
+        self.pending = [r for r in self.pending if r.get("message") != "stopped"]
+        self.mi("-exec-continue")
+        self.running = True
+
+    def wait_stopped(self, timeout: float) -> dict:
+        """Wait for the next *stopped record; return its payload."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, rec in enumerate(self.pending):
+                if rec.get("message") == "stopped":
+                    del self.pending[: i + 1]
+                    self.running = False
+                    return rec.get("payload") or {}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LabError(f"the guest did not stop within {timeout:.0f} s")
+            self.pending += [r for r in self._read(min(left, 0.2)) if r["type"] == "notify"]
+
+    def interrupt(self, timeout: float = 30.0) -> dict:
+        self.mi("-exec-interrupt")
+        return self.wait_stopped(timeout)
+
+    def close(self) -> None:
+        try:
+            self.ctrl.exit()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "GdbSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,41 @@
+"""Shared fixtures: the built lab, a booted guest, gdb attached to it."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gdbklp.lab import build, session
+
+REPO = Path(__file__).resolve().parent.parent
+GDB = shutil.which("gdb-multiarch")
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The lab images, built (or verified in the cache) once per test run."""
+    return build.build_all()
+
+
+@pytest.fixture(scope="module")
+def guest(lab, tmp_path_factory):
+    with session.booted(lab, workdir=tmp_path_factory.mktemp("guest")) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def gdb(guest, lab):
+    with session.attached(guest, lab.vmlinux) as g:
+        g.cont()
+        yield g
+
+
+def run_gdb_batch(*commands: str, args=(), timeout=120) -> subprocess.CompletedProcess:
+    """gdb-multiarch -batch with gdbklp loaded and the given -ex commands."""
+    cmd = [GDB, "-nx", "-batch", *args, "-x", str(REPO / "gdbinit.d" / "gdbklp.py")]
+    for c in commands:
+        cmd += ["-ex", c]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})

@@ -1,0 +1,98 @@
+"""gdbklp inside the real gdb-multiarch: loading, and one clear line for bad input."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import run_gdb_batch
+
+
+def assert_no_traceback(proc):
+    for text in (proc.stdout, proc.stderr):
+        assert "Traceback" not in text and "Python Exception" not in text, text
+
+
+def test_loads_and_registers_commands():
+    proc = run_gdb_batch("help klp-watch")
+    assert_no_traceback(proc)
+    assert "Watch live-patch redirections per task" in proc.stdout
+
+
+def test_bad_arguments_are_one_line():
+    proc = run_gdb_batch("klp-watch frobnicate")
+    assert_no_traceback(proc)
+    assert proc.stderr.strip().splitlines() == [
+        "klp-watch: argument action: invalid choice: 'frobnicate' "
+        "(choose from 'start', 'stop', 'status', 'report')"]
+
+
+def test_status_without_a_watch():
+    proc = run_gdb_batch("klp-watch status")
+    assert proc.stderr.strip() == "klp-watch: no watch: use 'klp-watch start'"
+
+
+def test_no_vmlinux():
+    proc = run_gdb_batch("klp-watch start")
+    assert_no_traceback(proc)
+    assert proc.stderr.strip() == "klp-watch: no vmlinux loaded: use 'file vmlinux' first"
+
+
+def test_not_ppc64():
+    proc = run_gdb_batch("file /usr/bin/true", "klp-watch start")
+    assert_no_traceback(proc)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "klp-watch: /usr/bin/true is not a ppc64 ELF file (e_machine 62)")
+
+
+def cross_object(tmp_path, source, strip=False):
+    src = tmp_path / "k.c"
+    src.write_text(source)
+    obj = tmp_path / "vmlinux"
+    subprocess.run(["powerpc64le-linux-gnu-gcc", "-nostdlib", "-static", "-o", obj, src], check=True)
+    if strip:
+        subprocess.run(["powerpc64le-linux-gnu-strip", obj], check=True)
+    return obj
+
+
+def test_vmlinux_without_symbols(tmp_path):
+    obj = cross_object(tmp_path, "void _start(void) {}\n", strip=True)
+    proc = run_gdb_batch(f"file {obj}", "klp-watch start")
+    assert_no_traceback(proc)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"klp-watch: {obj} has no symbol table (stripped?)")
+
+
+def test_not_a_kernel(tmp_path):
+    obj = cross_object(tmp_path, "void _start(void) {}\n")
+    proc = run_gdb_batch(f"file {obj}", "klp-watch start")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"klp-watch: {obj} has no kernel symbols (_stext not found)")
+
+
+def test_kernel_without_live_patching(tmp_path):
+    obj = cross_object(tmp_path, "void _start(void) {}\nvoid _stext(void) {}\n")
+    proc = run_gdb_batch(f"file {obj}", "klp-watch start")
+    assert_no_traceback(proc)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"klp-watch: kernel without live patching: no livepatch_handler in {obj}")
+
+
+def test_a_broken_part_does_not_stop_the_rest():
+    proc = run_gdb_batch("python import gdbklp.gdbext as g; g.load(('watch', 'no_such_part'))",
+                         "help klp-watch")
+    assert_no_traceback(proc)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("gdbklp:")]
+    assert lines == ["gdbklp: part 'no_such_part' not loaded: "
+                     "ModuleNotFoundError: No module named 'gdbklp.gdbext.no_such_part'"]
+    assert "Watch live-patch redirections per task" in proc.stdout
+
+
+def test_missing_environment_is_one_line(monkeypatch):
+    monkeypatch.setenv("GDBKLP_VENV", "/nonexistent/venv")
+    proc = run_gdb_batch("help klp-watch")
+    assert_no_traceback(proc)
+    notes = [l for l in proc.stdout.splitlines() if l.startswith("gdbklp:")]
+    assert notes == ["gdbklp: no python3.11 environment at /nonexistent/venv (run ./bootstrap setup); "
+                     "loading without it: instruction display is off"]
+    assert "Watch live-patch redirections per task" in proc.stdout

@@ -1,0 +1,123 @@
+"""The lab builder: cache verification, config fragments, cpio, host checks."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gdbklp.lab import LabError, build
+from gdbklp.lab import config as cfg
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GDBKLP_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_cached_step_reuses_verified_output(cache):
+    calls = []
+
+    def make(out):
+        calls.append(out)
+        (out / "result").write_text("built")
+
+    first = build.cached_step("demo", {"x": 1}, ("result",), make)
+    second = build.cached_step("demo", {"x": 1}, ("result",), make)
+    assert first.rebuilt and not second.rebuilt
+    assert len(calls) == 1
+    assert build.cached_step("demo", {"x": 2}, ("result",), make).rebuilt  # new inputs, new key
+
+
+def test_corrupt_cache_entry_is_rebuilt(cache):
+    def make(out):
+        (out / "result").write_text("built")
+
+    step = build.cached_step("demo", {"x": 1}, ("result",), make)
+    (step / "result").write_text("tampered")
+    again = build.cached_step("demo", {"x": 1}, ("result",), make)
+    assert again.rebuilt
+    assert (again / "result").read_text() == "built"
+
+
+def test_interrupted_build_is_not_trusted(cache):
+    def fail(out):
+        (out / "result").write_text("half")
+        raise LabError("compiler crashed")
+
+    with pytest.raises(LabError):
+        build.cached_step("demo", {"x": 1}, ("result",), fail)
+    step = build.cached_step("demo", {"x": 1}, ("result",), lambda out: (out / "result").write_text("ok"))
+    assert step.rebuilt and (step / "result").read_text() == "ok"
+
+
+def test_fragment_applied_and_verified(tmp_path):
+    fragment = tmp_path / "frag"
+    fragment.write_text("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=4\n")
+    config = tmp_path / ".config"
+    config.write_text("CONFIG_A=m\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_D=y\n")
+    values = build.read_fragment(fragment)
+    assert values == {"CONFIG_A": "y", "CONFIG_B": "n", "CONFIG_C": "4"}
+    build.apply_fragment(config, values)
+    assert build.read_fragment(config) == {"CONFIG_D": "y", **values}
+    assert build.unmet_fragment_lines(config, values) == []
+    config.write_text("CONFIG_A=y\nCONFIG_C=8\n")  # what Kconfig might leave after olddefconfig
+    assert build.unmet_fragment_lines(config, values) == ["CONFIG_C=4 (got 8)"]
+
+
+def test_lab_fragment_has_live_patching():
+    values = build.read_fragment(cfg.KERNEL.fragment)
+    for name in ("CONFIG_LIVEPATCH", "CONFIG_LIVEPATCH_64", "CONFIG_MPROFILE_KERNEL",
+                 "CONFIG_DYNAMIC_FTRACE_WITH_REGS", "CONFIG_SAMPLE_LIVEPATCH"):
+        assert name in values
+
+
+def test_cpio_is_deterministic_and_readable(tmp_path):
+    def archive():
+        w = build.CpioWriter()
+        w.directory("bin")
+        w.file("bin/prog", b"\x7fELF" + bytes(100), 0o755)
+        w.symlink("bin/sh", "busybox")
+        w.file("init", b"#!/bin/sh\n", 0o755)
+        return w.gzipped()
+
+    data = archive()
+    assert data == archive()
+    (tmp_path / "a.cpio.gz").write_bytes(data)
+    listing = subprocess.run(f"zcat {tmp_path / 'a.cpio.gz'} | cpio -t --quiet", shell=True,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert listing == ["bin", "bin/prog", "bin/sh", "init"]
+
+
+def test_missing_host_tool_names_the_package():
+    reqs = (cfg.HostRequirement("gdbklp-no-such-tool", "gdbklp-pkg"),
+            cfg.HostRequirement("/no/such/file.a", "other-pkg"),
+            cfg.HostRequirement("sh", "dash"))
+    with pytest.raises(LabError) as e:
+        build.check_host(reqs)
+    assert str(e.value) == ("missing gdbklp-no-such-tool, /no/such/file.a: "
+                            "install with 'apt-get install gdbklp-pkg other-pkg'")
+
+
+def test_cli_reports_missing_qemu_in_one_line(tmp_path):
+    # a PATH with everything but QEMU
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for req in cfg.HOST_REQUIREMENTS:
+        if not req.path.startswith("/") and req.path != "qemu-system-ppc64":
+            os.symlink(shutil.which(req.path), bindir / req.path)
+    proc = subprocess.run([sys.executable, "-m", "gdbklp", "lab", "build"], capture_output=True,
+                          text=True, env={**os.environ, "PATH": str(bindir)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "gdbklp: missing qemu-system-ppc64: install with 'apt-get install qemu-system-ppc'"]
+
+
+def test_no_change_rebuild_reuses_everything(lab):
+    kernel = build.build_kernel()
+    modules = build.build_modules(kernel)
+    initramfs = build.build_initramfs(modules)
+    assert not (kernel.rebuilt or modules.rebuilt or initramfs.rebuilt)
+    assert initramfs / "initramfs.cpio.gz" == lab.initramfs
