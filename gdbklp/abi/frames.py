@@ -1,0 +1,213 @@
+"""Walk a ppc64le (ELFv2) Linux 6.1 kernel stack through live-patch trampolines.
+
+Frame header: 0(r1) back chain, 8 CR save, 16 LR save, 24 TOC save. A
+function stores its return address in its caller's header (16 bytes above
+the caller's r1), so the header of frame N holds the address at which frame
+N's function resumes. Interrupt frames carry the "REGS" marker at 96(r1) and
+a pt_regs at 112(r1).
+
+When C was entered from livepatch_handler, the LR slot of A's frame holds
+the handler's return point, not an address in A: A's real return address is
+on the task's livepatch stack. The walk replaces each such trampoline frame
+by A, pairing them with livepatch-stack entries from the top down.
+
+The walk never raises: a loop, a misaligned or out-of-stack pointer, or
+unreadable memory ends it with a reason. It reads each frame header (with the
+interrupt marker) in one block and no other stack memory, except pt_regs.
+"""
+
+import struct
+from dataclasses import dataclass, field
+from typing import Callable
+
+from gdbklp.abi import callsite
+from gdbklp.abi.kernel import KernelView
+from gdbklp.abi.livepatch import LivepatchEntry
+
+HEADER_BYTES = 104            # back chain .. the interrupt marker at 96
+REGS_MARKER_OFFSET = 96       # STACK_FRAME_MARKER (12 longs)
+REGS_MARKER = 0x53474552      # STACK_FRAME_REGS_MARKER, little-endian: "REGS"
+PT_REGS_OFFSET = 112          # STACK_FRAME_OVERHEAD
+PT_REGS_BYTES = 8 * 37        # gpr[32], nip, msr, orig_gpr3, ctr, link
+MSR_PR = 1 << 14              # problem state: the interrupt came from user space
+MAX_FRAMES = 256
+
+
+class MemoryError_(Exception):
+    """Raised by a reader for memory it cannot read."""
+
+
+Reader = Callable[[int, int], bytes]
+
+
+@dataclass
+class Frame:
+    index: int
+    kind: str          # current | lr | caller | trampoline | livepatch-caller | interrupt
+    sp: int
+    pc: int
+    function: str
+    lr_save: int | None = None
+    toc_save: int | None = None
+    toc_owner: str | None = None
+    call_site: str | None = None    # class of the call before pc (return addresses only)
+    toc: int | None = None          # r2 the frame resumes with, where known
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Walk:
+    frames: list[Frame]
+    end: str
+    problems: list[str] = field(default_factory=list)
+    livepatch_entries_used: int = 0
+
+
+@dataclass(frozen=True)
+class Registers:
+    pc: int
+    sp: int
+    lr: int | None = None
+    toc: int | None = None
+
+
+def u64(data: bytes, offset: int) -> int:
+    return struct.unpack_from("<Q", data, offset)[0]
+
+
+class _Walker:
+    def __init__(self, read: Reader, view: KernelView, stack_base: int,
+                 livepatch_entries: list[LivepatchEntry]):
+        self.read = read
+        self.view = view
+        self.base = stack_base
+        self.top = stack_base + view.thread_size
+        self.pending = list(livepatch_entries)  # consumed from the end (the newest entry)
+        self.frames: list[Frame] = []
+        self.problems: list[str] = []
+
+    def add(self, kind: str, sp: int, pc: int, header: bytes | None = None, toc=None, note=None) -> Frame:
+        f = Frame(len(self.frames), kind, sp, pc, self.view.describe(pc), toc=toc)
+        if header is not None:
+            f.lr_save = u64(header, 16)
+            f.toc_save = u64(header, 24)
+            f.toc_owner = self.view.toc_owner(f.toc_save)
+        if kind != "current" and kind != "interrupt":
+            f.call_site = self.call_site(pc)
+        if note:
+            f.notes.append(note)
+        self.frames.append(f)
+        return f
+
+    def call_site(self, ra: int) -> str:
+        try:
+            return callsite.classify_bytes(self.read(ra - 4, 8)).value
+        except Exception:
+            return "unreadable"
+
+    def header(self, sp: int) -> bytes | str:
+        """The header block at sp, or the reason it cannot be used."""
+        if sp % 16:
+            return f"misaligned stack pointer {sp:#x}"
+        if not (self.base <= sp and sp + HEADER_BYTES <= self.top):
+            return f"stack pointer {sp:#x} outside the task's stack [{self.base:#x}, {self.top:#x})"
+        try:
+            data = self.read(sp, HEADER_BYTES)
+        except Exception as e:
+            return f"cannot read the frame at {sp:#x}: {e}"
+        return data if len(data) == HEADER_BYTES else f"short read at {sp:#x}"
+
+    def trampoline(self, sp: int, pc: int, header: bytes | None) -> None:
+        """A return into livepatch_handler: show it, then A from the livepatch stack."""
+        self.add("trampoline", sp, pc, header, note="livepatch_handler: C returns here")
+        if not self.pending:
+            self.problems.append(f"frame at {sp:#x} returns into livepatch_handler but the "
+                                 "livepatch stack has no entry left for it")
+            return
+        entry = self.pending.pop()
+        self.add("livepatch-caller", sp, entry.ra, toc=entry.toc,
+                 note=f"return address from the livepatch stack entry at {entry.address:#x}")
+
+    def frame(self, kind: str, sp: int, pc: int, header: bytes) -> None:
+        if self.view.is_livepatch_return(pc):
+            self.trampoline(sp, pc, header)
+        else:
+            self.add(kind, sp, pc, header)
+
+    def walk(self, regs: Registers) -> Walk:
+        sp, pc, lr = regs.sp, regs.pc, regs.lr
+        header = self.header(sp)
+        self.add("current", sp, pc, header if isinstance(header, bytes) else None, toc=regs.toc)
+        seen = set()
+        while len(self.frames) < MAX_FRAMES:
+            if isinstance(header, str):
+                return self.end(header)
+            back = u64(header, 0)
+            if back == 0:
+                return self.end("end of the back chain")
+            if back <= sp or back in seen:
+                return self.end(f"back chain at {sp:#x} does not rise ({back:#x}): loop")
+            seen.add(back)
+            next_header = self.header(back)
+            if isinstance(next_header, str):
+                return self.end(next_header)
+            ip = u64(next_header, 16)
+            # the innermost function may not have saved LR yet: its return address is in LR
+            if lr is not None and lr != ip and self.view.function(lr) != self.view.function(pc):
+                if self.view.is_livepatch_return(lr):
+                    self.trampoline(sp, lr, None)
+                elif self.view.object_at(lr):
+                    self.add("lr", sp, lr, note="return address still in the LR register")
+            lr = None
+            if u64(next_header, REGS_MARKER_OFFSET) == REGS_MARKER:
+                stop = self.interrupt(back)
+                if stop:
+                    return self.end(stop)
+                sp, header = back, next_header
+                pc, lr = self.frames[-1].pc, self._interrupt_lr
+                regs_sp = self._interrupt_sp
+                header = self.header(regs_sp) if regs_sp != back else next_header
+                sp = regs_sp
+                continue
+            self.frame("caller", back, ip, next_header)
+            sp, header, pc = back, next_header, ip
+        return self.end(f"more than {MAX_FRAMES} frames")
+
+    def interrupt(self, sp: int) -> str | None:
+        """An interrupt frame at sp: record where it interrupted; a reason to stop, or None."""
+        try:
+            regs = self.read(sp + PT_REGS_OFFSET, PT_REGS_BYTES)
+        except Exception as e:
+            return f"cannot read pt_regs at {sp + PT_REGS_OFFSET:#x}: {e}"
+        gpr1, nip, msr, link = u64(regs, 8), u64(regs, 256), u64(regs, 264), u64(regs, 288)
+        trap = None
+        f = Frame(len(self.frames), "interrupt", sp, nip,
+                  self.view.describe(nip) if not msr & MSR_PR else f"user {nip:#x}", toc=u64(regs, 16))
+        f.notes.append(f"interrupt frame: pt_regs at {sp + PT_REGS_OFFSET:#x}, msr {msr:#x}, "
+                       f"lr {link:#x}, r1 {gpr1:#x}")
+        self.frames.append(f)
+        if msr & MSR_PR:
+            return "interrupt from user space (the task's kernel entry)"
+        self._interrupt_lr, self._interrupt_sp = link, gpr1
+        del trap
+        return None
+
+    def end(self, reason: str) -> Walk:
+        if self.pending:
+            self.problems.append(f"{len(self.pending)} livepatch stack entries not matched by a "
+                                 "trampoline frame on the stack")
+        return Walk(self.frames, reason, self.problems)
+
+
+def walk_stack(regs: Registers, read: Reader, view: KernelView, stack_base: int,
+               livepatch_entries: list[LivepatchEntry] = ()) -> Walk:
+    """Frames of one task's kernel stack, innermost first.
+
+    regs: the task's pc, r1 (and lr, r2 if it is running); read(address,
+    length): target memory; stack_base: the lowest address of the task's
+    kernel stack; livepatch_entries: its livepatch stack, oldest first.
+    """
+    try:
+        return _Walker(read, view, stack_base, list(livepatch_entries)).walk(regs)
+    except Exception as e:  # the walk never throws; a bug here ends it with the reason
+        return Walk([], f"internal error: {type(e).__name__}: {e}")

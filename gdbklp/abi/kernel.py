@@ -1,0 +1,92 @@
+"""Static knowledge of a running kernel, as plain data: symbols, objects, TOCs.
+
+Built by the gdb side (gdbklp.gdbext.target) from the vmlinux ELF file and the
+module list in guest memory, or by the tests from a capture. Everything the
+stack walker and the checks ask about addresses goes through here.
+"""
+
+from dataclasses import dataclass, field
+
+from gdbklp.abi import ppc
+from gdbklp.abi.elf import SymbolTable
+from gdbklp.abi.livepatch import LivepatchHandlerLayout
+
+VMLINUX = "vmlinux"
+THREAD_SIZE_DEFAULT = 16384  # THREAD_SHIFT 14: every ppc64 kernel with 64K or 4K pages
+
+
+def toc_from_global_entry(code: bytes, address: int) -> int | None:
+    """r2 that a function's global entry point computes, from the 8 bytes before
+    it and its first two instructions; None if it has no global entry.
+
+    ELFv2 has two forms: addis r2,r12,HI; addi r2,r2,LO (vmlinux), and
+    ld r2,-8(r12); add r2,r2,r12 with the offset stored just before the
+    function (modules, -mcmodel=large style).
+    """
+    if len(code) < 16:
+        return None
+    before, first, second = int.from_bytes(code[:8], "little"), *ppc.words(code[8:16])
+    if first & 0xFFFF0000 == 0x3C4C0000 and second & 0xFFFF0000 == 0x38420000:  # addis/addi
+        hi, lo = first & 0xFFFF, second & 0xFFFF
+        hi -= 0x10000 if hi & 0x8000 else 0
+        lo -= 0x10000 if lo & 0x8000 else 0
+        return (address + (hi << 16) + lo) & 0xFFFFFFFFFFFFFFFF
+    if first == 0xE84CFFF8 and second == 0x7C426214:  # ld r2,-8(r12); add r2,r2,r12
+        return (address + before) & 0xFFFFFFFFFFFFFFFF
+    return None
+
+
+@dataclass
+class ObjectInfo:
+    """vmlinux or one module: where its text is and which TOC its code runs with."""
+
+    name: str
+    base: int
+    size: int
+    symbols: SymbolTable
+    toc: int | None
+
+    def contains(self, address: int) -> bool:
+        return self.base <= address < self.base + self.size
+
+
+@dataclass
+class KernelView:
+    objects: list[ObjectInfo]
+    livepatch: LivepatchHandlerLayout | None = None
+    livepatch_handler_end: int | None = None
+    klp_return_helper: int | None = None
+    thread_size: int = THREAD_SIZE_DEFAULT
+    _code: dict[int, bytes] = field(default_factory=dict)
+
+    def object_at(self, address: int) -> ObjectInfo | None:
+        for obj in self.objects:
+            if obj.contains(address) and (obj.name != VMLINUX or obj.symbols.lookup(address)):
+                return obj
+        return None
+
+    def describe(self, address: int) -> str:
+        obj = self.object_at(address)
+        if obj is None:
+            return f"{address:#x}"
+        text = obj.symbols.describe(address)
+        return text if obj.name == VMLINUX else f"{text} [{obj.name}]"
+
+    def function(self, address: int) -> str | None:
+        obj = self.object_at(address)
+        found = obj.symbols.lookup(address) if obj else None
+        return found[0].name if found else None
+
+    def toc_owner(self, value: int) -> str | None:
+        for obj in self.objects:
+            if obj.toc is not None and obj.toc == value:
+                return obj.name
+        return None
+
+    def is_livepatch_return(self, address: int) -> bool:
+        """address is where C returns into livepatch_handler (P3)."""
+        return self.livepatch is not None and address == self.livepatch.return_point
+
+    def in_livepatch_handler(self, address: int) -> bool:
+        lp = self.livepatch
+        return lp is not None and lp.address <= address < (self.livepatch_handler_end or lp.address)
