@@ -1,19 +1,25 @@
-"""Capture test data from the lab into tests/data/ (run: python tests/capture.py).
+"""Capture test data from the lab into tests/data/ (run: .venv/bin/python tests/capture.py).
 
-handler: livepatch_handler's code bytes, read from the lab vmlinux's ELF
-program headers (what the CPU executes; the handler is never patched at run
-time), with the symbol's address.
+livepatch_handler.json: livepatch_handler's code bytes, read from the lab
+vmlinux's ELF program headers (what the CPU executes; the handler is never
+patched at run time), with the symbol's address.
+
+stacks/*.json: stack images (see capture_gdb.py) taken from the running lab:
+a task stopped at the entry of each call kind's replacement C, and a task
+asleep inside C.
 """
 
 import json
 import struct
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdbklp.abi.elf import read_elf_symbols  # noqa: E402
-from gdbklp.lab import build  # noqa: E402
+from gdbklp.lab import build, session  # noqa: E402
+from gdbklp.lab import workload  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -35,10 +41,36 @@ def capture_handler(vmlinux: Path) -> dict:
             "address": address, "code": read_vaddr(vmlinux, address, 128).hex()}
 
 
+def capture_stacks(images: build.LabImages, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with session.booted(images) as guest, session.attached(guest, images.vmlinux) as gdb:
+        gdb.console(f"source {Path(__file__).parent / 'capture_gdb.py'}")
+        for kind in workload.KINDS:
+            gdb.console(f'break *$klp_addr("{workload.replacement_of(kind)}")')
+            gdb.cont()
+            start = guest.send(f"echo '{kind} 1 0' > /proc/klp_lab/run")
+            gdb.wait_stopped(60)
+            print(gdb.console(f"klp-capture {out / f'inside-c-{kind}.json'}"))
+            gdb.console("delete")
+            gdb.cont()
+            guest.wait_done(start, 60)
+            gdb.interrupt()
+        # a task asleep inside C (the nap flag: C sleeps a second)
+        gdb.cont()
+        start = guest.send("echo 'local 1 8' > /proc/klp_lab/run & echo pid=$!; wait")
+        pid = guest.wait_for(r"pid=(\d+)", 30, start).group(1)
+        time.sleep(0.3)
+        gdb.interrupt()
+        print(gdb.console(f"klp-capture {out / 'asleep-in-c-local.json'} --task {pid}"))
+        gdb.cont()
+        guest.wait_done(start, 60)
+
+
 def main() -> None:
     images = build.build_all()
     DATA.mkdir(exist_ok=True)
     (DATA / "livepatch_handler.json").write_text(json.dumps(capture_handler(images.vmlinux), indent=1) + "\n")
+    capture_stacks(images, DATA / "stacks")
 
 
 if __name__ == "__main__":

@@ -121,11 +121,11 @@ def test_read_elf_symbols_rejects_stripped(tmp_path):
 
 def test_symbol_table_lookup():
     table = elf.SymbolTable([
-        elf.Symbol("a", 0x1000, 0x20, True), elf.Symbol("data", 0x1020, 8, False),
-        elf.Symbol("b", 0x1100, 0, True)])
+        elf.Symbol("a", 0x1000, 0x20), elf.Symbol("data", 0x1020, 8, elf.STT_OBJECT),
+        elf.Symbol("b", 0x1100, 0), elf.Symbol("b_section_start", 0x1100, 0, elf.STT_NOTYPE)])
     assert table.describe(0x1008) == "a+0x8"
     assert table.describe(0x1000) == "a"
     assert table.describe(0x1024) == "0x1024"   # past a's end, inside data: no function
-    assert table.describe(0x1180) == "b+0x80"   # size 0: open-ended
+    assert table.describe(0x1180) == "b+0x80"   # size 0: open-ended; the typed function wins
     assert table.lookup(0xFFF) is None
     assert table.address("b") == 0x1100

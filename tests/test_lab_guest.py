@@ -15,13 +15,6 @@ from gdbklp.lab import LabError, qemu, workload
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import booted, watch_workload
 
-# The call site each kind's caller A uses (see qemu-images/modules/target_a.c).
-EXPECTED_CALL_SITE = {
-    "local": "local", "local_other": "local_other", "global": "global", "indirect": "indirect",
-    "many_args": "local", "varargs": "local", "sibling": "local",
-}
-
-
 def test_guest_loads_modules_and_enables_the_patch(guest):
     modules = guest.check("lsmod")
     for name in ("klp_lab_target", "klp_lab_caller", "klp_lab_patch"):
@@ -57,9 +50,8 @@ def test_gdb_sees_each_redirection_once_per_kind(guest, gdb):
     # each event's caller and call-site class match the kind's caller A
     for event in report.events:
         kind = event.replacement_name.removeprefix("klp_lab_c_")
-        assert event.call_site == EXPECTED_CALL_SITE[kind], event
-        a = "klp_lab_a_global" if kind == "global" else f"klp_lab_a_{kind}"
-        assert event.caller.startswith(a + "+"), event
+        assert event.call_site == workload.CALLER_CALL_SITE[kind], event
+        assert event.caller.startswith(workload.caller_of(kind) + "+"), event
         assert event.comm == "klplab-run"
     # two workload tasks, each seen with all its redirections
     assert sorted(t.redirections for t in report.tasks.values()) == [105, 105]

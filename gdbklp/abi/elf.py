@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SYM_SIZE = 24  # sizeof(Elf64_Sym)
+STT_NOTYPE = 0
+STT_OBJECT = 1
 STT_FUNC = 2
 _SYM = struct.Struct("<IBBHQQ")
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
@@ -26,7 +28,13 @@ class Symbol:
     name: str
     address: int
     size: int
-    is_function: bool
+    type: int = STT_FUNC  # ELF STT_*
+
+    @property
+    def is_function(self) -> bool:
+        """Code: STT_FUNC, or an untyped label (assembly entry points such as
+        livepatch_handler and _switch are often untyped)."""
+        return self.type in (STT_FUNC, STT_NOTYPE)
 
 
 class SymbolTable:
@@ -34,11 +42,14 @@ class SymbolTable:
 
     def __init__(self, symbols, owner: str = "vmlinux"):
         self.owner = owner
-        self.symbols = sorted((s for s in symbols if s.address), key=lambda s: s.address)
+        # at one address a typed function wins over a label (__schedule over __sched_text_start)
+        self.symbols = sorted((s for s in symbols if s.address),
+                              key=lambda s: (s.address, s.type == STT_FUNC))
         self._addresses = [s.address for s in self.symbols]
         self._by_name = {}
         for s in self.symbols:
             self._by_name.setdefault(s.name, s)
+        self._by_name.update((s.name, s) for s in self.symbols if s.type == STT_FUNC)
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -80,7 +91,7 @@ def parse_symbols(symtab: bytes, strtab: bytes) -> list[Symbol]:
         if st_name == 0 or end < 0:
             continue
         name = strtab[st_name:end].decode(errors="replace")
-        out.append(Symbol(name, value, size, st_info & 0xF == STT_FUNC))
+        out.append(Symbol(name, value, size, st_info & 0xF))
     return out
 
 

@@ -118,14 +118,18 @@ class _Walker:
         return data if len(data) == HEADER_BYTES else f"short read at {sp:#x}"
 
     def trampoline(self, sp: int, pc: int, header: bytes | None) -> None:
-        """A return into livepatch_handler: show it, then A from the livepatch stack."""
-        self.add("trampoline", sp, pc, header, note="livepatch_handler: C returns here")
+        """A return into livepatch_handler: show it, then A from the livepatch stack.
+
+        The handler has no frame: the header at sp is A's (its TOC slot is
+        where a global caller's stub saved A's TOC).
+        """
+        self.add("trampoline", sp, pc, None, note="livepatch_handler: C returns here")
         if not self.pending:
             self.problems.append(f"frame at {sp:#x} returns into livepatch_handler but the "
                                  "livepatch stack has no entry left for it")
             return
         entry = self.pending.pop()
-        self.add("livepatch-caller", sp, entry.ra, toc=entry.toc,
+        self.add("livepatch-caller", sp, entry.ra, header, toc=entry.toc,
                  note=f"return address from the livepatch stack entry at {entry.address:#x}")
 
     def frame(self, kind: str, sp: int, pc: int, header: bytes) -> None:
@@ -151,46 +155,46 @@ class _Walker:
             next_header = self.header(back)
             if isinstance(next_header, str):
                 return self.end(next_header)
-            ip = u64(next_header, 16)
-            # the innermost function may not have saved LR yet: its return address is in LR
-            if lr is not None and lr != ip and self.view.function(lr) != self.view.function(pc):
-                if self.view.is_livepatch_return(lr):
-                    self.trampoline(sp, lr, None)
-                elif self.view.object_at(lr):
-                    self.add("lr", sp, lr, note="return address still in the LR register")
-            lr = None
             if u64(next_header, REGS_MARKER_OFFSET) == REGS_MARKER:
-                stop = self.interrupt(back)
-                if stop:
-                    return self.end(stop)
-                sp, header = back, next_header
-                pc, lr = self.frames[-1].pc, self._interrupt_lr
-                regs_sp = self._interrupt_sp
-                header = self.header(regs_sp) if regs_sp != back else next_header
-                sp = regs_sp
+                resumed = self.interrupt(back)
+                if isinstance(resumed, str):
+                    return self.end(resumed)
+                sp, pc, lr = resumed.sp, resumed.pc, resumed.lr
+                header = self.header(sp)
                 continue
+            ip = u64(next_header, 16)
+            if lr is not None:
+                self.lr_frame(sp, pc, lr, ip, header)
             self.frame("caller", back, ip, next_header)
-            sp, header, pc = back, next_header, ip
+            sp, header, pc, lr = back, next_header, ip, None
         return self.end(f"more than {MAX_FRAMES} frames")
 
-    def interrupt(self, sp: int) -> str | None:
-        """An interrupt frame at sp: record where it interrupted; a reason to stop, or None."""
+    def lr_frame(self, sp: int, pc: int, lr: int, next_ip: int, header: bytes) -> None:
+        """The innermost function may not have saved LR yet: then its return
+        address is only in the LR register (at C's entry: livepatch_handler)."""
+        if lr == next_ip or self.view.function(lr) == self.view.function(pc):
+            return
+        if self.view.is_livepatch_return(lr):
+            self.trampoline(sp, lr, header)
+        elif self.view.object_at(lr):
+            self.add("lr", sp, lr, note="return address still in the LR register")
+
+    def interrupt(self, sp: int) -> Registers | str:
+        """The interrupt frame at sp: record it; the interrupted context, or why to stop."""
         try:
             regs = self.read(sp + PT_REGS_OFFSET, PT_REGS_BYTES)
         except Exception as e:
             return f"cannot read pt_regs at {sp + PT_REGS_OFFSET:#x}: {e}"
-        gpr1, nip, msr, link = u64(regs, 8), u64(regs, 256), u64(regs, 264), u64(regs, 288)
-        trap = None
+        gpr1, toc, nip, msr, link = (u64(regs, off) for off in (8, 16, 256, 264, 288))
+        user = bool(msr & MSR_PR)
         f = Frame(len(self.frames), "interrupt", sp, nip,
-                  self.view.describe(nip) if not msr & MSR_PR else f"user {nip:#x}", toc=u64(regs, 16))
+                  f"user {nip:#x}" if user else self.view.describe(nip), toc=toc)
         f.notes.append(f"interrupt frame: pt_regs at {sp + PT_REGS_OFFSET:#x}, msr {msr:#x}, "
                        f"lr {link:#x}, r1 {gpr1:#x}")
         self.frames.append(f)
-        if msr & MSR_PR:
+        if user:
             return "interrupt from user space (the task's kernel entry)"
-        self._interrupt_lr, self._interrupt_sp = link, gpr1
-        del trap
-        return None
+        return Registers(pc=nip, sp=gpr1, lr=link, toc=toc)
 
     def end(self, reason: str) -> Walk:
         if self.pending:

@@ -109,3 +109,67 @@ def entries(stack: bytes, base: int, livepatch_sp: int, layout: LivepatchHandler
         top = rec
     out.reverse()
     return out
+
+
+@dataclass
+class LivepatchStack:
+    """A task's livepatch stack, read and validated (invariant 10 and the entries)."""
+
+    base: int                 # lowest address of the task's kernel stack (end_of_stack)
+    livepatch_sp: int
+    entries: list[LivepatchEntry]
+    problems: list[str]
+    entry_problems: dict[int, list[str]]  # entry address -> what is wrong with it
+
+
+def read_livepatch_stack(read, base: int, livepatch_sp: int, lowest_sp: int,
+                         layout: LivepatchHandlerLayout, view) -> LivepatchStack:
+    """Read and check the livepatch stack of the task whose kernel stack starts at base.
+
+    read(address, length) reads target memory; lowest_sp is the task's r1 (the
+    call stack grows down towards the livepatch stack growing up); view is a
+    gdbklp.abi.kernel.KernelView for call sites and TOC owners.
+    """
+    from gdbklp.abi import callsite  # local: callsite does not need this module
+
+    problems: list[str] = []
+    first = base + 8  # end_of_stack() + 1: the first slot above the stack-end magic
+    if livepatch_sp < first or livepatch_sp > lowest_sp:
+        problems.append(f"livepatch_sp {livepatch_sp:#x} outside [{first:#x}, sp {lowest_sp:#x}]")
+        return LivepatchStack(base, livepatch_sp, [], problems, {})
+    if (livepatch_sp - first) % layout.entry_size:
+        problems.append(f"livepatch_sp {livepatch_sp:#x} is not {first:#x} plus whole "
+                        f"{layout.entry_size}-byte entries")
+    try:
+        data = read(base, livepatch_sp - base)
+    except Exception as e:
+        problems.append(f"cannot read the livepatch stack at {base:#x}: {e}")
+        return LivepatchStack(base, livepatch_sp, [], problems, {})
+    end_magic = int.from_bytes(data[:8], "little")
+    if end_magic & 0xFFFFFFFF != ppc.STACK_END_MAGIC:
+        problems.append(f"stack-end magic at {base:#x} is {end_magic:#x}, not {ppc.STACK_END_MAGIC:#x}")
+    found = entries(data, base, livepatch_sp, layout)
+    found = [e for e in found if e.address >= first]
+    entry_problems: dict[int, list[str]] = {}
+    for e in found:
+        bad = []
+        if e.magic != layout.magic:
+            bad.append(f"magic {e.magic:#x} instead of {layout.magic:#x}")
+        try:
+            site = callsite.classify_bytes(read(e.ra - 4, 8))
+        except Exception:
+            site = None
+        if site is None or not site.is_call:
+            bad.append(f"return address {e.ra:#x} ({view.describe(e.ra)}) does not follow a call")
+        else:
+            owner = view.toc_owner(e.toc)
+            caller = view.object_at(e.ra)
+            if site.restores_toc:
+                if owner is None:
+                    bad.append(f"saved TOC {e.toc:#x} is no loaded object's TOC")
+            elif caller is not None and caller.toc is not None and caller.toc != e.toc:
+                bad.append(f"saved TOC {e.toc:#x} ({owner or 'no object'}) is not the TOC of the "
+                           f"{site.value} caller's object {caller.name} ({caller.toc:#x})")
+        if bad:
+            entry_problems[e.address] = bad
+    return LivepatchStack(base, livepatch_sp, found, problems, entry_problems)

@@ -6,7 +6,7 @@ a part that fails to load prints one line and the others still load.
 
 import importlib
 
-PARTS = ("watch",)
+PARTS = ("symbols", "watch", "frames", "unwinder")
 loaded: dict[str, object] = {}
 failed: dict[str, str] = {}
 

@@ -9,6 +9,7 @@ loaded; module symbols until an address falls outside every known module.
 import gdb
 
 from gdbklp.abi import elf
+from gdbklp.abi.kernel import THREAD_SIZE_DEFAULT, VMLINUX, KernelView, ObjectInfo, toc_from_global_entry
 from gdbklp.abi.livepatch import LivepatchHandlerLayout, decode_livepatch_handler
 from gdbklp.gdbext.commands import GdbklpError
 
@@ -41,17 +42,6 @@ def has_dwarf_type(name: str) -> bool:
         return False
 
 
-class Module:
-    def __init__(self, name: str, base: int, size: int, symbols: elf.SymbolTable):
-        self.name = name
-        self.base = base
-        self.size = size
-        self.symbols = symbols
-
-    def contains(self, address: int) -> bool:
-        return self.base <= address < self.base + self.size
-
-
 class Kernel:
     """The vmlinux gdb has loaded, and the running kernel's modules."""
 
@@ -64,13 +54,27 @@ class Kernel:
             raise GdbklpError(f"the target is not ppc64le (gdb architecture '{arch}')")
         self.vmlinux = progspace.filename
         self.symbols = elf.read_elf_symbols(self.vmlinux)
-        if self.symbols.address("_stext") is None:
+        stext = self.symbols.address("_stext")
+        if stext is None:
             raise GdbklpError(f"{self.vmlinux} has no kernel symbols (_stext not found)")
+        end = self.symbols.address("_end") or self.symbols.symbols[-1].address
+        self.vmlinux_object = ObjectInfo(VMLINUX, stext, end - stext, self.symbols,
+                                         self.symbols.address(".TOC."))
         self.has_dwarf = has_dwarf_type("struct task_struct")
+        self.thread_size = self._thread_size()
         self._layout: LivepatchHandlerLayout | None = None
-        self._modules: list[Module] | None = None
+        self._modules: list[ObjectInfo] | None = None
+        self.modules_stale = False  # set at each stop: modules may have come or gone
         self._names: dict[int, str] = {}
         self._tasks: dict[int, tuple[int, str]] = {}
+
+    def _thread_size(self) -> int:
+        if self.has_dwarf:
+            try:
+                return gdb.lookup_type("union thread_union").sizeof
+            except gdb.error:
+                pass
+        return THREAD_SIZE_DEFAULT
 
     # ---- the trampoline --------------------------------------------------
 
@@ -84,12 +88,17 @@ class Kernel:
 
     # ---- modules (need DWARF for struct module) ---------------------------
 
-    def modules(self, refresh: bool = False) -> list[Module]:
-        if self._modules is None or refresh:
+    def modules(self, refresh: bool = False) -> list[ObjectInfo]:
+        """Loaded modules, re-read after the guest stopped (or on request)."""
+        if self._modules is None or refresh or self.modules_stale:
+            old = [(m.name, m.base) for m in self._modules or []]
             self._modules = self._read_modules() if self.has_dwarf else []
+            self.modules_stale = False
+            if [(m.name, m.base) for m in self._modules] != old:
+                self._names.clear()
         return self._modules
 
-    def _read_modules(self) -> list[Module]:
+    def _read_modules(self) -> list[ObjectInfo]:
         head = gdb.parse_and_eval("&modules")
         module_ptr = gdb.lookup_type("struct module").pointer()
         list_offset = int(gdb.parse_and_eval("(unsigned long)&((struct module *)0)->list"))
@@ -103,16 +112,53 @@ class Kernel:
             kallsyms = mod["kallsyms"].dereference()
             count = int(kallsyms["num_symtab"])
             symtab = read_memory(int(kallsyms["symtab"]), count * elf.SYM_SIZE) if count else b""
-            name_ends = [int.from_bytes(symtab[i:i + 4], "little")
-                         for i in range(0, len(symtab), elf.SYM_SIZE)]
-            strtab = read_memory(int(kallsyms["strtab"]), max(name_ends, default=0) + 256)
+            name_offsets = [int.from_bytes(symtab[i:i + 4], "little")
+                            for i in range(0, len(symtab), elf.SYM_SIZE)]
+            strtab = read_memory(int(kallsyms["strtab"]), max(name_offsets, default=0) + 256)
             name = mod["name"].string()
-            out.append(Module(name, int(layout["base"]), int(layout["size"]),
-                              elf.SymbolTable(elf.parse_symbols(symtab, strtab), owner=name)))
+            symbols = elf.SymbolTable(elf.parse_symbols(symtab, strtab), owner=name)
+            base, size = int(layout["base"]), int(layout["size"])
+            toc = self._module_toc(symbols, base, int(layout["text_size"]))
+            out.append(ObjectInfo(name, base, size, symbols, toc))
             node = node["next"]
         return out
 
-    def module_at(self, address: int) -> Module | None:
+    def _module_toc(self, symbols: elf.SymbolTable, base: int, text_size: int) -> int | None:
+        """A module's TOC, as the global entry point of its functions computes it.
+
+        Reads the module's core text once; functions that never use the TOC
+        (the linker's register save helpers, leaf functions) have no global
+        entry code and are skipped.
+        """
+        try:
+            text = read_memory(base, text_size)
+        except gdb.MemoryError:
+            return None
+        for sym in symbols.symbols:
+            offset = sym.address - base
+            if sym.is_function and 8 <= offset <= text_size - 8:
+                toc = toc_from_global_entry(text[offset - 8:offset + 8], sym.address)
+                if toc is not None:
+                    return toc
+        return None
+
+    def view(self, refresh_modules: bool = False, read_modules: bool = True) -> KernelView:
+        """The pure-Python view of this kernel that the walker and checks use.
+
+        read_modules=False uses only modules already read: an unwinder must not
+        evaluate expressions (that needs frames) while gdb builds frames.
+        """
+        modules = self.modules(refresh_modules) if read_modules else (self._modules or [])
+        objects = [self.vmlinux_object, *modules]
+        layout = self.livepatch_layout() if self.symbols.address("livepatch_handler") else None
+        handler = self.symbols.get("livepatch_handler")
+        return KernelView(objects, layout,
+                          livepatch_handler_end=handler.address + handler.size if handler and handler.size
+                          else (layout.return_point + 64 if layout else None),
+                          klp_return_helper=self.symbols.address("KLP_return_helper"),
+                          thread_size=self.thread_size)
+
+    def module_at(self, address: int) -> ObjectInfo | None:
         for refresh in (False, True):
             for mod in self.modules(refresh):
                 if mod.contains(address):
@@ -172,5 +218,11 @@ def _forget(*_):
     _kernel = None
 
 
+def _on_stop(_event):
+    if _kernel is not None:
+        _kernel.modules_stale = True
+
+
 gdb.events.new_objfile.connect(_forget)
+gdb.events.stop.connect(_on_stop)
 gdb.events.clear_objfiles.connect(_forget)

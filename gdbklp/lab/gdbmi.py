@@ -67,7 +67,10 @@ class GdbSession:
         if result is None:
             raise LabError(f"gdb did not answer {command!r} within {timeout:.0f} s")
         if result["message"] == "error":
-            raise GdbCommandError((result.get("payload") or {}).get("msg", ""))
+            msg = (result.get("payload") or {}).get("msg", "")
+            # gdb prints the details (a Python exception, say) before ^error
+            details = "".join(text).strip()
+            raise GdbCommandError(f"{details}\n{msg}" if details and details not in msg else msg)
         return result, "".join(text)
 
     def console(self, command: str, timeout: float = 30.0) -> str:

@@ -7,12 +7,21 @@ from gdbklp.lab import LabError
 # The lab's call kinds, in the order of klp_lab.h; each kind's replacement C
 # is klp_lab_c_<kind> in klp_lab_patch.ko.
 KINDS = ("local", "local_other", "global", "indirect", "many_args", "varargs", "sibling")
+# The call site each kind's caller A uses (qemu-images/modules/target_a.c).
+CALLER_CALL_SITE = {
+    "local": "local", "local_other": "local_other", "global": "global", "indirect": "indirect",
+    "many_args": "local", "varargs": "local", "sibling": "local",
+}
 COUNTS_BEGIN = "klplab-counts-begin"
 COUNTS_END = "klplab-counts-end"
 
 
 def replacement_of(kind: str) -> str:
     return f"klp_lab_c_{kind}"
+
+
+def caller_of(kind: str) -> str:
+    return f"klp_lab_a_{kind}"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@
  *
  * usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]
  *                   [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]
- *   flags: yield, sleep, hold (or a number);  -r: reset counters first
+ *   flags: yield, sleep, hold, nap (or a number);  -r: reset counters first
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -53,7 +53,7 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]\n"
-			"                  [-f yield,sleep,hold] [-p CYCLES] [-P PATCH.ko] [-r]\n");
+			"                  [-f yield,sleep,hold,nap] [-p CYCLES] [-P PATCH.ko] [-r]\n");
 	exit(2);
 }
 
@@ -92,6 +92,8 @@ static unsigned long parse_flags(char *list)
 			flags |= 0x2;
 		else if (!strcmp(name, "hold"))
 			flags |= 0x4;
+		else if (!strcmp(name, "nap"))
+			flags |= 0x8;
 		else {
 			flags |= strtoul(name, &end, 0);
 			if (*end) {

@@ -25,6 +25,7 @@ enum klp_lab_kind {
 #define KLP_LAB_YIELD	0x1	/* C yields the CPU once (may migrate)           */
 #define KLP_LAB_SLEEP	0x2	/* C sleeps 1 ms (migrates between vCPUs)        */
 #define KLP_LAB_HOLD	0x4	/* B sleeps hold_ms: holds a transition back    */
+#define KLP_LAB_NAP	0x8	/* C sleeps nap_ms: a task asleep inside C       */
 
 #define KLP_LAB_OLD_TAG	0x0100000000000000UL
 #define KLP_LAB_NEW_TAG	0x0200000000000000UL

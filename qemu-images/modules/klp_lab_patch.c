@@ -13,12 +13,18 @@
 #include <linux/stdarg.h>
 #include "klp_lab.h"
 
+static unsigned int nap_ms = 1000;
+module_param(nap_ms, uint, 0644);
+MODULE_PARM_DESC(nap_ms, "how long C sleeps when called with the NAP flag");
+
 static void new_body(unsigned long flags)
 {
 	if (flags & KLP_LAB_YIELD)
 		yield();
 	if (flags & KLP_LAB_SLEEP)
 		msleep(1);
+	if (flags & KLP_LAB_NAP)
+		msleep(nap_ms);
 }
 
 static long klp_lab_c_local(long x, unsigned long flags)

@@ -1,0 +1,89 @@
+"""One task's kernel stack, decoded: frames, livepatch stack, and what is wrong.
+
+This is what klp-frames shows per thread; pure Python over a memory reader.
+"""
+
+from dataclasses import asdict, dataclass
+
+from gdbklp.abi.frames import Registers, Walk, walk_stack
+from gdbklp.abi.kernel import KernelView
+from gdbklp.abi.livepatch import LivepatchStack, read_livepatch_stack
+
+
+@dataclass
+class TaskStack:
+    label: str                 # "vCPU 0", "pid 95", ...
+    task: int
+    pid: int
+    comm: str
+    regs: Registers
+    stack_base: int
+    walk: Walk
+    livepatch: LivepatchStack | None
+
+    @property
+    def problems(self) -> list[str]:
+        out = list(self.walk.problems)
+        if self.livepatch:
+            out += self.livepatch.problems
+            out += [f"livepatch stack entry at {addr:#x}: {p}"
+                    for addr, ps in self.livepatch.entry_problems.items() for p in ps]
+        return out
+
+    def to_dict(self) -> dict:
+        lp = None
+        if self.livepatch:
+            lp = {"base": self.livepatch.base, "livepatch_sp": self.livepatch.livepatch_sp,
+                  "entries": [asdict(e) | {"problems": self.livepatch.entry_problems.get(e.address, [])}
+                              for e in self.livepatch.entries],
+                  "problems": self.livepatch.problems}
+        return {"label": self.label, "task": self.task, "pid": self.pid, "comm": self.comm,
+                "regs": asdict(self.regs), "stack_base": self.stack_base,
+                "frames": [asdict(f) for f in self.walk.frames], "end": self.walk.end,
+                "livepatch_stack": lp, "problems": self.problems}
+
+    def format_text(self, view: KernelView) -> str:
+        who = f"pid {self.pid} {self.comm}" if self.pid >= 0 else "pid ?"
+        lines = [f"{self.label}: task {self.task:#x} ({who}), stack [{self.stack_base:#x}, "
+                 f"{self.stack_base + view.thread_size:#x})"]
+        for f in self.walk.frames:
+            toc = ""
+            if f.toc_save is not None and f.kind not in ("current", "interrupt"):
+                toc = f"  toc-save {f.toc_save:#x}" + (f" ({f.toc_owner})" if f.toc_owner else "")
+            site = f"  [{f.call_site}]" if f.call_site else ""
+            lines.append(f"  #{f.index:<2} sp {f.sp:#x}  {f.function:<44} {f.kind}{site}{toc}")
+            lines += [f"       {n}" for n in f.notes]
+        lines.append(f"  end: {self.walk.end}")
+        if self.livepatch:
+            lp = self.livepatch
+            depth = len(lp.entries)
+            lines.append(f"  livepatch stack: livepatch_sp {lp.livepatch_sp:#x} = base+{lp.livepatch_sp - lp.base}, "
+                         f"{depth} entr{'y' if depth == 1 else 'ies'}")
+            for i, e in enumerate(lp.entries):
+                owner = view.toc_owner(e.toc) or "no object"
+                verdict = "; ".join(lp.entry_problems.get(e.address, [])) or "ok"
+                lines.append(f"    [{i}] at {e.address:#x}: ra {view.describe(e.ra)}  toc {e.toc:#x} ({owner})"
+                             f"  magic {e.magic:#x}: {verdict}")
+        problems = self.problems
+        lines += [f"  PROBLEM: {p}" for p in problems] if problems else ["  no problems"]
+        return "\n".join(lines)
+
+
+def decode_task_stack(label: str, regs: Registers, task: int, read, view: KernelView,
+                      pid: int = -1, comm: str = "?", stack_base: int | None = None) -> TaskStack:
+    """Decode the kernel stack of task (its task_struct == thread_info address).
+
+    regs are the task's registers (a running task's, or the sleeping task's
+    saved r1 and resume pc); read(address, length) reads target memory.
+    """
+    base = stack_base if stack_base is not None else regs.sp & ~(view.thread_size - 1)
+    livepatch = None
+    if view.livepatch is not None:
+        try:
+            sp_slot = task + view.livepatch.ti_livepatch_sp
+            livepatch_sp = int.from_bytes(read(sp_slot, 8), "little")
+            livepatch = read_livepatch_stack(read, base, livepatch_sp, regs.sp, view.livepatch, view)
+        except Exception as e:
+            livepatch = LivepatchStack(base, 0, [], [f"cannot read livepatch_sp: {e}"], {})
+    walk = walk_stack(regs, read, view, base, livepatch.entries if livepatch else [])
+    return TaskStack(label, task, pid, comm, regs, base, walk, livepatch)

@@ -1,0 +1,160 @@
+"""klp-frames: every thread's ppc64le kernel stack, through live-patch trampolines.
+
+Registers come from each vCPU's frame 0 and memory is read in whole frame
+headers; gdb's own unwinder and prologue analysis are never used.
+"""
+
+import argparse
+import json
+
+import gdb
+
+from gdbklp.abi.frames import Registers
+from gdbklp.abi.taskstack import TaskStack, decode_task_stack
+from gdbklp.gdbext import target
+from gdbklp.gdbext.commands import Command, GdbklpError
+
+MSR_PR = 1 << 14
+
+
+def vcpu_state() -> dict:
+    """pc, lr, r1, r2, r13 and msr of the selected vCPU."""
+    return {name: target.register(name) for name in ("pc", "lr", "r1", "r2", "r13", "msr")}
+
+
+def running_task(kernel: target.Kernel, state: dict) -> int:
+    offset = kernel.livepatch_layout().paca_thread_info if kernel.view().livepatch \
+        else paca_current_offset(kernel)
+    return target.read_u64(state["r13"] + offset)
+
+
+def running_stack(kernel: target.Kernel, label: str, state: dict) -> TaskStack:
+    view = kernel.view()
+    task = running_task(kernel, state)
+    pid, comm = kernel.task_identity(task)
+    regs = Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
+    return decode_task_stack(label, regs, task, target.read_memory, view, pid, comm)
+
+
+def paca_current_offset(kernel: target.Kernel) -> int:
+    if not kernel.has_dwarf:
+        raise GdbklpError("finding the running task needs livepatch_handler or DWARF")
+    return int(gdb.parse_and_eval("(unsigned long)&((struct paca_struct *)0)->__current"))
+
+
+def each_vcpu():
+    """Select each vCPU in turn (yielding (label, state)); restore the selection after."""
+    original = gdb.selected_thread()
+    try:
+        for thread in sorted(gdb.selected_inferior().threads(), key=lambda t: t.num):
+            thread.switch()
+            yield f"vCPU {thread.num - 1}", vcpu_state()
+    finally:
+        if original is not None and original.is_valid():
+            original.switch()
+
+
+def select_kernel_vcpu() -> None:
+    """QEMU reads kernel memory through the selected vCPU's MMU context:
+    select one that runs kernel code."""
+    if not target.register("msr") & MSR_PR:
+        return
+    for thread in gdb.selected_inferior().threads():
+        thread.switch()
+        if not target.register("msr") & MSR_PR:
+            return
+    raise GdbklpError("every vCPU runs user code, so kernel memory cannot be read through "
+                      "the gdbstub now; stop the guest in the kernel (a breakpoint) and retry")
+
+
+def find_task(kernel: target.Kernel, spec: str) -> int:
+    """task_struct address of a pid (or an address given as 0x...)."""
+    if spec.startswith("0x"):
+        return int(spec, 16)
+    if not kernel.has_dwarf:
+        raise GdbklpError("--task PID needs DWARF (a vmlinux built with debug info)")
+    try:
+        pid = int(spec)
+    except ValueError:
+        raise GdbklpError(f"--task takes a pid or a task_struct address, not '{spec}'") from None
+    task_ptr = gdb.lookup_type("struct task_struct").pointer()
+    head = gdb.parse_and_eval("&init_task")
+    tasks_off = int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->tasks"))
+    group_off = int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->thread_group"))
+    proc = head
+    for _ in range(100000):
+        thread = proc
+        for _ in range(100000):
+            if int(thread["pid"]) == pid:
+                return int(thread)
+            thread = gdb.Value(int(thread["thread_group"]["next"]) - group_off).cast(task_ptr)
+            if int(thread) == int(proc):
+                break
+        proc = gdb.Value(int(proc["tasks"]["next"]) - tasks_off).cast(task_ptr)
+        if int(proc) == int(head):
+            break
+    raise GdbklpError(f"no task with pid {pid}")
+
+
+def sleeping_context(kernel: target.Kernel, task: int) -> tuple[Registers, int]:
+    """Registers a sleeping task resumes with (r1 saved by _switch) and its stack base."""
+    t = gdb.Value(task).cast(gdb.lookup_type("struct task_struct").pointer()).dereference()
+    return Registers(pc=kernel.symbols.address("_switch") or 0, sp=int(t["thread"]["ksp"])), int(t["stack"])
+
+
+def sleeping_stack(kernel: target.Kernel, task: int) -> TaskStack:
+    regs, base = sleeping_context(kernel, task)
+    pid, comm = kernel.task_identity(task)
+    return decode_task_stack(f"pid {pid}", regs, task, target.read_memory, kernel.view(), pid, comm,
+                             stack_base=base)
+
+
+class KlpFrames(Command):
+    """Decode kernel stacks through live-patch trampolines: frames, TOC slots, call sites,
+    livepatch-stack entries, and anything inconsistent."""
+
+    name = "klp-frames"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        who = parser.add_mutually_exclusive_group()
+        who.add_argument("--all", action="store_true", help="every vCPU (gdb thread)")
+        who.add_argument("--task", metavar="PID|ADDR", help="any task, running or asleep (needs DWARF)")
+        parser.add_argument("--json", action="store_true", help="print the same as JSON")
+
+    def run(self, args: argparse.Namespace) -> None:
+        kernel = target.kernel()
+        stacks, notes = [], []
+        if args.task:
+            select_kernel_vcpu()
+            task = find_task(kernel, args.task)
+            for label, state in each_vcpu():
+                if not state["msr"] & MSR_PR and running_task(kernel, state) == task:
+                    stacks.append(running_stack(kernel, f"{label} pid {args.task}", state))
+                    break
+            else:
+                select_kernel_vcpu()
+                stacks.append(sleeping_stack(kernel, task))
+        elif args.all:
+            for label, state in each_vcpu():
+                if state["msr"] & MSR_PR:
+                    notes.append(f"{label}: in user space at {state['pc']:#x} (no kernel stack in use)")
+                else:
+                    stacks.append(running_stack(kernel, label, state))
+        else:
+            state = vcpu_state()
+            label = f"vCPU {gdb.selected_thread().num - 1}"
+            if state["msr"] & MSR_PR:
+                raise GdbklpError(f"{label} is in user space at {state['pc']:#x}: "
+                                  "use --all or --task")
+            stacks.append(running_stack(kernel, label, state))
+        view = kernel.view()
+        if args.json:
+            gdb.write(json.dumps({"stacks": [s.to_dict() for s in stacks], "notes": notes}, indent=1) + "\n")
+            return
+        for note in notes:
+            gdb.write(note + "\n")
+        for s in stacks:
+            gdb.write(s.format_text(view) + "\n")
+
+
+KlpFrames()

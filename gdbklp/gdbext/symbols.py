@@ -1,0 +1,33 @@
+"""$klp_addr("name"): the address of a function in vmlinux or a loaded module.
+
+gdb knows vmlinux's symbols but not those of modules loaded at run time;
+gdbklp reads them from each module's kallsyms in guest memory, so
+
+    break *$klp_addr("klp_lab_c_local")
+
+stops in a live-patch replacement without loading any .ko file.
+"""
+
+import gdb
+
+from gdbklp.gdbext import target
+
+
+class KlpAddr(gdb.Function):
+    """Return the address of a vmlinux or module function: $klp_addr("name")."""
+
+    def __init__(self):
+        super().__init__("klp_addr")
+
+    def invoke(self, name):
+        wanted = name.string()
+        kernel = target.kernel()
+        for refresh in (False, True):
+            for obj in kernel.view(refresh_modules=refresh).objects:
+                address = obj.symbols.address(wanted)
+                if address is not None:
+                    return gdb.Value(address).cast(gdb.lookup_type("unsigned long"))
+        raise gdb.GdbError(f"$klp_addr: no function '{wanted}' in vmlinux or a loaded module")
+
+
+KlpAddr()

@@ -1,0 +1,85 @@
+"""gdb side of tests/capture.py: write one task's stack as a replayable image.
+
+Sourced into gdb by capture.py. An image holds the task's whole kernel stack,
+every other memory block the real decoder read (code around return
+addresses, the livepatch_sp slot), the registers, and the part of the
+symbol tables that names what is on the stack, so tests replay the decoder
+on real memory without gdb or QEMU.
+"""
+
+import argparse
+import base64
+import json
+import zlib
+from dataclasses import asdict
+
+import gdb
+
+from gdbklp.abi.frames import Registers
+from gdbklp.abi.taskstack import decode_task_stack
+from gdbklp.gdbext import frames as gframes
+from gdbklp.gdbext import target
+from gdbklp.gdbext.commands import Command
+
+
+def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | None) -> dict:
+    view = kernel.view(refresh_modules=True)
+    base = stack_base if stack_base is not None else regs.sp & ~(view.thread_size - 1)
+    reads = {}
+
+    def read(address: int, length: int) -> bytes:
+        data = target.read_memory(address, length)
+        if not base <= address < base + view.thread_size:
+            reads[f"{address:#x}"] = data.hex()
+        return data
+
+    pid, comm = kernel.task_identity(task)
+    stack = decode_task_stack(label, regs, task, read, view, pid, comm, base)
+    addresses = {f.pc for f in stack.walk.frames}
+    if stack.livepatch:
+        addresses |= {e.ra for e in stack.livepatch.entries}
+    symbols = set()
+    for address in addresses:
+        obj = view.object_at(address)
+        found = obj.symbols.lookup(address) if obj else None
+        if found:
+            symbols.add((obj.name, found[0].name, found[0].address, found[0].size, found[0].type))
+    return {
+        "label": label, "task": task, "pid": pid, "comm": comm, "regs": asdict(regs),
+        "stack_base": base, "thread_size": view.thread_size,
+        "stack": base64.b64encode(zlib.compress(target.read_memory(base, view.thread_size), 9)).decode(),
+        "reads": reads,
+        "objects": [{"name": o.name, "base": o.base, "size": o.size, "toc": o.toc} for o in view.objects],
+        "symbols": sorted(symbols),
+        "livepatch": asdict(view.livepatch), "livepatch_handler_end": view.livepatch_handler_end,
+        "decoded": stack.format_text(view),
+    }
+
+
+class KlpCapture(Command):
+    """Write the selected vCPU's (or a task's) stack image as JSON (test tooling)."""
+
+    name = "klp-capture"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("output")
+        parser.add_argument("--task", metavar="PID")
+
+    def run(self, args: argparse.Namespace) -> None:
+        kernel = target.kernel()
+        if args.task:
+            gframes.select_kernel_vcpu()
+            task = gframes.find_task(kernel, args.task)
+            regs, base = gframes.sleeping_context(kernel, task)
+            image = capture(kernel, f"pid {args.task}", regs, task, base)
+        else:
+            state = gframes.vcpu_state()
+            regs = Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
+            image = capture(kernel, "vCPU", regs, gframes.running_task(kernel, state), None)
+        with open(args.output, "w") as f:
+            json.dump(image, f, indent=1)
+            f.write("\n")
+        gdb.write(image["decoded"] + "\n")
+
+
+KlpCapture()
