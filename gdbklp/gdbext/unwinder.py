@@ -21,10 +21,13 @@ from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command
 
 NAME = "gdbklp-livepatch"
+NONVOLATILE = ("r13", *(f"r{n}" for n in range(14, 32)), "cr")
 
 
 class _FrameId:
-    def __init__(self, sp: int, pc: int):
+    """gdb wants gdb.Values here: plain ints above 2**63 (kernel addresses) are refused."""
+
+    def __init__(self, sp: gdb.Value, pc: gdb.Value):
         self.sp = sp
         self.pc = pc
 
@@ -33,11 +36,13 @@ class LivepatchUnwinder(Unwinder):
     def __init__(self):
         super().__init__(NAME)
         self.callers: dict[int, tuple[int, int]] = {}  # trampoline sp -> (RA, saved TOC)
+        self.last_error = ""
 
     def __call__(self, pending_frame):
         try:
             return self._unwind(pending_frame)
-        except Exception:  # an unwinder must never break `bt`; gdb's own takes over
+        except Exception as e:  # an unwinder must never break `bt`; gdb's own takes over
+            self.last_error = f"{type(e).__name__}: {e}"
             return None
 
     def _unwind(self, pending_frame):
@@ -52,11 +57,16 @@ class LivepatchUnwinder(Unwinder):
         if not view.is_livepatch_return(pc) or sp not in self.callers:
             return None
         ra, toc = self.callers[sp]
-        info = pending_frame.create_unwind_info(_FrameId(sp, view.livepatch.address))
         reg_type = pending_frame.read_register("pc").type
-        info.add_saved_register("pc", gdb.Value(ra).cast(reg_type))
-        info.add_saved_register("r1", gdb.Value(sp).cast(reg_type))
-        info.add_saved_register("r2", gdb.Value(toc).cast(reg_type))
+        value = lambda number: gdb.Value(number).cast(reg_type)
+        info = pending_frame.create_unwind_info(_FrameId(value(sp), value(view.livepatch.address)))
+        info.add_saved_register("pc", value(ra))
+        info.add_saved_register("lr", value(ra))  # the handler's mtlr before its blr
+        info.add_saved_register("r1", value(sp))
+        info.add_saved_register("r2", value(toc))
+        # C preserved the non-volatile registers and the handler does not touch them
+        for name in NONVOLATILE:
+            info.add_saved_register(name, pending_frame.read_register(name))
         return info
 
     def _decode(self, kernel, view, pending_frame, pc: int, sp: int) -> None:
@@ -92,7 +102,8 @@ class KlpUnwinder(Command):
         if args.state != "status":
             unwinder.enabled = args.state == "on"
             gdb.invalidate_cached_frames()
-        gdb.write(f"klp-unwinder: {'on' if unwinder.enabled else 'off'}\n")
+        error = f" (last error: {unwinder.last_error})" if unwinder.last_error else ""
+        gdb.write(f"klp-unwinder: {'on' if unwinder.enabled else 'off'}{error}\n")
 
 
 KlpUnwinder()
