@@ -38,11 +38,13 @@ def test_no_vmlinux():
     assert proc.stderr.strip() == "klp-watch: no vmlinux loaded: use 'file vmlinux' first"
 
 
-def test_not_ppc64():
-    proc = run_gdb_batch("file /usr/bin/true", "klp-watch start")
+@pytest.mark.parametrize("command", ["klp-watch start", "klp-frames", "klp-frames --all"])
+def test_not_ppc64(command):
+    proc = run_gdb_batch("file /usr/bin/true", command)
     assert_no_traceback(proc)
+    name = command.split()[0]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "klp-watch: /usr/bin/true is not a ppc64 ELF file (e_machine 62)")
+        f"{name}: /usr/bin/true is not a ppc64 ELF file (e_machine 62)")
 
 
 def cross_object(tmp_path, source, strip=False):
@@ -55,12 +57,13 @@ def cross_object(tmp_path, source, strip=False):
     return obj
 
 
-def test_vmlinux_without_symbols(tmp_path):
+@pytest.mark.parametrize("command", ["klp-watch start", "klp-frames"])
+def test_vmlinux_without_symbols(tmp_path, command):
     obj = cross_object(tmp_path, "void _start(void) {}\n", strip=True)
-    proc = run_gdb_batch(f"file {obj}", "klp-watch start")
+    proc = run_gdb_batch(f"file {obj}", command)
     assert_no_traceback(proc)
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"klp-watch: {obj} has no symbol table (stripped?)")
+        f"{command.split()[0]}: {obj} has no symbol table (stripped?)")
 
 
 def test_not_a_kernel(tmp_path):
@@ -76,6 +79,16 @@ def test_kernel_without_live_patching(tmp_path):
     assert_no_traceback(proc)
     assert proc.stderr.strip().splitlines()[-1] == (
         f"klp-watch: kernel without live patching: no livepatch_handler in {obj}")
+
+
+@pytest.mark.parametrize("command", ["klp-watch start", "klp-frames"])
+def test_commands_without_a_target(tmp_path, command):
+    obj = cross_object(tmp_path, "void _start(void) {}\nvoid _stext(void) {}\nvoid livepatch_handler(void) {}\n")
+    proc = run_gdb_batch(f"file {obj}", command)
+    assert_no_traceback(proc)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{command.split()[0]}: no target: connect to the guest's gdbstub first "
+        "(target remote 127.0.0.1:PORT)")
 
 
 def test_a_broken_part_does_not_stop_the_rest():

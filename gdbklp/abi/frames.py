@@ -20,7 +20,6 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
-from gdbklp.abi import callsite
 from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.livepatch import LivepatchEntry
 
@@ -100,10 +99,7 @@ class _Walker:
         return f
 
     def call_site(self, ra: int) -> str:
-        try:
-            return callsite.classify_bytes(self.read(ra - 4, 8)).value
-        except Exception:
-            return "unreadable"
+        return self.view.call_site(self.read, ra).value
 
     def header(self, sp: int) -> bytes | str:
         """The header block at sp, or the reason it cannot be used."""

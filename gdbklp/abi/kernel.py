@@ -7,7 +7,8 @@ stack walker and the checks ask about addresses goes through here.
 
 from dataclasses import dataclass, field
 
-from gdbklp.abi import ppc
+from gdbklp.abi import callsite, ppc
+from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.elf import SymbolTable
 from gdbklp.abi.livepatch import LivepatchHandlerLayout
 
@@ -57,7 +58,7 @@ class KernelView:
     livepatch_handler_end: int | None = None
     klp_return_helper: int | None = None
     thread_size: int = THREAD_SIZE_DEFAULT
-    _code: dict[int, bytes] = field(default_factory=dict)
+    _call_sites: dict[int, CallSite] = field(default_factory=dict)
 
     def object_at(self, address: int) -> ObjectInfo | None:
         for obj in self.objects:
@@ -82,6 +83,23 @@ class KernelView:
             if obj.toc is not None and obj.toc == value:
                 return obj.name
         return None
+
+    def call_site(self, read, return_address: int) -> CallSite:
+        """Class of the call before return_address, reading the code once per address.
+
+        Code is cached for the life of this view (the gdb side makes a new one
+        when modules come or go). ftrace's patching of function entries does
+        not change a call site's class unless the return address is right
+        after an mcount site, which only happens inside ftrace itself.
+        """
+        site = self._call_sites.get(return_address)
+        if site is None:
+            try:
+                site = callsite.classify_bytes(read(return_address - 4, 8))
+            except Exception:
+                return CallSite.NOT_A_CALL  # unreadable: not cached, may be readable later
+            self._call_sites[return_address] = site
+        return site
 
     def is_livepatch_return(self, address: int) -> bool:
         """address is where C returns into livepatch_handler (P3)."""

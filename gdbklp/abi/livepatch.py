@@ -130,8 +130,6 @@ def read_livepatch_stack(read, base: int, livepatch_sp: int, lowest_sp: int,
     call stack grows down towards the livepatch stack growing up); view is a
     gdbklp.abi.kernel.KernelView for call sites and TOC owners.
     """
-    from gdbklp.abi import callsite  # local: callsite does not need this module
-
     problems: list[str] = []
     first = base + 8  # end_of_stack() + 1: the first slot above the stack-end magic
     if livepatch_sp < first or livepatch_sp > lowest_sp:
@@ -155,11 +153,8 @@ def read_livepatch_stack(read, base: int, livepatch_sp: int, lowest_sp: int,
         bad = []
         if e.magic != layout.magic:
             bad.append(f"magic {e.magic:#x} instead of {layout.magic:#x}")
-        try:
-            site = callsite.classify_bytes(read(e.ra - 4, 8))
-        except Exception:
-            site = None
-        if site is None or not site.is_call:
+        site = view.call_site(read, e.ra)
+        if not site.is_call:
             bad.append(f"return address {e.ra:#x} ({view.describe(e.ra)}) does not follow a call")
         else:
             owner = view.toc_owner(e.toc)

@@ -5,11 +5,13 @@ headers; gdb's own unwinder and prologue analysis are never used.
 """
 
 import argparse
+import dataclasses
 import json
 
 import gdb
 
 from gdbklp.abi.frames import Registers
+from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.taskstack import TaskStack, decode_task_stack
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command, GdbklpError
@@ -28,12 +30,33 @@ def running_task(kernel: target.Kernel, state: dict) -> int:
     return target.read_u64(state["r13"] + offset)
 
 
+# Stacks decoded since the guest last stopped, by the registers they start from
+# and the kernel view used: klp-frames and the unwinder (bt) share them.
+decoded: dict[tuple, TaskStack] = {}
+
+
+def decode_running(kernel: target.Kernel, state: dict, view: KernelView) -> TaskStack:
+    """The stack of the task running on a vCPU in the kernel (state: its registers)."""
+    key = (*(state[name] for name in ("pc", "r1", "lr", "r2", "r13")), kernel.view_key)
+    stack = decoded.get(key)
+    if stack is None:
+        task = running_task(kernel, state)
+        pid, comm = kernel.task_identity(task)
+        regs = Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
+        stack = decoded[key] = decode_task_stack("", regs, task, target.read_memory, view, pid, comm)
+    return stack
+
+
 def running_stack(kernel: target.Kernel, label: str, state: dict) -> TaskStack:
-    view = kernel.view()
-    task = running_task(kernel, state)
-    pid, comm = kernel.task_identity(task)
-    regs = Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
-    return decode_task_stack(label, regs, task, target.read_memory, view, pid, comm)
+    return dataclasses.replace(decode_running(kernel, state, kernel.view()), label=label)
+
+
+def _forget_decoded(_event) -> None:
+    decoded.clear()
+
+
+gdb.events.stop.connect(_forget_decoded)
+gdb.events.cont.connect(_forget_decoded)
 
 
 def paca_current_offset(kernel: target.Kernel) -> int:
@@ -123,6 +146,7 @@ class KlpFrames(Command):
 
     def run(self, args: argparse.Namespace) -> None:
         kernel = target.kernel()
+        target.require_target()
         stacks, notes = [], []
         if args.task:
             select_kernel_vcpu()

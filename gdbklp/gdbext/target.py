@@ -28,6 +28,12 @@ def register(name: str) -> int:
     return int(gdb.selected_frame().read_register(name)) & 0xFFFFFFFFFFFFFFFF
 
 
+def require_target() -> None:
+    if gdb.selected_thread() is None:
+        raise GdbklpError("no target: connect to the guest's gdbstub first "
+                          "(target remote 127.0.0.1:PORT)")
+
+
 def current_cpu() -> int:
     """QEMU's gdbstub numbers threads 1..N for vCPUs 0..N-1."""
     thread = gdb.selected_thread()
@@ -64,7 +70,11 @@ class Kernel:
         self.thread_size = self._thread_size()
         self._layout: LivepatchHandlerLayout | None = None
         self._modules: list[ObjectInfo] | None = None
+        self._signature: list[tuple[int, bytes]] = []
+        self._module_offsets: tuple[int, int, int] | None = None
         self.modules_stale = False  # set at each stop: modules may have come or gone
+        self._view: KernelView | None = None
+        self.view_key: tuple = ()  # identifies the objects of the current view
         self._names: dict[int, str] = {}
         self._tasks: dict[int, tuple[int, str]] = {}
 
@@ -78,36 +88,64 @@ class Kernel:
 
     # ---- the trampoline --------------------------------------------------
 
+    def require_livepatch(self) -> int:
+        """livepatch_handler's address; a one-line error for a kernel without it."""
+        address = self.symbols.address("livepatch_handler")
+        if address is None:
+            raise GdbklpError(f"kernel without live patching: no livepatch_handler in {self.vmlinux}")
+        return address
+
     def livepatch_layout(self) -> LivepatchHandlerLayout:
         if self._layout is None:
-            address = self.symbols.address("livepatch_handler")
-            if address is None:
-                raise GdbklpError(f"kernel without live patching: no livepatch_handler in {self.vmlinux}")
+            address = self.require_livepatch()
             self._layout = decode_livepatch_handler(read_memory(address, HANDLER_BYTES), address)
         return self._layout
 
     # ---- modules (need DWARF for struct module) ---------------------------
 
     def modules(self, refresh: bool = False) -> list[ObjectInfo]:
-        """Loaded modules, re-read after the guest stopped (or on request)."""
-        if self._modules is None or refresh or self.modules_stale:
-            old = [(m.name, m.base) for m in self._modules or []]
-            self._modules = self._read_modules() if self.has_dwarf else []
+        """Loaded modules. After a stop, one small read per module checks the
+        list; symbol tables are read again only if it changed."""
+        if not self.has_dwarf:
+            return []
+        if self._modules is not None and self.modules_stale and not refresh:
             self.modules_stale = False
-            if [(m.name, m.base) for m in self._modules] != old:
-                self._names.clear()
+            if self._module_signature() == self._signature:
+                return self._modules
+            refresh = True
+        if self._modules is None or refresh:
+            self._signature = self._module_signature()
+            self._modules = self._read_modules(self._signature)
+            self._names.clear()
+            self.modules_stale = False
         return self._modules
 
-    def _read_modules(self) -> list[ObjectInfo]:
-        head = gdb.parse_and_eval("&modules")
-        module_ptr = gdb.lookup_type("struct module").pointer()
-        list_offset = int(gdb.parse_and_eval("(unsigned long)&((struct module *)0)->list"))
+    def _module_layout(self) -> tuple[int, int, int]:
+        """(address of the modules list head, offset of list and of name in struct module)."""
+        if self._module_offsets is None:
+            field = lambda f: int(gdb.parse_and_eval(f"(unsigned long)&((struct module *)0)->{f}"))
+            self._module_offsets = (int(gdb.parse_and_eval("(unsigned long)&modules")),
+                                    field("list"), field("name"))
+        return self._module_offsets
+
+    def _module_signature(self) -> list[tuple[int, bytes]]:
+        """(struct module address, name bytes) of each loaded module, one read each."""
+        head, list_off, name_off = self._module_layout()
         out = []
-        node = head["next"]
+        node = read_u64(head)
         for _ in range(4096):  # a corrupt list must not loop forever
-            if int(node) == int(head):
+            if node == head:
                 break
-            mod = gdb.Value(int(node) - list_offset).cast(module_ptr).dereference()
+            block = read_memory(node - list_off, name_off + 56)
+            out.append((node - list_off, block[name_off:].split(b"\0")[0]))
+            node = int.from_bytes(block[list_off:list_off + 8], "little")
+        return out
+
+    def _read_modules(self, signature: list[tuple[int, bytes]]) -> list[ObjectInfo]:
+        module_ptr = gdb.lookup_type("struct module").pointer()
+        out = []
+        for address, _ in signature:
+            mod = gdb.Value(address).cast(module_ptr).dereference()
             layout = mod["core_layout"]
             kallsyms = mod["kallsyms"].dereference()
             count = int(kallsyms["num_symtab"])
@@ -120,7 +158,6 @@ class Kernel:
             base, size = int(layout["base"]), int(layout["size"])
             toc = self._module_toc(symbols, base, int(layout["text_size"]))
             out.append(ObjectInfo(name, base, size, symbols, toc))
-            node = node["next"]
         return out
 
     def _module_toc(self, symbols: elf.SymbolTable, base: int, text_size: int) -> int | None:
@@ -149,43 +186,36 @@ class Kernel:
         evaluate expressions (that needs frames) while gdb builds frames.
         """
         modules = self.modules(refresh_modules) if read_modules else (self._modules or [])
+        key = tuple((m.name, m.base) for m in modules)
+        if self._view is not None and self.view_key == key:
+            return self._view
         objects = [self.vmlinux_object, *modules]
         layout = self.livepatch_layout() if self.symbols.address("livepatch_handler") else None
         handler = self.symbols.get("livepatch_handler")
-        return KernelView(objects, layout,
-                          livepatch_handler_end=handler.address + handler.size if handler and handler.size
-                          else (layout.return_point + 64 if layout else None),
-                          klp_return_helper=self.symbols.address("KLP_return_helper"),
-                          thread_size=self.thread_size)
-
-    def module_at(self, address: int) -> ObjectInfo | None:
-        for refresh in (False, True):
-            for mod in self.modules(refresh):
-                if mod.contains(address):
-                    return mod
-        return None
+        self.view_key = key
+        self._view = KernelView(objects, layout,
+                                livepatch_handler_end=handler.address + handler.size if handler and handler.size
+                                else (layout.return_point + 64 if layout else None),
+                                klp_return_helper=self.symbols.address("KLP_return_helper"),
+                                thread_size=self.thread_size)
+        return self._view
 
     # ---- names -----------------------------------------------------------
+
+    def _view_covering(self, address: int) -> KernelView:
+        view = self.view()
+        return view if view.object_at(address) else self.view(refresh_modules=True)
 
     def describe(self, address: int) -> str:
         """function+off for vmlinux or module text; cached per address."""
         name = self._names.get(address)
         if name is None:
-            if self.symbols.lookup(address):
-                name = self.symbols.describe(address)
-            else:
-                mod = self.module_at(address)
-                name = f"{mod.symbols.describe(address)} [{mod.name}]" if mod else f"{address:#x}"
-            self._names[address] = name
+            name = self._names[address] = self._view_covering(address).describe(address)
         return name
 
     def function_name(self, address: int) -> str:
         """Bare function name (no offset, no module), or the address."""
-        found = self.symbols.lookup(address)
-        if not found:
-            mod = self.module_at(address)
-            found = mod.symbols.lookup(address) if mod else None
-        return found[0].name if found else f"{address:#x}"
+        return self._view_covering(address).function(address) or f"{address:#x}"
 
     def task_identity(self, task: int) -> tuple[int, str]:
         """(pid, comm) of a task_struct, read once per task; (-1, '?') without DWARF."""

@@ -16,8 +16,7 @@ import argparse
 import gdb
 from gdb.unwinder import Unwinder, register_unwinder
 
-from gdbklp.abi.frames import Registers
-from gdbklp.gdbext import target
+from gdbklp.gdbext import frames, target
 from gdbklp.gdbext.commands import Command
 
 NAME = "gdbklp-livepatch"
@@ -35,7 +34,8 @@ class _FrameId:
 class LivepatchUnwinder(Unwinder):
     def __init__(self):
         super().__init__(NAME)
-        self.callers: dict[int, tuple[int, int]] = {}  # trampoline sp -> (RA, saved TOC)
+        self.innermost: dict[str, int] | None = None
+        self.callers: dict[int, tuple[int, int]] | None = None  # trampoline sp -> (RA, saved TOC)
         self.last_error = ""
 
     def __call__(self, pending_frame):
@@ -50,11 +50,18 @@ class LivepatchUnwinder(Unwinder):
         view = kernel.view(read_modules=False)
         if view.livepatch is None:
             return None
-        pc = int(pending_frame.read_register("pc"))
-        sp = int(pending_frame.read_register("r1"))
         if pending_frame.level() == 0:
-            self._decode(kernel, view, pending_frame, pc, sp)
-        if not view.is_livepatch_return(pc) or sp not in self.callers:
+            # a new backtrace: remember the innermost registers, decode only if needed
+            self.innermost = {name: int(pending_frame.read_register(name))
+                              for name in ("pc", "r1", "lr", "r2", "r13", "msr")}
+            self.callers = None
+        pc = int(pending_frame.read_register("pc"))
+        if not view.is_livepatch_return(pc):
+            return None
+        if self.callers is None:
+            self.callers = self._decode(view)
+        sp = int(pending_frame.read_register("r1"))
+        if sp not in self.callers:
             return None
         ra, toc = self.callers[sp]
         reg_type = pending_frame.read_register("pc").type
@@ -69,21 +76,14 @@ class LivepatchUnwinder(Unwinder):
             info.add_saved_register(name, pending_frame.read_register(name))
         return info
 
-    def _decode(self, kernel, view, pending_frame, pc: int, sp: int) -> None:
-        """Walk the innermost frame's stack once; remember each trampoline's caller."""
-        from gdbklp.abi.taskstack import decode_task_stack
-
-        self.callers = {}
-        regs = Registers(pc=pc, sp=sp, lr=int(pending_frame.read_register("lr")),
-                         toc=int(pending_frame.read_register("r2")))
-        if int(pending_frame.read_register("msr")) & (1 << 14):
-            return  # user mode: no kernel stack
-        task = target.read_u64(int(pending_frame.read_register("r13")) + view.livepatch.paca_thread_info)
-        stack = decode_task_stack("", regs, task, target.read_memory, view)
-        frames = stack.walk.frames
-        for trampoline, caller in zip(frames, frames[1:]):
-            if trampoline.kind == "trampoline" and caller.kind == "livepatch-caller":
-                self.callers[trampoline.sp] = (caller.pc, caller.toc)
+    def _decode(self, view) -> dict[int, tuple[int, int]]:
+        """Walk the innermost frame's stack; each trampoline's sp -> (RA, saved TOC)."""
+        regs = self.innermost
+        if regs is None or regs["msr"] & (1 << 14):
+            return {}  # user mode: no kernel stack
+        walked = frames.decode_running(target.kernel(), regs, view).walk.frames
+        return {t.sp: (c.pc, c.toc) for t, c in zip(walked, walked[1:])
+                if t.kind == "trampoline" and c.kind == "livepatch-caller"}
 
 
 unwinder = LivepatchUnwinder()

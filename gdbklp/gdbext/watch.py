@@ -127,7 +127,10 @@ class KlpWatch(Command):
         if args.action == "start":
             if _watch is not None and _watch.report.ended is None:
                 raise GdbklpError("a watch is already running (klp-watch stop first)")
-            _watch = Watch(target.kernel(), args.max_events, args.report, args.quiet)
+            kernel = target.kernel()
+            kernel.require_livepatch()
+            target.require_target()
+            _watch = Watch(kernel, args.max_events, args.report, args.quiet)
             if not args.quiet:
                 lay = _watch.layout
                 gdb.write(f"klp-watch: probing livepatch_handler at {lay.address:#x} "
