@@ -10,7 +10,8 @@
  *
  * usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]
  *                   [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]
- *   flags: yield, sleep, hold, nap (or a number);  -r: reset counters first
+ *   flags: yield, sleep, hold, nap, fault-magic, fault-toc, fault-ra, fault-r1,
+ *          fault-toc-slot, fault-unbalanced (or a number);  -r: reset counters first
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -53,7 +54,7 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]\n"
-			"                  [-f yield,sleep,hold,nap] [-p CYCLES] [-P PATCH.ko] [-r]\n");
+			"                  [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]\n");
 	exit(2);
 }
 
@@ -80,26 +81,33 @@ static void parse_kinds(struct options *o, char *list)
 	}
 }
 
+static const struct {
+	const char *name;
+	unsigned long value;
+} flag_names[] = {
+	{ "yield", 0x1 }, { "sleep", 0x2 }, { "hold", 0x4 }, { "nap", 0x8 },
+	{ "fault-magic", 0x10 }, { "fault-toc", 0x20 }, { "fault-ra", 0x40 },
+	{ "fault-r1", 0x80 }, { "fault-toc-slot", 0x100 }, { "fault-unbalanced", 0x200 },
+};
+
 static unsigned long parse_flags(char *list)
 {
 	unsigned long flags = 0;
 	char *name, *end;
+	unsigned int i;
 
 	for (name = strtok(list, ","); name; name = strtok(NULL, ",")) {
-		if (!strcmp(name, "yield"))
-			flags |= 0x1;
-		else if (!strcmp(name, "sleep"))
-			flags |= 0x2;
-		else if (!strcmp(name, "hold"))
-			flags |= 0x4;
-		else if (!strcmp(name, "nap"))
-			flags |= 0x8;
-		else {
-			flags |= strtoul(name, &end, 0);
-			if (*end) {
-				fprintf(stderr, "klplab-run: unknown flag '%s'\n", name);
-				exit(2);
-			}
+		for (i = 0; i < sizeof(flag_names) / sizeof(flag_names[0]); i++)
+			if (!strcmp(name, flag_names[i].name))
+				break;
+		if (i < sizeof(flag_names) / sizeof(flag_names[0])) {
+			flags |= flag_names[i].value;
+			continue;
+		}
+		flags |= strtoul(name, &end, 0);
+		if (*end) {
+			fprintf(stderr, "klplab-run: unknown flag '%s'\n", name);
+			exit(2);
 		}
 	}
 	return flags;

@@ -27,6 +27,18 @@ enum klp_lab_kind {
 #define KLP_LAB_HOLD	0x4	/* B sleeps hold_ms: holds a transition back    */
 #define KLP_LAB_NAP	0x8	/* C sleeps nap_ms: a task asleep inside C       */
 
+/*
+ * Faults C commits on request, each breaking one redirection invariant the
+ * way a broken trampoline or replacement would (numbers from
+ * shared/design/redirection-invariants.md).
+ */
+#define KLP_LAB_FAULT_MAGIC	0x010	/* 8: overwrite its entry's STACK_END_MAGIC  */
+#define KLP_LAB_FAULT_TOC	0x020	/* 7/9: overwrite the saved TOC             */
+#define KLP_LAB_FAULT_RA	0x040	/* 7/9: overwrite the saved return address  */
+#define KLP_LAB_FAULT_R1	0x080	/* 9: return to the handler with r1 + 16    */
+#define KLP_LAB_FAULT_TOC_SLOT	0x100	/* 3: clobber 24(A's r1), A's TOC save slot */
+#define KLP_LAB_FAULT_UNBALANCED 0x200	/* 10: leave livepatch_sp 24 bytes higher   */
+
 #define KLP_LAB_OLD_TAG	0x0100000000000000UL
 #define KLP_LAB_NEW_TAG	0x0200000000000000UL
 #define KLP_LAB_TAG_MASK 0xff00000000000000UL

@@ -11,13 +11,64 @@
 #include <linux/module.h>
 #include <linux/sched.h>
 #include <linux/stdarg.h>
+#include <linux/thread_info.h>
 #include "klp_lab.h"
 
 static unsigned int nap_ms = 1000;
 module_param(nap_ms, uint, 0644);
 MODULE_PARM_DESC(nap_ms, "how long C sleeps when called with the NAP flag");
 
-static void new_body(unsigned long flags)
+/*
+ * The r1 fault. C's prologue saved its return address (livepatch_handler's
+ * return point) in A's frame at 16(A's r1); commit_fault() replaces it by
+ * klp_lab_bad_r1_return, so C's own epilogue returns there with a correct
+ * r1, and the stub returns to the handler with r1 16 bytes too high. It runs
+ * with the patch module's TOC (C's), which it uses to reach the saved address.
+ */
+unsigned long klp_lab_saved_return;
+void klp_lab_bad_r1_return(void);
+asm(".pushsection .text\n"
+    ".type klp_lab_bad_r1_return, @function\n"
+    "klp_lab_bad_r1_return:\n"
+    "	addis 12, 2, klp_lab_saved_return@toc@ha\n"
+    "	ld 12, klp_lab_saved_return@toc@l(12)\n"
+    "	mtlr 12\n"
+    "	addi 1, 1, 16\n"
+    "	blr\n"
+    ".size klp_lab_bad_r1_return, . - klp_lab_bad_r1_return\n"
+    ".popsection\n");
+
+/*
+ * The faults. new_body() is called straight from C, so its caller's frame
+ * is C's and C's caller's frame is A's: A's r1 is two back-chain steps up.
+ * The livepatch stack entry of the redirection in flight is the top one.
+ */
+static noinline void commit_fault(unsigned long flags)
+{
+	unsigned long *c_sp = *(unsigned long **)__builtin_frame_address(0);
+	unsigned long *a_sp = (unsigned long *)c_sp[0];
+	struct thread_info *ti = current_thread_info();
+	unsigned long *entry = (unsigned long *)(ti->livepatch_sp - 24);
+	unsigned long toc;
+
+	asm volatile("mr %0, 2" : "=r"(toc));
+	if (flags & KLP_LAB_FAULT_MAGIC)
+		entry[2] = 0xdeadbeef;
+	if (flags & KLP_LAB_FAULT_TOC)
+		entry[0] = toc;			/* the patch module's TOC, not A's */
+	if (flags & KLP_LAB_FAULT_RA)
+		entry[1] += 4;			/* one instruction past the call site */
+	if (flags & KLP_LAB_FAULT_TOC_SLOT)
+		a_sp[3] = toc;			/* what a tail call through a stub does */
+	if (flags & KLP_LAB_FAULT_R1) {
+		klp_lab_saved_return = a_sp[2];
+		a_sp[2] = (unsigned long)klp_lab_bad_r1_return;
+	}
+	if (flags & KLP_LAB_FAULT_UNBALANCED)
+		ti->livepatch_sp += 24;
+}
+
+static noinline void new_body(unsigned long flags)
 {
 	if (flags & KLP_LAB_YIELD)
 		yield();
@@ -25,6 +76,9 @@ static void new_body(unsigned long flags)
 		msleep(1);
 	if (flags & KLP_LAB_NAP)
 		msleep(nap_ms);
+	if (flags & (KLP_LAB_FAULT_MAGIC | KLP_LAB_FAULT_TOC | KLP_LAB_FAULT_RA |
+		     KLP_LAB_FAULT_R1 | KLP_LAB_FAULT_TOC_SLOT | KLP_LAB_FAULT_UNBALANCED))
+		commit_fault(flags);
 }
 
 static long klp_lab_c_local(long x, unsigned long flags)
