@@ -1,4 +1,4 @@
-"""What a watch saw, as plain data: counters, kept events, JSON round trip.
+"""What a watch saw, as plain data: counters, violations, events; JSON and JUnit.
 
 Pure Python (no gdb): the gdb side fills it, the lab, the tests and the batch
 scripts read it back from JSON.
@@ -9,26 +9,38 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
-FORMAT = "gdbklp-watch-report/1"
+from gdbklp.abi.invariants import Violation
+
+FORMAT = "gdbklp-watch-report/2"
 
 
 @dataclass(frozen=True)
 class Redirection:
-    """One redirection B -> C, seen when it entered the trampoline."""
+    """One redirection B -> C, seen when C returned into the trampoline."""
 
     seq: int
-    task: int           # task_struct (== thread_info) address: the per-task key
+    task: int            # task_struct (== thread_info) address: the per-task key
     pid: int
     comm: str
     cpu: int
     return_address: int  # RA, in the caller A
     caller: str          # A as function+offset
     call_site: str       # gdbklp.abi.callsite.CallSite value
-    replacement: int     # C's entry
-    replacement_name: str
-    toc: int             # r2 at the trampoline
-    sp: int              # r1 at the trampoline (A's stack pointer)
+    patched: str         # B, or "?" where the call site does not tell (indirect)
+    replacement: str     # C, or "?"
+    toc: int             # the TOC the handler will restore
+    sp: int              # r1 at the return (A's stack pointer if all is well)
+    depth: int           # livepatch stack depth of this redirection
+    violations: tuple[int, ...] = ()
+
+
+@dataclass
+class Tally:
+    seen: int = 0
+    checked: int = 0
+    violations: int = 0
 
 
 @dataclass
@@ -36,6 +48,7 @@ class TaskSummary:
     pid: int
     comm: str
     redirections: int = 0
+    violations: int = 0
     cpus: list[int] = field(default_factory=list)
 
 
@@ -43,27 +56,40 @@ class TaskSummary:
 class WatchReport:
     design: str = "livepatch-stack"
     vmlinux: str = ""
+    probe: str = ""
     started: float = field(default_factory=time.time)
     ended: float | None = None
     end_reason: str = ""
     redirections: int = 0
+    by_call_site: dict[str, Tally] = field(default_factory=dict)
+    by_caller: Counter = field(default_factory=Counter)
+    by_patched: Counter = field(default_factory=Counter)
     by_replacement: Counter = field(default_factory=Counter)
-    by_call_site: Counter = field(default_factory=Counter)
     tasks: dict[int, TaskSummary] = field(default_factory=dict)
+    violations: list[Violation] = field(default_factory=list)
     events: list[Redirection] = field(default_factory=list)
+    guest_events: list[str] = field(default_factory=list)  # oopses, panics: what the guest did
+    notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     keep_events: int = 10000
 
-    def add(self, r: Redirection) -> None:
+    def add(self, r: Redirection, violations: list[Violation], checked: bool) -> None:
         self.redirections += 1
-        self.by_replacement[r.replacement_name] += 1
-        self.by_call_site[r.call_site] += 1
+        tally = self.by_call_site.setdefault(r.call_site, Tally())
+        tally.seen += 1
+        tally.checked += checked
+        tally.violations += len(violations)
+        self.by_caller[r.caller.split("+")[0].split(" ")[0]] += 1
+        self.by_patched[r.patched] += 1
+        self.by_replacement[r.replacement] += 1
         task = self.tasks.get(r.task)
         if task is None:
             task = self.tasks[r.task] = TaskSummary(r.pid, r.comm)
         task.redirections += 1
+        task.violations += len(violations)
         if r.cpu not in task.cpus:
             task.cpus.append(r.cpu)
+        self.violations.extend(violations)
         if len(self.events) < self.keep_events:
             self.events.append(r)
 
@@ -72,22 +98,24 @@ class WatchReport:
             self.ended = time.time()
             self.end_reason = reason
 
+    @property
+    def violated_invariants(self) -> list[int]:
+        return sorted({v.invariant for v in self.violations})
+
     # ---- serialisation ------------------------------------------------------
 
     def to_dict(self) -> dict:
         return {
-            "format": FORMAT,
-            "design": self.design,
-            "vmlinux": self.vmlinux,
-            "started": self.started,
-            "ended": self.ended,
-            "end_reason": self.end_reason,
+            "format": FORMAT, "design": self.design, "vmlinux": self.vmlinux, "probe": self.probe,
+            "started": self.started, "ended": self.ended, "end_reason": self.end_reason,
             "redirections": self.redirections,
+            "by_call_site": {k: asdict(v) for k, v in self.by_call_site.items()},
+            "by_caller": dict(self.by_caller), "by_patched": dict(self.by_patched),
             "by_replacement": dict(self.by_replacement),
-            "by_call_site": dict(self.by_call_site),
             "tasks": {f"{k:#x}": asdict(v) for k, v in self.tasks.items()},
+            "violations": [asdict(v) for v in self.violations],
             "events": [asdict(e) for e in self.events],
-            "errors": self.errors,
+            "guest_events": self.guest_events, "notes": self.notes, "errors": self.errors,
             "keep_events": self.keep_events,
         }
 
@@ -96,13 +124,16 @@ class WatchReport:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} report (format {data.get('format')!r})")
         return cls(
-            design=data["design"], vmlinux=data["vmlinux"], started=data["started"],
-            ended=data["ended"], end_reason=data["end_reason"],
+            design=data["design"], vmlinux=data["vmlinux"], probe=data["probe"],
+            started=data["started"], ended=data["ended"], end_reason=data["end_reason"],
             redirections=data["redirections"],
+            by_call_site={k: Tally(**v) for k, v in data["by_call_site"].items()},
+            by_caller=Counter(data["by_caller"]), by_patched=Counter(data["by_patched"]),
             by_replacement=Counter(data["by_replacement"]),
-            by_call_site=Counter(data["by_call_site"]),
             tasks={int(k, 16): TaskSummary(**v) for k, v in data["tasks"].items()},
-            events=[Redirection(**e) for e in data["events"]],
+            violations=[Violation(**v) for v in data["violations"]],
+            events=[Redirection(**{**e, "violations": tuple(e["violations"])}) for e in data["events"]],
+            guest_events=list(data["guest_events"]), notes=list(data["notes"]),
             errors=list(data["errors"]), keep_events=data["keep_events"],
         )
 
@@ -116,23 +147,44 @@ class WatchReport:
     def read_json(cls, path: Path) -> "WatchReport":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def write_junit(self, path: Path) -> None:
+        """One test case per call-site class and one for the guest; each violation a failure."""
+        cases = []
+        for site, tally in sorted(self.by_call_site.items()):
+            failures = [v for v in self.violations if v.call_site == site]
+            body = "".join(f"<failure message={quoteattr(f'invariant {v.invariant}: {v.title}')}>"
+                           f"{escape(v.format_text())}</failure>" for v in failures)
+            cases.append(f'<testcase classname="klp-watch.{self.design}" name={quoteattr(f"{site} call sites: {tally.seen} redirections")}>{body}</testcase>')
+        guest = "".join(f"<failure message={quoteattr(e)}/>" for e in self.guest_events)
+        guest += "".join(f"<error message={quoteattr(e)}/>" for e in self.errors)
+        cases.append(f'<testcase classname="klp-watch.{self.design}" name="guest">{guest}</testcase>')
+        failures = len(self.violations) + len(self.guest_events)
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="klp-watch" tests="{len(cases)}" '
+               f'failures="{failures}" errors="{len(self.errors)}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+        Path(path).write_text(xml)
+
     # ---- text ---------------------------------------------------------------
 
     def format_text(self) -> str:
         state = f"ended: {self.end_reason}" if self.ended else "running"
-        lines = [f"klp-watch ({self.design}): {self.redirections} redirections ({state})"]
-        if self.by_replacement:
-            lines.append("  by replacement function:")
-            width = max(map(len, self.by_replacement))
-            lines += [f"    {name:<{width}}  {n:>8}" for name, n in sorted(self.by_replacement.items())]
+        lines = [f"klp-watch ({self.design}): {self.redirections} redirections, "
+                 f"{len(self.violations)} violations ({state})"]
         if self.by_call_site:
-            lines.append("  by call site of the caller:")
-            lines += [f"    {name:<15}  {n:>8}" for name, n in sorted(self.by_call_site.items())]
+            lines.append(f"  {'call site':<16} {'seen':>8} {'checked':>8} {'violations':>10}")
+            for site, t in sorted(self.by_call_site.items()):
+                lines.append(f"  {site:<16} {t.seen:>8} {t.checked:>8} {t.violations:>10}")
+        if self.by_caller:
+            lines.append("  by caller A:")
+            width = max(map(len, self.by_caller))
+            lines += [f"    {name:<{width}}  {n:>8}" for name, n in sorted(self.by_caller.items())]
         if self.tasks:
-            lines.append("  by task:")
-            lines.append(f"    {'task':>18}  {'pid':>6}  {'comm':<16}  {'cpus':<6}  redirections")
+            lines.append(f"  {'task':>20}  {'pid':>6}  {'comm':<16}  {'cpus':<6}  {'redirections':>12}  violations")
             for addr, t in sorted(self.tasks.items(), key=lambda kv: kv[1].pid):
                 cpus = ",".join(map(str, sorted(t.cpus)))
-                lines.append(f"    {addr:#18x}  {t.pid:>6}  {t.comm:<16}  {cpus:<6}  {t.redirections:>8}")
+                lines.append(f"  {addr:#20x}  {t.pid:>6}  {t.comm:<16}  {cpus:<6}  {t.redirections:>12}  {t.violations}")
+        if self.violations:
+            lines.append(f"  invariants violated: {', '.join(map(str, self.violated_invariants))}")
+        lines += [f"  guest: {e}" for e in self.guest_events]
+        lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  error: {e}" for e in self.errors]
         return "\n".join(lines)

@@ -37,6 +37,13 @@ def toc_from_global_entry(code: bytes, address: int) -> int | None:
     return None
 
 
+def local_entry(code: bytes, address: int) -> int:
+    """Where local callers enter the function at address: after its global entry
+    code (the two instructions that compute r2), if it has any. A breakpoint on
+    a function must go there to see calls from its own object."""
+    return address + 8 if toc_from_global_entry(code, address) is not None else address
+
+
 @dataclass
 class ObjectInfo:
     """vmlinux or one module: where its text is and which TOC its code runs with."""

@@ -76,6 +76,7 @@ class Kernel:
         self._view: KernelView | None = None
         self.view_key: tuple = ()  # identifies the objects of the current view
         self._names: dict[int, str] = {}
+        self._replacements: dict[int, int] | None = None
         self._tasks: dict[int, tuple[int, str]] = {}
 
     def _thread_size(self) -> int:
@@ -117,6 +118,7 @@ class Kernel:
             self._signature = self._module_signature()
             self._modules = self._read_modules(self._signature)
             self._names.clear()
+            self._replacements = None  # a patch module came or went
             self.modules_stale = False
         return self._modules
 
@@ -216,6 +218,36 @@ class Kernel:
     def function_name(self, address: int) -> str:
         """Bare function name (no offset, no module), or the address."""
         return self._view_covering(address).function(address) or f"{address:#x}"
+
+    # ---- live patches (DWARF) ------------------------------------------------
+
+    def replacements(self) -> dict[int, int]:
+        """old function (B) -> new function (C) of every registered klp_func."""
+        if not self.has_dwarf:
+            return {}
+        if self._replacements is None:
+            self._replacements = self._read_replacements()
+        return self._replacements
+
+    def _read_replacements(self) -> dict[int, int]:
+        out = {}
+        for patch in self._list("&klp_patches", "struct klp_patch", "list"):
+            for obj in self._list(patch["obj_list"].address, "struct klp_object", "node"):
+                for func in self._list(obj["func_list"].address, "struct klp_func", "node"):
+                    out[int(func["old_func"])] = int(func["new_func"])
+        return out
+
+    def _list(self, head, type_name: str, member: str, limit: int = 10000):
+        """Entries of a kernel list_head list (container_of each node)."""
+        head = gdb.parse_and_eval(head) if isinstance(head, str) else head
+        ptr = gdb.lookup_type(type_name).pointer()
+        offset = int(gdb.parse_and_eval(f"(unsigned long)&(({type_name} *)0)->{member}"))
+        node = head["next"]
+        for _ in range(limit):
+            if int(node) == int(head):
+                return
+            yield gdb.Value(int(node) - offset).cast(ptr).dereference()
+            node = node["next"]
 
     def task_identity(self, task: int) -> tuple[int, str]:
         """(pid, comm) of a task_struct, read once per task; (-1, '?') without DWARF."""

@@ -1,65 +1,168 @@
-"""klp-watch: observe every live-patch redirection, per task, while the guest runs.
+"""klp-watch: check every live-patch redirection, per task, while the guest runs.
 
-A non-stopping breakpoint on livepatch_handler's entry (P1) sees each
-redirection once: LR holds the return address into the caller A, CTR the
-replacement C, r13 the PACA (and through it the running task). The stop
-handler reads registers directly and the 8 bytes around the call site in one
-packet; names are resolved once per address.
+One non-stopping breakpoint at P3, where C returns into livepatch_handler
+(the instruction after its bctrl), sees each redirection exactly once with
+everything it did still in place; gdbklp.abi.invariants says what is checked
+there and why one stop is enough. A stop reads registers directly and three
+small memory blocks (the task pointer, livepatch_sp, the livepatch stack,
+A's frame header); code-derived facts are read once and kept.
+
+Two more breakpoints, on die() and panic(), are never hit while all is well;
+when the guest goes down they record what it did.
 """
 
 import argparse
+import struct
 
 import gdb
 
-from gdbklp.abi import callsite
+from gdbklp.abi.invariants import ReturnSample, StaticKnowledge, Violation, check_return
+from gdbklp.abi.kernel import local_entry
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.report import Redirection, WatchReport
 
+KLP_UNPATCHED = 0
 
-class HandlerProbe(gdb.Breakpoint):
-    """Breakpoint at the trampoline entry; never leaves the guest stopped unless asked."""
 
-    def __init__(self, watch: "Watch", address: int):
-        super().__init__(f"*{address:#x}", internal=True)
+class Probe(gdb.Breakpoint):
+    """A breakpoint whose handler never lets an exception reach gdb."""
+
+    def __init__(self, spec: str, handler):
+        super().__init__(spec, internal=True)
         self.silent = True
-        self.watch = watch
+        self.handler = handler
 
     def stop(self) -> bool:
         try:
-            return self.watch.on_handler_entry()
+            return self.handler()
         except Exception as e:  # a probe must never break the guest's run
-            self.watch.record_error(f"{type(e).__name__}: {e}")
+            _watch and _watch.record_error(f"{type(e).__name__}: {e}")
             return False
 
 
 class Watch:
     def __init__(self, kernel: target.Kernel, max_events: int | None, report_path: str | None,
-                 quiet: bool):
+                 quiet: bool, fail_fast: bool):
         self.kernel = kernel
-        self.layout = kernel.livepatch_layout()
+        self.view = kernel.view()
+        self.layout = self.view.livepatch
+        self.statics = StaticKnowledge(self.view, target.read_memory)
         self.max_events = max_events
         self.report_path = report_path
         self.quiet = quiet
-        self.report = WatchReport(vmlinux=kernel.vmlinux)
-        self.probe = HandlerProbe(self, self.layout.address)
+        self.fail_fast = fail_fast
+        self.report = WatchReport(vmlinux=kernel.vmlinux,
+                                  probe=f"livepatch_handler return point (P3) at {self.layout.return_point:#x}")
+        self.consistency = self._consistency_offsets()
+        if self.consistency is None:
+            self.report.notes.append("consistency model (invariant 12) not checked: the vmlinux has no "
+                                     "DWARF for task_struct.patch_state")
+        self.probes = [Probe(f"*{self.layout.return_point:#x}", self.on_return)]
+        for name in ("die", "panic"):
+            address = kernel.symbols.address(name)
+            if address is not None:
+                address = local_entry(target.read_memory(address - 8, 16), address)
+                self.probes.append(Probe(f"*{address:#x}", lambda name=name: self.on_guest_down(name)))
 
-    def on_handler_entry(self) -> bool:
-        k = self.kernel
-        ra = target.register("lr")
-        replacement = target.register("ctr")
-        task = target.read_u64(target.register("r13") + self.layout.paca_thread_info)
-        pid, comm = k.task_identity(task)
-        site = callsite.classify_bytes(target.read_memory(ra - 4, 8))
+    def _consistency_offsets(self) -> tuple[int, int] | None:
+        """(address of klp_transition_patch, offset of task_struct.patch_state), with DWARF."""
+        if not self.kernel.has_dwarf:
+            return None
+        try:
+            return (int(gdb.parse_and_eval("(unsigned long)&klp_transition_patch")),
+                    int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->patch_state")))
+        except gdb.error:
+            return None
+
+    # ---- the probe at P3 ---------------------------------------------------
+
+    def sample(self) -> ReturnSample:
+        sp, toc, r13 = (target.register(r) for r in ("r1", "r2", "r13"))
+        task = target.read_u64(r13 + self.layout.paca_thread_info)
+        livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
+        base = sp & ~(self.view.thread_size - 1)
+        top = livepatch_sp + self.layout.entry_size
+        length = top - base if base < top <= base + self.view.thread_size else 8
+        return ReturnSample(task, target.current_cpu(), sp, toc, livepatch_sp, base,
+                            target.read_memory(base, length), target.read_memory(sp, 32))
+
+    def on_return(self) -> bool:
+        s = self.sample()
+        check = check_return(s, self.statics)
+        pid, comm = self.kernel.task_identity(s.task)
+        patched = check.patched
+        replacement = self.replacement_of(patched)
+        violations = check.violations + self.consistency_violations(s.task, replacement)
+        seq = self.report.redirections
+        names = dict(call_site=check.call_site.value, caller=check.caller,
+                     patched=self.kernel.describe(patched) if patched else "?",
+                     replacement=self.kernel.describe(replacement) if replacement else "?")
+        for v in violations:
+            v.seq, v.task, v.pid, v.comm, v.cpu = seq, s.task, pid, comm, s.cpu
+            for key, value in names.items():
+                setattr(v, key, value)
+        entry = check.entry
         self.report.add(Redirection(
-            seq=self.report.redirections, task=task, pid=pid, comm=comm,
-            cpu=target.current_cpu(), return_address=ra, caller=k.describe(ra),
-            call_site=site.value, replacement=replacement,
-            replacement_name=k.function_name(replacement),
-            toc=target.register("r2"), sp=target.register("r1")))
+            seq=seq, task=s.task, pid=pid, comm=comm, cpu=s.cpu,
+            return_address=entry.ra if entry else 0, toc=entry.toc if entry else 0, sp=s.sp,
+            depth=check.depth, violations=tuple(v.invariant for v in violations), **names),
+            violations, checked=entry is not None)
+        for v in violations:
+            gdb.write((f"klp-watch: invariant {v.invariant} violated: {v.title} (redirection #{seq})"
+                       if self.quiet else v.format_text()) + "\n")
+        if violations and self.fail_fast:
+            self.finish(f"--fail-fast: invariant {violations[0].invariant} violated")
+            return True
         if self.max_events and self.report.redirections >= self.max_events:
             self.finish(f"--max-events {self.max_events} reached")
             return True
+        return False
+
+    def replacement_of(self, patched: int | None) -> int | None:
+        if patched is None:
+            return None
+        replacements = self.kernel.replacements()
+        if patched not in replacements:
+            self.kernel.modules(refresh=True)  # a patch may have been loaded since
+            replacements = self.kernel.replacements()
+        return replacements.get(patched)
+
+    def consistency_violations(self, task: int, replacement: int | None) -> list[Violation]:
+        """Invariant 12: during a transition an unpatched task must not reach the new code."""
+        if self.consistency is None:
+            return []
+        transition_ptr, state_offset = self.consistency
+        if target.read_u64(transition_ptr) == 0:
+            return []
+        state = struct.unpack("<i", target.read_memory(task + state_offset, 4))[0]
+        if state != KLP_UNPATCHED:
+            return []
+        return [Violation(12, "an unpatched task was redirected to the new function during a transition",
+                          "the old function (task patch_state KLP_UNPATCHED)",
+                          f"redirected to {self.kernel.describe(replacement) if replacement else 'a replacement'}")]
+
+    # ---- the guest going down ----------------------------------------------
+
+    def on_guest_down(self, name: str) -> bool:
+        pc_of = {"die": "r4", "panic": None}
+        what = name
+        try:
+            message = gdb.Value(target.register("r3")).cast(gdb.lookup_type("char").pointer()).string()
+            what = f"{name}(\"{message.strip()[:120]}\")"
+            if pc_of[name]:
+                nip = target.read_u64(target.register(pc_of[name]) + 256)  # regs->nip
+                what += f" at {self.kernel.describe(nip)}"
+        except (gdb.error, gdb.MemoryError):
+            pass
+        task = target.read_u64(target.register("r13") + self.layout.paca_thread_info)
+        pid, comm = self.kernel.task_identity(task)
+        event = f"{what} in task {task:#x} (pid {pid} {comm}) on CPU {target.current_cpu()}, " \
+                f"after {self.report.redirections} redirections"
+        self.report.guest_events.append(event)
+        gdb.write(f"klp-watch: the guest is going down: {event}\n")
+        if self.report_path:
+            self.report.write_json(self.report_path)
         return False
 
     def record_error(self, message: str) -> None:
@@ -69,11 +172,12 @@ class Watch:
                 gdb.write(f"klp-watch: probe error: {message}\n")
 
     def finish(self, reason: str) -> None:
-        """Remove the probe and write the report (idempotent)."""
+        """Remove the probes and write the report (idempotent)."""
         self.report.finish(reason)
-        if self.probe is not None and self.probe.is_valid():
-            self.probe.delete()
-        self.probe = None
+        for probe in self.probes:
+            if probe.is_valid():
+                probe.delete()
+        self.probes = []
         if self.report_path:
             self.report.write_json(self.report_path)
 
@@ -90,8 +194,9 @@ def _on_exit(event) -> None:
     if _watch is not None and _watch.report.ended is None:
         code = getattr(event, "exit_code", None)
         _watch.finish("the target went away" + (f" (exit code {code})" if code is not None else ""))
+        where = f" (report in {_watch.report_path})" if _watch.report_path else ""
         gdb.write(f"klp-watch: {_watch.report.end_reason}; {_watch.report.redirections} "
-                  f"redirections seen{' (report in ' + _watch.report_path + ')' if _watch.report_path else ''}\n")
+                  f"redirections, {len(_watch.report.violations)} violations{where}\n")
 
 
 def _on_gdb_exiting(event) -> None:
@@ -105,7 +210,7 @@ if hasattr(gdb.events, "gdb_exiting"):
 
 
 class KlpWatch(Command):
-    """Watch live-patch redirections per task: start | stop | status | report."""
+    """Watch live-patch redirections per task: start | stop | status | report | finish."""
 
     name = "klp-watch"
 
@@ -114,13 +219,19 @@ class KlpWatch(Command):
         start = sub.add_parser("start", help="insert the probes; the guest keeps running")
         start.add_argument("--max-events", type=int, metavar="N",
                            help="stop the guest after N redirections")
+        start.add_argument("--fail-fast", action="store_true", help="stop the guest at the first violation")
         start.add_argument("--report", metavar="FILE",
                            help="write the JSON report here when the watch ends, however it ends")
-        start.add_argument("--quiet", action="store_true", help="print nothing while watching")
+        start.add_argument("--quiet", action="store_true",
+                           help="one line per violation instead of a block; no other output")
         sub.add_parser("stop", help="remove the probes, keep the report")
-        sub.add_parser("status", help="one line: running or not, redirections so far")
-        report = sub.add_parser("report", help="print the report, or write it as JSON")
-        report.add_argument("--json", metavar="FILE", help="write the report as JSON")
+        sub.add_parser("status", help="one line: running or not, redirections and violations so far")
+        for name, text in (("report", "print the report, or write it as JSON and/or JUnit XML"),
+                           ("finish", "end the watch, write the reports, and quit gdb with status "
+                                      "0 (clean), 1 (violations or the guest went down) or 2 (nothing seen)")):
+            p = sub.add_parser(name, help=text)
+            p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+            p.add_argument("--junit", metavar="FILE", help="write the report as JUnit XML")
 
     def run(self, args: argparse.Namespace) -> None:
         global _watch
@@ -130,28 +241,36 @@ class KlpWatch(Command):
             kernel = target.kernel()
             kernel.require_livepatch()
             target.require_target()
-            _watch = Watch(kernel, args.max_events, args.report, args.quiet)
+            _watch = Watch(kernel, args.max_events, args.report, args.quiet, args.fail_fast)
             if not args.quiet:
-                lay = _watch.layout
-                gdb.write(f"klp-watch: probing livepatch_handler at {lay.address:#x} "
-                          f"(thread_info at PACA+{lay.paca_thread_info}, livepatch_sp at "
-                          f"thread_info+{lay.ti_livepatch_sp}); continue the guest to watch\n")
+                gdb.write(f"klp-watch: probing the {_watch.report.probe}; "
+                          f"{len(_watch.probes) - 1} probes on the guest going down; "
+                          "continue the guest to watch\n")
             return
         if _watch is None:
             raise GdbklpError("no watch: use 'klp-watch start'")
+        report = _watch.report
         if args.action == "stop":
             _watch.finish("stopped by klp-watch stop")
-            gdb.write(f"klp-watch: stopped after {_watch.report.redirections} redirections\n")
+            gdb.write(f"klp-watch: stopped after {report.redirections} redirections, "
+                      f"{len(report.violations)} violations\n")
         elif args.action == "status":
-            state = "ended: " + _watch.report.end_reason if _watch.report.ended else "running"
-            gdb.write(f"klp-watch: {state}; {_watch.report.redirections} redirections, "
-                      f"{len(_watch.report.tasks)} tasks\n")
-        elif args.action == "report":
+            state = "ended: " + report.end_reason if report.ended else "running"
+            gdb.write(f"klp-watch: {state}; {report.redirections} redirections, "
+                      f"{len(report.violations)} violations, {len(report.tasks)} tasks\n")
+        else:
+            if args.action == "finish":
+                _watch.finish("klp-watch finish")
             if args.json:
-                _watch.report.write_json(args.json)
-                gdb.write(f"klp-watch: report written to {args.json}\n")
-            else:
-                gdb.write(_watch.report.format_text() + "\n")
+                report.write_json(args.json)
+            if args.junit:
+                report.write_junit(args.junit)
+            if args.action == "report" and not (args.json or args.junit):
+                gdb.write(report.format_text() + "\n")
+            if args.action == "finish":
+                gdb.write(report.format_text() + "\n")
+                status = 1 if report.violations or report.guest_events else 0 if report.redirections else 2
+                gdb.execute(f"quit {status}")
 
 
 KlpWatch()

@@ -63,11 +63,12 @@ def cmd_demo(args) -> int:
     print()
     print(report.format_text())
     print()
-    rows = workload.compare(report.by_replacement, counts)
+    rows = workload.compare(report.by_caller, counts)
     print(workload.format_comparison(rows))
-    ok = all(r.agrees for r in rows) and not report.errors
+    ok = all(r.agrees for r in rows) and not report.errors and not report.violations
     rate = report.redirections / elapsed if elapsed else 0
     print(f"\n{report.redirections} redirections watched in {elapsed:.1f} s ({rate:.0f}/s); "
+          f"{len(report.violations)} violations; "
           f"{'every kind agrees with the guest' if ok else 'MISMATCH between gdb and the guest'}")
     if args.json:
         report.write_json(args.json)

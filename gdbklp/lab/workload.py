@@ -58,9 +58,13 @@ class KindComparison:
         return self.seen_by_gdb == self.guest_new and self.guest_bad == 0
 
 
-def compare(by_replacement: dict[str, int], counts: dict[str, KindCounts]) -> list[KindComparison]:
-    """Per kind: redirections gdb saw into its C against the guest's NEW results."""
-    return [KindComparison(kind, by_replacement.get(replacement_of(kind), 0),
+def compare(by_caller: dict[str, int], counts: dict[str, KindCounts]) -> list[KindComparison]:
+    """Per kind: redirections gdb saw from its caller A against the guest's NEW results.
+
+    Each kind has its own A, so the caller identifies the kind for every call
+    site (an indirect call does not tell B or C at the return).
+    """
+    return [KindComparison(kind, by_caller.get(caller_of(kind), 0),
                            counts[kind].new, counts[kind].calls, counts[kind].bad)
             for kind in KINDS if kind in counts]
 

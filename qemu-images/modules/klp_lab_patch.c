@@ -48,7 +48,7 @@ static noinline void commit_fault(unsigned long flags)
 	unsigned long *c_sp = *(unsigned long **)__builtin_frame_address(0);
 	unsigned long *a_sp = (unsigned long *)c_sp[0];
 	struct thread_info *ti = current_thread_info();
-	unsigned long *entry = (unsigned long *)(ti->livepatch_sp - 24);
+	unsigned long *entry = ti->livepatch_sp - 3;	/* [TOC, RA, magic] */
 	unsigned long toc;
 
 	asm volatile("mr %0, 2" : "=r"(toc));
@@ -65,7 +65,7 @@ static noinline void commit_fault(unsigned long flags)
 		a_sp[2] = (unsigned long)klp_lab_bad_r1_return;
 	}
 	if (flags & KLP_LAB_FAULT_UNBALANCED)
-		ti->livepatch_sp += 24;
+		ti->livepatch_sp += 3;		/* one more entry: 24 bytes */
 }
 
 static noinline void new_body(unsigned long flags)

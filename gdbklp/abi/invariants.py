@@ -1,0 +1,269 @@
+"""The merged design's redirection invariants, checked at one stop per redirection.
+
+klp-watch stops once per redirection, at P3: where C returns into
+livepatch_handler (the instruction after its bctrl), before the handler
+checks the magic, restores LR and r2 and pops. Everything the redirection
+did is visible there, and nothing has yet gone wrong in A:
+
+- the entry it pushed ([TOC, RA, magic] at livepatch_sp-24) is still there;
+- r1 must be A's stack pointer again, and A's frame header is at r1;
+- the values A will resume with are the ones the handler is about to load.
+
+Instead of a second stop at P1 to compare before and after, each value is
+cross-checked against what the code says it must be (static knowledge): the
+instruction before RA (a call, and which class), the TOC of the object RA is
+in, A's frame size from its prologue (so r1's back chain must lie exactly
+that far above r1), and the module stub a global call went through (so the
+saved TOC must be B's). Invariant numbers are those of
+shared/design/redirection-invariants.md.
+"""
+
+import struct
+from dataclasses import dataclass, field
+
+from gdbklp.abi import ppc
+from gdbklp.abi.callsite import CallSite
+from gdbklp.abi.kernel import KernelView
+
+FRAME_HEADER = 32
+
+
+@dataclass(frozen=True)
+class ReturnSample:
+    """What one stop at P3 reads: registers, then three small memory blocks."""
+
+    task: int
+    cpu: int
+    sp: int                # r1
+    toc: int               # r2 (C's, about to be replaced by the saved one)
+    livepatch_sp: int
+    stack_base: int
+    livepatch_block: bytes  # memory [stack_base, livepatch_sp + 24): the whole livepatch stack
+    frame_header: bytes     # memory [sp, sp + 32): the header of (what must be) A's frame
+
+
+@dataclass(frozen=True)
+class Entry:
+    address: int
+    toc: int
+    ra: int
+    magic: int
+
+
+@dataclass
+class Violation:
+    invariant: int
+    title: str
+    expected: str
+    found: str
+    seq: int = -1
+    task: int = 0
+    pid: int = -1
+    comm: str = "?"
+    cpu: int = -1
+    call_site: str = "?"
+    caller: str = "?"
+    patched: str = "?"
+    replacement: str = "?"
+
+    def format_text(self) -> str:
+        return "\n".join([
+            f"VIOLATION of invariant {self.invariant}: {self.title}",
+            f"  redirection #{self.seq}: task {self.task:#x} (pid {self.pid} {self.comm}) on CPU {self.cpu}",
+            f"  call site {self.call_site} in {self.caller}; patched {self.patched} -> replacement {self.replacement}",
+            f"  expected: {self.expected}",
+            f"  found:    {self.found}",
+        ])
+
+
+@dataclass
+class ReturnCheck:
+    """The outcome for one redirection: the entry it used and what is wrong."""
+
+    entry: Entry | None
+    call_site: CallSite
+    caller: str
+    patched: int | None
+    violations: list[Violation] = field(default_factory=list)
+    depth: int = 0
+
+
+def frame_size_from_prologue(code: bytes) -> int | None:
+    """Size of the frame a function's prologue allocates (stdu r1,-N(r1)), or None."""
+    for word in ppc.words(code):
+        if word & 0xFFFF0003 == 0xF8210001:  # stdu r1,d(r1)
+            disp = word & 0xFFFC
+            return 0x10000 - disp if disp & 0x8000 else None
+        if word == ppc.BLR:
+            return None
+    return None
+
+
+def module_stub_target(code: bytes) -> int | None:
+    """Where an ELFv2 module-loader stub branches (its funcdata at +32), or None.
+
+    Linux 6.1 ppc64_stub_entry: addis r11,r2,HI; addi r11,r11,LO; std r2,24(r1);
+    ld r12,32(r11); mtctr r12; bctr; then the magic and the target address.
+    """
+    if len(code) < 40:
+        return None
+    w = ppc.words(code[:24])
+    if (w[0] & 0xFFFF0000 == 0x3D620000 and w[1] & 0xFFFF0000 == 0x396B0000
+            and w[2] == 0xF8410018 and w[3] == 0xE98B0020 and w[4] == 0x7D8903A6
+            and w[5] == 0x4E800420):
+        return struct.unpack_from("<Q", code, 32)[0]
+    return None
+
+
+class StaticKnowledge:
+    """Facts read from the kernel's code once and kept: frame sizes, stub targets."""
+
+    PROLOGUE_BYTES = 64
+
+    def __init__(self, view: KernelView, read):
+        self.view = view
+        self.read = read
+        self._frame_sizes: dict[int, int | None] = {}
+        self._callees: dict[int, int | None] = {}
+
+    def frame_size(self, address: int) -> int | None:
+        """Frame size of the function containing address."""
+        obj = self.view.object_at(address)
+        found = obj.symbols.lookup(address) if obj else None
+        if not found:
+            return None
+        start = found[0].address
+        if start not in self._frame_sizes:
+            try:
+                self._frame_sizes[start] = frame_size_from_prologue(self.read(start, self.PROLOGUE_BYTES))
+            except Exception:
+                return None
+        return self._frame_sizes[start]
+
+    def callee(self, ra: int, site: CallSite) -> int | None:
+        """B: the function the call before ra branches to (through a module stub if any)."""
+        if site not in (CallSite.LOCAL, CallSite.LOCAL_OTHER, CallSite.GLOBAL):
+            return None
+        if ra not in self._callees:
+            target = None
+            try:
+                call = ppc.words(self.read(ra - 4, 4))[0]
+                target = ppc.branch_target(call, ra - 4)
+                if site is CallSite.GLOBAL:
+                    target = module_stub_target(self.read(target, 40))
+            except Exception:
+                target = None
+            # a local call enters at B's local entry point: name B by its start
+            obj = self.view.object_at(target) if target is not None else None
+            found = obj.symbols.lookup(target) if obj else None
+            self._callees[ra] = found[0].address if found else target
+        return self._callees[ra]
+
+
+def _entry(block: bytes, base: int, address: int) -> Entry | None:
+    off = address - base
+    if off < 8 or off + 24 > len(block):
+        return None
+    toc, ra, magic = struct.unpack_from("<QQQ", block, off)
+    return Entry(address, toc, ra, magic)
+
+
+def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
+    """All checks for one redirection at P3; never raises."""
+    view = statics.view
+    layout = view.livepatch
+    first = s.stack_base + 8
+    out: list[Violation] = []
+
+    def violation(inv, title, expected, found):
+        out.append(Violation(inv, title, expected, found))
+
+    def frame_ok(ra: int) -> bool | None:
+        """Does r1 look like the stack pointer of the function containing ra?"""
+        size = statics.frame_size(ra)
+        if size is None:
+            return None
+        return struct.unpack_from("<Q", s.frame_header, 0)[0] == s.sp + size
+
+    def matches(e: Entry | None) -> bool:
+        return (e is not None and e.magic == layout.magic and view.call_site(statics.read, e.ra).is_call
+                and frame_ok(e.ra) is not False)
+
+    # invariant 10: where livepatch_sp may be
+    L = s.livepatch_sp
+    if (L - first) % layout.entry_size or not first + layout.entry_size <= L <= s.sp:
+        violation(10, "livepatch_sp out of place at a return from C",
+                  f"base+8 + 24*k with k >= 1, below r1 {s.sp:#x} (base {s.stack_base:#x})",
+                  f"livepatch_sp {L:#x} = base+{L - s.stack_base}")
+    end_magic = struct.unpack_from("<Q", s.livepatch_block, 0)[0] if len(s.livepatch_block) >= 8 else None
+    if end_magic is not None and end_magic & 0xFFFFFFFF != ppc.STACK_END_MAGIC:
+        violation(10, "stack-end magic overwritten", f"{ppc.STACK_END_MAGIC:#x} at {s.stack_base:#x}",
+                  f"{end_magic:#x}")
+
+    top = _entry(s.livepatch_block, s.stack_base, L - layout.entry_size)
+    entry = top
+    if not matches(top):
+        below = _entry(s.livepatch_block, s.stack_base, L - 2 * layout.entry_size)
+        above = _entry(s.livepatch_block, s.stack_base, L)
+        if matches(below):
+            violation(10, "livepatch_sp unbalanced: 24 bytes above the returning redirection's entry",
+                      f"livepatch_sp {below.address + layout.entry_size:#x} (entry at {below.address:#x}, RA "
+                      f"{view.describe(below.ra)})",
+                      f"livepatch_sp {L:#x}: the handler will check and pop {top and top.address or 0:#x} "
+                      f"(magic {top and top.magic or 0:#x})")
+            entry = below
+        elif matches(above):
+            violation(10, "livepatch_sp unbalanced: below the returning redirection's entry (popped early)",
+                      f"livepatch_sp {above.address + layout.entry_size:#x} (entry at {above.address:#x}, RA "
+                      f"{view.describe(above.ra)})",
+                      f"livepatch_sp {L:#x}")
+            entry = above
+    if entry is None:
+        return ReturnCheck(None, CallSite.NOT_A_CALL, "?", None, out)
+
+    site = view.call_site(statics.read, entry.ra)
+    caller = view.describe(entry.ra)
+    patched = statics.callee(entry.ra, site)
+    # invariant 8: the magic the handler is about to check
+    if entry.magic != layout.magic:
+        violation(8, "livepatch stack magic overwritten while C ran (the handler's tdne will trap)",
+                  f"{layout.magic:#x} at {entry.address + layout.magic_slot + layout.entry_size:#x}",
+                  f"{entry.magic:#x}")
+    # invariants 7 and 9: the return address the handler will branch to
+    if not site.is_call:
+        violation(9, "saved return address does not follow a call: A would resume elsewhere",
+                  "an address right after a bl or bctrl",
+                  f"{entry.ra:#x} ({caller}), preceded by no call instruction")
+    # invariant 9: r1 must be A's stack pointer
+    elif frame_ok(entry.ra) is False:
+        size = statics.frame_size(entry.ra)
+        back = struct.unpack_from("<Q", s.frame_header, 0)[0]
+        violation(9, "r1 at the return from C is not A's stack pointer",
+                  f"A ({caller}) has a {size}-byte frame: the back chain at r1 must be r1+{size} = "
+                  f"{s.sp + size:#x}", f"r1 {s.sp:#x}, back chain there {back:#x}")
+    # invariants 7 and 9: the TOC A resumes with
+    caller_obj = view.object_at(entry.ra)
+    if site in (CallSite.LOCAL, CallSite.LOCAL_OTHER) and caller_obj and caller_obj.toc is not None:
+        if entry.toc != caller_obj.toc:
+            violation(9, "A would resume with a TOC that is not its own (local call: A does not reload r2)",
+                      f"{caller_obj.name}'s TOC {caller_obj.toc:#x}",
+                      f"saved TOC {entry.toc:#x} ({view.toc_owner(entry.toc) or 'no object'})")
+    elif site is CallSite.GLOBAL and patched is not None:
+        callee_obj = view.object_at(patched)
+        if callee_obj and callee_obj.toc is not None and entry.toc != callee_obj.toc:
+            violation(7, "saved TOC is not the one B's global entry computed",
+                      f"{callee_obj.name}'s TOC {callee_obj.toc:#x}",
+                      f"{entry.toc:#x} ({view.toc_owner(entry.toc) or 'no object'})")
+    elif site is CallSite.INDIRECT and view.toc_owner(entry.toc) is None:
+        violation(7, "saved TOC is no loaded object's TOC", "the TOC of vmlinux or a module",
+                  f"{entry.toc:#x}")
+    # invariant 3: a caller that reloads r2 from 24(r1) must find its own TOC there
+    if site.restores_toc and caller_obj and caller_obj.toc is not None:
+        slot = struct.unpack_from("<Q", s.frame_header, 24)[0]
+        if slot != caller_obj.toc:
+            violation(3, "A's TOC save slot 24(r1) was overwritten while C ran: "
+                         "A's ld r2,24(r1) will load a wrong TOC",
+                      f"{caller_obj.name}'s TOC {caller_obj.toc:#x} at {s.sp + 24:#x}",
+                      f"{slot:#x} ({view.toc_owner(slot) or 'no object'})")
+    depth = (entry.address - first) // layout.entry_size + 1
+    return ReturnCheck(entry, site, caller, patched, out, depth)
