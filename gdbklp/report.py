@@ -114,7 +114,7 @@ class WatchReport:
             "by_replacement": dict(self.by_replacement),
             "tasks": {f"{k:#x}": asdict(v) for k, v in self.tasks.items()},
             "violations": [asdict(v) for v in self.violations],
-            "events": [asdict(e) for e in self.events],
+            "events": [{**asdict(e), "violations": list(e.violations)} for e in self.events],
             "guest_events": self.guest_events, "notes": self.notes, "errors": self.errors,
             "keep_events": self.keep_events,
         }

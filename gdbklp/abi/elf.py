@@ -95,6 +95,23 @@ def parse_symbols(symtab: bytes, strtab: bytes) -> list[Symbol]:
     return out
 
 
+def read_loaded_bytes(path: Path, address: int, length: int) -> bytes:
+    """Bytes a PT_LOAD segment of an ELF file puts at a virtual address
+    (what the kernel's text holds before anything patches it)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        phoff = struct.unpack_from("<Q", head, 32)[0]
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(phnum):
+            p_type, _flags, offset, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+            if p_type == 1 and vaddr <= address and address + length <= vaddr + filesz:
+                f.seek(offset + address - vaddr)
+                return f.read(length)
+    raise ElfError(f"{address:#x} is in no loaded segment of {path}")
+
+
 def read_elf_symbols(path: Path) -> SymbolTable:
     """The .symtab of a ppc64le ELF file; ElfError if it is not one or has none."""
     path = Path(path)

@@ -99,7 +99,9 @@ class Kernel:
     def livepatch_layout(self) -> LivepatchHandlerLayout:
         if self._layout is None:
             address = self.require_livepatch()
-            self._layout = decode_livepatch_handler(read_memory(address, HANDLER_BYTES), address)
+            # from the file: the handler is never patched, and the guest may not run yet
+            self._layout = decode_livepatch_handler(
+                elf.read_loaded_bytes(self.vmlinux, address, HANDLER_BYTES), address)
         return self._layout
 
     # ---- modules (need DWARF for struct module) ---------------------------
@@ -115,8 +117,13 @@ class Kernel:
                 return self._modules
             refresh = True
         if self._modules is None or refresh:
-            self._signature = self._module_signature()
-            self._modules = self._read_modules(self._signature)
+            try:
+                self._signature = self._module_signature()
+                self._modules = self._read_modules(self._signature)
+            except (gdb.MemoryError, OverflowError):  # not booted yet: look again later
+                self._signature, self._modules = [], []
+                self.modules_stale = True
+                return self._modules
             self._names.clear()
             self._replacements = None  # a patch module came or went
             self.modules_stale = False
@@ -136,7 +143,7 @@ class Kernel:
         out = []
         node = read_u64(head)
         for _ in range(4096):  # a corrupt list must not loop forever
-            if node == head:
+            if node == head or node < list_off:
                 break
             block = read_memory(node - list_off, name_off + 56)
             out.append((node - list_off, block[name_off:].split(b"\0")[0]))

@@ -17,6 +17,7 @@ import struct
 import gdb
 
 from gdbklp.abi.invariants import ReturnSample, StaticKnowledge, Violation, check_return
+from gdbklp.abi import elf
 from gdbklp.abi.kernel import local_entry
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command, GdbklpError
@@ -45,9 +46,9 @@ class Watch:
     def __init__(self, kernel: target.Kernel, max_events: int | None, report_path: str | None,
                  quiet: bool, fail_fast: bool):
         self.kernel = kernel
-        self.view = kernel.view()
-        self.layout = self.view.livepatch
-        self.statics = StaticKnowledge(self.view, target.read_memory)
+        self.layout = kernel.livepatch_layout()
+        self.thread_size = kernel.thread_size
+        self.statics = StaticKnowledge(kernel.view(), target.read_memory)
         self.max_events = max_events
         self.report_path = report_path
         self.quiet = quiet
@@ -62,7 +63,7 @@ class Watch:
         for name in ("die", "panic"):
             address = kernel.symbols.address(name)
             if address is not None:
-                address = local_entry(target.read_memory(address - 8, 16), address)
+                address = local_entry(elf.read_loaded_bytes(kernel.vmlinux, address - 8, 16), address)
                 self.probes.append(Probe(f"*{address:#x}", lambda name=name: self.on_guest_down(name)))
 
     def _consistency_offsets(self) -> tuple[int, int] | None:
@@ -81,15 +82,26 @@ class Watch:
         sp, toc, r13 = (target.register(r) for r in ("r1", "r2", "r13"))
         task = target.read_u64(r13 + self.layout.paca_thread_info)
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
-        base = sp & ~(self.view.thread_size - 1)
+        base = sp & ~(self.thread_size - 1)
         top = livepatch_sp + self.layout.entry_size
-        length = top - base if base < top <= base + self.view.thread_size else 8
+        length = top - base if base < top <= base + self.thread_size else 8
         return ReturnSample(task, target.current_cpu(), sp, toc, livepatch_sp, base,
                             target.read_memory(base, length), target.read_memory(sp, 32))
 
+    def checked(self, s: ReturnSample):
+        """check_return with a view that knows the caller's module (loaded after start?)."""
+        for refresh in (False, True):
+            view = self.kernel.view(refresh_modules=refresh)
+            if view is not self.statics.view:
+                self.statics = StaticKnowledge(view, target.read_memory)
+            check = check_return(s, self.statics)
+            if check.entry is None or view.object_at(check.entry.ra) is not None:
+                break
+        return check
+
     def on_return(self) -> bool:
         s = self.sample()
-        check = check_return(s, self.statics)
+        check = self.checked(s)
         pid, comm = self.kernel.task_identity(s.task)
         patched = check.patched
         replacement = self.replacement_of(patched)
@@ -193,7 +205,8 @@ def _on_exit(event) -> None:
     """The guest died or the connection dropped: keep what was seen."""
     if _watch is not None and _watch.report.ended is None:
         code = getattr(event, "exit_code", None)
-        _watch.finish("the target went away" + (f" (exit code {code})" if code is not None else ""))
+        _watch.finish(f"the guest exited (status {code})" if code is not None
+                      else "the gdbstub connection dropped (the guest died or QEMU was killed)")
         where = f" (report in {_watch.report_path})" if _watch.report_path else ""
         gdb.write(f"klp-watch: {_watch.report.end_reason}; {_watch.report.redirections} "
                   f"redirections, {len(_watch.report.violations)} violations{where}\n")

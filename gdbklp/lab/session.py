@@ -1,7 +1,6 @@
 """Boot the lab and attach gdb: the building blocks of the demo and the tests."""
 
 import contextlib
-import json
 import tempfile
 from pathlib import Path
 
@@ -31,6 +30,46 @@ def attached(guest: Guest, vmlinux: Path):
         yield gdb
 
 
+class WatchedGuest:
+    """A booted guest with gdb attached (and the guest running between watches)."""
+
+    def __init__(self, guest: Guest, gdb: GdbSession):
+        self.guest = guest
+        self.gdb = gdb
+
+    def run(self, command: str, timeout: float = 600.0) -> tuple[int, str]:
+        """Run a shell command in the guest, unwatched."""
+        return self.guest.run(command, timeout)
+
+    def watch(self, command: str, timeout: float = 1800.0, options: str = "") -> WatchReport:
+        """Run a shell command in the guest under klp-watch; return the watch's report."""
+        if self.gdb.running:
+            self.gdb.interrupt()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "report.json"
+            self.gdb.console(f"klp-watch start --quiet --report {path} {options}")
+            self.gdb.cont()
+            try:
+                status, output = self.guest.run(command, timeout)
+            finally:
+                if self.gdb.running:
+                    self.gdb.interrupt()
+                self.gdb.console("klp-watch stop")
+            report = WatchReport.read_json(path)
+        report.notes.append(f"guest command exited {status}")
+        self.last_output = output
+        self.gdb.cont()
+        return report
+
+    @staticmethod
+    def assert_clean(report: WatchReport) -> None:
+        """No violation, no probe error, the guest did not go down, something was watched."""
+        problems = [v.format_text() for v in report.violations] + report.guest_events + report.errors
+        assert not problems, "\n".join(problems)
+        assert report.redirections > 0, "the watch saw no redirection"
+
+
+
 def watch_workload(guest: Guest, gdb: GdbSession, workload_args: str,
                    timeout: float = 1800.0) -> tuple[WatchReport, dict[str, workload.KindCounts]]:
     """Run klplab-run under klp-watch; return gdb's report and the guest's counts.
@@ -38,23 +77,8 @@ def watch_workload(guest: Guest, gdb: GdbSession, workload_args: str,
     The guest is left running or stopped as it was found.
     """
     was_running = gdb.running
-    if was_running:
+    watched = WatchedGuest(guest, gdb)
+    report = watched.watch(f"klplab-run -r {workload_args}", timeout)
+    if not was_running:
         gdb.interrupt()
-    gdb.console("klp-watch start --quiet")
-    gdb.cont()
-    try:
-        output = guest.check(f"klplab-run -r {workload_args}", timeout=timeout)
-    finally:
-        gdb.interrupt()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "report.json"
-        gdb.console("klp-watch stop")
-        gdb.console(f"klp-watch report --json {path}")
-        report = WatchReport.read_json(path)
-    if was_running:
-        gdb.cont()
-    return report, workload.parse_counts(output)
-
-
-def report_json(report: WatchReport) -> str:
-    return json.dumps(report.to_dict(), indent=1)
+    return report, workload.parse_counts(watched.last_output)

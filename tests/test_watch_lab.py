@@ -1,0 +1,127 @@
+"""klp-watch on the real lab: a clean workload, every injected fault, batch use."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import GDB, REPO
+from gdbklp.lab import workload
+from gdbklp.lab.qemu import Guest, kernel_cmdline
+from gdbklp.lab.session import WatchedGuest, attached, booted, watch_workload
+from gdbklp.report import WatchReport
+
+pytest_plugins = ["gdbklp.testing"]
+
+
+def assert_counts_agree(report, counts, minimum=0):
+    for row in workload.compare(report.by_caller, counts):
+        if row.guest_calls:
+            assert row.seen_by_gdb == row.guest_new >= minimum, row
+            assert row.guest_bad == 0, row
+
+
+def test_clean_workload_with_migration_and_patch_cycling(guest, gdb):
+    # 4 tasks, every kind 200 times, sleeping inside C (so they move between the 2 vCPUs)
+    report, counts = watch_workload(guest, gdb, "-t 4 -n 50 -f sleep")
+    WatchedGuest.assert_clean(report)
+    assert_counts_agree(report, counts, minimum=200)
+    assert len(report.tasks) == 4
+    assert any(len(t.cpus) == 2 for t in report.tasks.values()), "no task migrated"
+    assert {k: t.violations for k, t in report.by_call_site.items()} == {
+        "local": 0, "local_other": 0, "global": 0, "indirect": 0}
+    assert all(t.checked == t.seen for t in report.by_call_site.values())
+    # the patch disabled, unloaded and loaded again twice while tasks call through
+    # it, then more calls through the reloaded patch (the counters add up)
+    watched = WatchedGuest(guest, gdb)
+    report = watched.watch("klplab-run -r -t 4 -n 20 -b 2 -p 2 -f yield && klplab-run -t 2 -n 5")
+    counts = workload.parse_counts(watched.last_output)
+    WatchedGuest.assert_clean(report)
+    assert_counts_agree(report, counts)
+    assert sum(c.old for c in counts.values()) > 0
+
+
+# fault flag -> (call kind, the invariant it breaks, whether the guest goes down)
+FAULTS = {
+    "fault-magic": ("local", 8, True),
+    "fault-toc": ("local", 9, True),
+    "fault-ra": ("local", 9, False),
+    "fault-r1": ("local", 9, True),
+    "fault-toc-slot": ("global", 3, False),
+    "fault-unbalanced": ("local", 10, True),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault):
+    kind, invariant, goes_down = FAULTS[fault]
+    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch(f"klplab-run -t 1 -n 5 -k {kind} && klplab-run -t 1 -n 1 -k {kind} -f {fault}")
+    faulty = [e for e in report.events if e.violations]
+    assert len(faulty) == 1, report.format_text()
+    assert faulty[0].seq == 5  # the five clean redirections before it have none
+    assert [v.invariant for v in report.violations] == [invariant]
+    v = report.violations[0]
+    assert v.caller.startswith(workload.caller_of(kind) + "+")
+    # a corrupted return address no longer follows the call site it came from
+    assert v.call_site == ("not_a_call" if fault == "fault-ra" else workload.CALLER_CALL_SITE[kind])
+    assert v.pid > 0 and v.comm == "klplab-run" and v.expected and v.found
+    if goes_down:
+        assert report.guest_events and report.guest_events[0].startswith("die(")
+    else:
+        assert not report.guest_events
+
+
+def start_batch(lab, tmp_path, run_args: str):
+    guest = Guest(lab.vmlinux, lab.initramfs, stopped=True, workdir=tmp_path,
+                  append=kernel_cmdline(mode="run", run_args=run_args)).start()
+    proc = subprocess.Popen(
+        [GDB, "-nx", "-batch", "-x", str(REPO / "gdbinit.d" / "gdbklp.py"), "-ex", f"file {lab.vmlinux}",
+         "-ex", f"target remote 127.0.0.1:{guest.gdb_port}", "-x", str(REPO / "gdbinit.d" / "watch-batch.gdb")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "KLP_REPORT_DIR": str(tmp_path)})
+    return guest, proc
+
+
+@pytest.mark.parametrize("run_args, status", [("-t 2 -n 10", 0), ("-t 1 -n 1 -k global -f fault-toc-slot", 1)])
+def test_batch_script_exit_status_and_reports(lab, tmp_path, run_args, status):
+    guest, proc = start_batch(lab, tmp_path, run_args)
+    with guest:
+        output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == status, output
+    data = json.loads((tmp_path / "klp-watch.json").read_text())
+    assert WatchReport.from_dict(data).to_dict() == data  # the JSON report round-trips
+    report = WatchReport.from_dict(data)
+    assert report.redirections == (140 if status == 0 else 1)
+    assert report.end_reason == "the guest exited (status 0)"  # QEMU's report of the power-off
+    junit = (tmp_path / "klp-watch.xml").read_text()
+    assert junit.count("<failure") == len(report.violations) == (0 if status == 0 else 1)
+
+
+def test_connection_drop_mid_watch_keeps_the_report(lab, tmp_path):
+    guest, proc = start_batch(lab, tmp_path, "-t 2 -n 100000 -f yield")
+    with guest:
+        report_path = tmp_path / "klp-watch.json"
+        guest.wait_ready(120)
+        time.sleep(5)  # let it watch for a while
+        guest.proc.send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    reason = "the gdbstub connection dropped (the guest died or QEMU was killed)"
+    assert f"klp-watch: {reason}" in output
+    report = WatchReport.read_json(report_path)
+    assert report.redirections > 0 and report.end_reason == reason
+    assert proc.returncode == 0  # what it saw was clean
+
+
+def test_fixture_for_kernel_developers(klp_watch):
+    report = klp_watch.watch("klplab-run -t 2 -n 5 -k local,indirect")
+    klp_watch.assert_clean(report)
+    assert report.redirections == 20
+    status, _ = klp_watch.run("true")
+    assert status == 0
