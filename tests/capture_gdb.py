@@ -9,6 +9,7 @@ on real memory without gdb or QEMU.
 
 import argparse
 import base64
+import dataclasses
 import json
 import zlib
 from dataclasses import asdict
@@ -16,6 +17,7 @@ from dataclasses import asdict
 import gdb
 
 from gdbklp.abi.frames import Registers
+from gdbklp.abi.invariants import ReturnSample, StaticKnowledge, check_return
 from gdbklp.abi.taskstack import decode_task_stack
 from gdbklp.gdbext import frames as gframes
 from gdbklp.gdbext import target
@@ -23,18 +25,27 @@ from gdbklp.gdbext.commands import Command
 
 
 def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | None) -> dict:
-    view = kernel.view(refresh_modules=True)
+    # a fresh view: its code caches must not hide reads from the recording reader
+    view = dataclasses.replace(kernel.view(refresh_modules=True), _call_sites={})
     base = stack_base if stack_base is not None else regs.sp & ~(view.thread_size - 1)
     reads = {}
 
     def read(address: int, length: int) -> bytes:
         data = target.read_memory(address, length)
-        if not base <= address < base + view.thread_size:
-            reads[f"{address:#x}"] = data.hex()
+        key = f"{address:#x}"
+        if not base <= address < base + view.thread_size and len(data.hex()) > len(reads.get(key, "")):
+            reads[key] = data.hex()
         return data
 
     pid, comm = kernel.task_identity(task)
     stack = decode_task_stack(label, regs, task, read, view, pid, comm, base)
+    if stack.livepatch and stack.livepatch.entries:
+        # at C's entry the state is what P3 sees when C returns cleanly: record
+        # what the return checks read from code (prologues, module stubs) too
+        top = stack.livepatch.livepatch_sp + view.livepatch.entry_size
+        sample = ReturnSample(task, 0, regs.sp, regs.toc or 0, stack.livepatch.livepatch_sp, base,
+                              read(base, top - base), read(regs.sp, 32))
+        check_return(sample, StaticKnowledge(view, read))
     addresses = {f.pc for f in stack.walk.frames}
     if stack.livepatch:
         addresses |= {e.ra for e in stack.livepatch.entries}

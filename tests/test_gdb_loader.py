@@ -24,7 +24,7 @@ def test_bad_arguments_are_one_line():
     assert_no_traceback(proc)
     assert proc.stderr.strip().splitlines() == [
         "klp-watch: argument action: invalid choice: 'frobnicate' "
-        "(choose from 'start', 'stop', 'status', 'report')"]
+        "(choose from 'start', 'stop', 'status', 'report', 'finish')"]
 
 
 def test_status_without_a_watch():

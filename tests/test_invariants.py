@@ -1,0 +1,117 @@
+"""The one-stop return checks (gdbklp.abi.invariants) on real lab states.
+
+At the entry of C the livepatch stack, r1 and A's frame are exactly what P3
+sees when C returns cleanly, so the stack images captured there (see
+capture_gdb.py) replay the checks; each fault of the lab is then made by
+changing one value, as the fault flags of klp_lab_patch.ko do in the guest.
+"""
+
+import pytest
+
+from gdbklp.abi import ppc
+from gdbklp.abi.invariants import (ReturnSample, StaticKnowledge, check_return, frame_size_from_prologue,
+                                   module_stub_target)
+from gdbklp.lab.workload import CALLER_CALL_SITE, KINDS, caller_of
+from images import StackImage
+
+
+def check(image, sp=None, livepatch_sp=None):
+    L = image.u64(image.livepatch_sp_slot) if livepatch_sp is None else livepatch_sp
+    sp = image.regs.sp if sp is None else sp
+    top = L + 24
+    sample = ReturnSample(image.task, 0, sp, image.regs.toc, L, image.base,
+                          image.read(image.base, top - image.base), image.read(sp, 32))
+    return check_return(sample, StaticKnowledge(image.view, image.read))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clean_return_of_every_kind(kind):
+    result = check(StackImage(f"inside-c-{kind}"))
+    assert result.violations == []
+    assert result.caller.startswith(caller_of(kind) + "+")
+    assert result.call_site.value == CALLER_CALL_SITE[kind]
+    assert result.depth == 1
+    # B from the call instruction (through the module stub for a global call)
+    assert (result.patched is None) == (kind == "indirect")
+
+
+def invariants(result):
+    return [v.invariant for v in result.violations]
+
+
+def top_entry(image):
+    return image.u64(image.livepatch_sp_slot) - 24
+
+
+def test_magic_overwritten():
+    image = StackImage("inside-c-local")
+    image.put_u64(top_entry(image) + 16, 0xDEADBEEF)
+    result = check(image)
+    assert invariants(result) == [8]
+    assert result.violations[0].found == "0xdeadbeef"
+
+
+def test_saved_toc_not_the_callers():
+    image = StackImage("inside-c-local")
+    patch_toc = next(o.toc for o in image.view.objects if o.name == "klp_lab_patch")
+    image.put_u64(top_entry(image), patch_toc)
+    result = check(image)
+    assert invariants(result) == [9]
+    assert "(klp_lab_patch)" in result.violations[0].found
+
+
+def test_saved_return_address_past_the_call():
+    image = StackImage("inside-c-local")
+    image.put_u64(top_entry(image) + 8, image.u64(top_entry(image) + 8) + 4)
+    result = check(image)
+    assert invariants(result) == [9]
+    assert "does not follow a call" in result.violations[0].title
+
+
+def test_wrong_r1():
+    image = StackImage("inside-c-local")
+    result = check(image, sp=image.regs.sp + 16)
+    assert invariants(result) == [9]
+    assert result.violations[0].title == "r1 at the return from C is not A's stack pointer"
+
+
+@pytest.mark.parametrize("kind", ["global", "indirect"])
+def test_callers_toc_slot_clobbered(kind):
+    image = StackImage(f"inside-c-{kind}")
+    patch_toc = next(o.toc for o in image.view.objects if o.name == "klp_lab_patch")
+    image.put_u64(image.regs.sp + 24, patch_toc)
+    assert invariants(check(image)) == [3]
+
+
+def test_toc_slot_of_a_local_caller_is_not_checked():
+    image = StackImage("inside-c-local")  # a local caller never reloads r2 from 24(r1)
+    image.put_u64(image.regs.sp + 24, 0x1234)
+    assert invariants(check(image)) == []
+
+
+def test_livepatch_sp_pushed_without_pop():
+    image = StackImage("inside-c-local")
+    result = check(image, livepatch_sp=image.u64(image.livepatch_sp_slot) + 24)
+    assert invariants(result) == [10]
+    assert "24 bytes above" in result.violations[0].title
+    assert result.caller.startswith("klp_lab_a_local+")  # the real entry is found below
+
+
+def test_livepatch_sp_popped_early():
+    image = StackImage("inside-c-local")
+    result = check(image, livepatch_sp=image.u64(image.livepatch_sp_slot) - 24)
+    assert 10 in invariants(result)
+    assert any("popped early" in v.title for v in result.violations)
+
+
+def test_frame_size_from_prologue():
+    words = [0x7C0802A6, 0xF8010010, 0xF821FFE1, ppc.BLR]  # mflr r0; std r0,16(r1); stdu r1,-32(r1)
+    assert frame_size_from_prologue(b"".join(w.to_bytes(4, "little") for w in words)) == 32
+    assert frame_size_from_prologue(ppc.BLR.to_bytes(4, "little")) is None  # a leaf: no frame
+
+
+def test_module_stub_target_needs_the_exact_stub():
+    stub = [0x3D62FFFF, 0x396B7F18, 0xF8410018, 0xE98B0020, 0x7D8903A6, 0x4E800420, 0, 0]
+    code = b"".join(w.to_bytes(4, "little") for w in stub) + (0xC008000000077100).to_bytes(8, "little")
+    assert module_stub_target(code) == 0xC008000000077100
+    assert module_stub_target(code[:4] + b"\0\0\0\0" + code[8:]) is None
