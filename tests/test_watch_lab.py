@@ -125,3 +125,33 @@ def test_fixture_for_kernel_developers(klp_watch):
     assert report.redirections == 20
     status, _ = klp_watch.run("true")
     assert status == 0
+
+
+def test_transition_held_back_by_a_task_asleep_in_the_old_function(lab, tmp_path):
+    """Invariant 12: a task sleeping in B keeps the patch in transition; calls made
+    meanwhile follow each task's patch_state, and klp-transition names the holder."""
+    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        guest.check("echo 0 > /sys/kernel/livepatch/klp_lab_patch/enabled; "
+                    "while [ -d /sys/kernel/livepatch/klp_lab_patch ]; do sleep 0.1; done; "
+                    "rmmod klp_lab_patch; echo 8000 > /sys/module/klp_lab_target/parameters/hold_ms")
+        guest.check("(klplab-run -t 1 -n 1 -k local -f hold > /dev/null &); sleep 0.5; "
+                    "insmod /lib/modules/klp_lab_patch.ko")
+        assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "1"
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch("klplab-run -r -t 2 -n 5 -k local,global")
+        counts = workload.parse_counts(watched.last_output)
+        WatchedGuest.assert_clean(report)
+        assert_counts_agree(report, counts)
+        gdb.interrupt()
+        state = json.loads(gdb.console("klp-transition --json"))
+        assert state["in_transition"] and state["patch"] == "klp_lab_patch"
+        assert state["target_state"] == "KLP_PATCHED"
+        (holder,) = [t for t in state["pending"] if t["held_by"]]
+        assert holder["comm"] == "klplab-run" and holder["patch_state"] == "KLP_UNPATCHED"
+        assert holder["held_by"][0].startswith("klp_lab_b_local+")
+        assert state["switched_too_early"] == []
+        gdb.cont()
+        guest.check("while [ \"$(cat /sys/kernel/livepatch/klp_lab_patch/transition)\" = 1 ]; do sleep 0.2; done")
+        gdb.interrupt()
+        assert gdb.console("klp-transition").strip() == "klp-transition: no live-patch transition in progress"

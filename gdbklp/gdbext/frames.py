@@ -90,6 +90,16 @@ def select_kernel_vcpu() -> None:
                       "the gdbstub now; stop the guest in the kernel (a breakpoint) and retry")
 
 
+def all_tasks(kernel: target.Kernel) -> list[int]:
+    """Every task_struct (threads included), from init_task's lists (needs DWARF)."""
+    out = []
+    for proc in [gdb.parse_and_eval("init_task"), *kernel.kernel_list("&init_task.tasks", "struct task_struct", "tasks")]:
+        out.append(int(proc.address))
+        out += [int(t.address) for t in kernel.kernel_list(proc["thread_group"].address, "struct task_struct",
+                                                            "thread_group")]
+    return out
+
+
 def find_task(kernel: target.Kernel, spec: str) -> int:
     """task_struct address of a pid (or an address given as 0x...)."""
     if spec.startswith("0x"):
@@ -100,22 +110,9 @@ def find_task(kernel: target.Kernel, spec: str) -> int:
         pid = int(spec)
     except ValueError:
         raise GdbklpError(f"--task takes a pid or a task_struct address, not '{spec}'") from None
-    task_ptr = gdb.lookup_type("struct task_struct").pointer()
-    head = gdb.parse_and_eval("&init_task")
-    tasks_off = int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->tasks"))
-    group_off = int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->thread_group"))
-    proc = head
-    for _ in range(100000):
-        thread = proc
-        for _ in range(100000):
-            if int(thread["pid"]) == pid:
-                return int(thread)
-            thread = gdb.Value(int(thread["thread_group"]["next"]) - group_off).cast(task_ptr)
-            if int(thread) == int(proc):
-                break
-        proc = gdb.Value(int(proc["tasks"]["next"]) - tasks_off).cast(task_ptr)
-        if int(proc) == int(head):
-            break
+    for task in all_tasks(kernel):
+        if kernel.task_identity(task)[0] == pid:
+            return task
     raise GdbklpError(f"no task with pid {pid}")
 
 
@@ -130,6 +127,16 @@ def sleeping_stack(kernel: target.Kernel, task: int) -> TaskStack:
     pid, comm = kernel.task_identity(task)
     return decode_task_stack(f"pid {pid}", regs, task, target.read_memory, kernel.view(), pid, comm,
                              stack_base=base)
+
+
+def stack_of_task(kernel: target.Kernel, task: int) -> TaskStack:
+    """Any task's stack: from its vCPU's registers if it runs, else as _switch left it."""
+    for label, state in each_vcpu():
+        if not state["msr"] & MSR_PR and running_task(kernel, state) == task:
+            pid, _ = kernel.task_identity(task)
+            return running_stack(kernel, f"{label} pid {pid}", state)
+    select_kernel_vcpu()
+    return sleeping_stack(kernel, task)
 
 
 class KlpFrames(Command):
@@ -150,14 +157,7 @@ class KlpFrames(Command):
         stacks, notes = [], []
         if args.task:
             select_kernel_vcpu()
-            task = find_task(kernel, args.task)
-            for label, state in each_vcpu():
-                if not state["msr"] & MSR_PR and running_task(kernel, state) == task:
-                    stacks.append(running_stack(kernel, f"{label} pid {args.task}", state))
-                    break
-            else:
-                select_kernel_vcpu()
-                stacks.append(sleeping_stack(kernel, task))
+            stacks.append(stack_of_task(kernel, find_task(kernel, args.task)))
         elif args.all:
             for label, state in each_vcpu():
                 if state["msr"] & MSR_PR:

@@ -238,13 +238,13 @@ class Kernel:
 
     def _read_replacements(self) -> dict[int, int]:
         out = {}
-        for patch in self._list("&klp_patches", "struct klp_patch", "list"):
-            for obj in self._list(patch["obj_list"].address, "struct klp_object", "node"):
-                for func in self._list(obj["func_list"].address, "struct klp_func", "node"):
+        for patch in self.kernel_list("&klp_patches", "struct klp_patch", "list"):
+            for obj in self.kernel_list(patch["obj_list"].address, "struct klp_object", "node"):
+                for func in self.kernel_list(obj["func_list"].address, "struct klp_func", "node"):
                     out[int(func["old_func"])] = int(func["new_func"])
         return out
 
-    def _list(self, head, type_name: str, member: str, limit: int = 10000):
+    def kernel_list(self, head, type_name: str, member: str, limit: int = 10000):
         """Entries of a kernel list_head list (container_of each node)."""
         head = gdb.parse_and_eval(head) if isinstance(head, str) else head
         ptr = gdb.lookup_type(type_name).pointer()
