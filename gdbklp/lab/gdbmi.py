@@ -87,23 +87,28 @@ class GdbSession:
         self.mi("-exec-continue")
         self.running = True
 
-    def wait_stopped(self, timeout: float) -> dict:
-        """Wait for the next *stopped record; return its payload."""
+    def wait_stopped(self, timeout: float, interrupted: bool = False) -> dict:
+        """Wait for the next *stopped record (with interrupted, the one an
+        interrupt causes: stops that breakpoint commands resume from may come
+        first); return its payload."""
         deadline = time.monotonic() + timeout
         while True:
             for i, rec in enumerate(self.pending):
-                if rec.get("message") == "stopped":
+                payload = rec.get("payload") or {}
+                if rec.get("message") == "stopped" and (
+                        not interrupted or payload.get("reason") == "signal-received"):
                     del self.pending[: i + 1]
                     self.running = False
-                    return rec.get("payload") or {}
+                    return payload
             left = deadline - time.monotonic()
             if left <= 0:
                 raise LabError(f"the guest did not stop within {timeout:.0f} s")
             self.pending += [r for r in self._read(min(left, 0.2)) if r["type"] == "notify"]
 
     def interrupt(self, timeout: float = 30.0) -> dict:
+        self.pending = [r for r in self.pending if r.get("message") not in ("stopped", "running")]
         self.mi("-exec-interrupt")
-        return self.wait_stopped(timeout)
+        return self.wait_stopped(timeout, interrupted=True)
 
     def close(self) -> None:
         try:
