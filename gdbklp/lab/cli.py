@@ -1,7 +1,7 @@
 """gdbklp lab subcommands: build, boot, gdb, demo."""
 
 import argparse
-import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,7 +29,7 @@ def cmd_boot(args) -> int:
                   append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run))
     with guest.start():
         print(f"gdbstub: 127.0.0.1:{guest.gdb_port}   serial log: {guest.serial_log}")
-        print("attach with: " + " ".join(gdb_command(images.vmlinux, guest.gdb_port)))
+        print("attach with: " + shlex.join(gdb_command(images.vmlinux, guest.gdb_port)))
         if not args.stopped:
             guest.wait_ready(120)
             print("guest ready; Ctrl-C stops it")
