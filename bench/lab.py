@@ -58,7 +58,7 @@ def main() -> None:
             wl = f"-t 2 -n {args.watched_calls}"
             (report, counts), seconds = timed(lambda: session.watch_workload(guest, gdb, wl))
             watched = report.redirections / seconds
-            print(f"klp-watch (counting): {report.redirections} redirections in {seconds:.2f} s = "
+            print(f"klp-watch (all checks, one stop each): {report.redirections} redirections in {seconds:.2f} s = "
                   f"{watched:.1f}/s, {1000 / watched:.1f} ms per redirection; "
                   f"slowdown {unwatched / watched:.0f}x")
 
