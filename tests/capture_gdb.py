@@ -62,7 +62,7 @@ def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | No
         "reads": reads,
         "objects": [{"name": o.name, "base": o.base, "size": o.size, "toc": o.toc} for o in view.objects],
         "symbols": sorted(symbols),
-        "livepatch": asdict(view.livepatch), "livepatch_handler_end": view.livepatch_handler_end,
+        "livepatch": asdict(view.livepatch),
         "decoded": stack.format_text(view),
     }
 

@@ -37,7 +37,6 @@ class StackImage:
                               elf.SymbolTable(by_object.get(o["name"], []), o["name"]), o["toc"])
                    for o in data["objects"]]
         self.view = KernelView(objects, LivepatchHandlerLayout(**data["livepatch"]),
-                               livepatch_handler_end=data["livepatch_handler_end"],
                                thread_size=data["thread_size"])
 
     # ---- memory ------------------------------------------------------------

@@ -163,3 +163,13 @@ def test_text_rendering_names_frames_and_entries():
     assert "livepatch-caller  [global]" in text
     assert "livepatch stack:" in text and "[0] at" in text
     assert text.rstrip().endswith("no problems")
+
+
+def test_rfc_mini_frame_is_labelled():
+    image = StackImage("inside-c-local")
+    helper = image.view.livepatch.address - 0x100  # where an RFC kernel's KLP_return_helper would be
+    image.view.klp_return_helper = helper
+    sp = frame_sps(image)[1]
+    image.put_u64(image.u64(sp) + 16, helper)  # the LR slot the walk reads next
+    kinds = [f.kind for f in image.decode().walk.frames]
+    assert "rfc-mini-frame" in kinds

@@ -115,3 +115,10 @@ def test_module_stub_target_needs_the_exact_stub():
     code = b"".join(w.to_bytes(4, "little") for w in stub) + (0xC008000000077100).to_bytes(8, "little")
     assert module_stub_target(code) == 0xC008000000077100
     assert module_stub_target(code[:4] + b"\0\0\0\0" + code[8:]) is None
+
+
+def test_bad_return_address_shows_the_instruction_before_it():
+    image = StackImage("inside-c-local")
+    image.put_u64(top_entry(image) + 8, image.u64(top_entry(image) + 8) + 4)
+    (v,) = check(image).violations
+    assert "preceded by `nop`, not a call" in v.found  # bl B; nop: RA+4 follows the nop

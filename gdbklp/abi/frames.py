@@ -32,10 +32,6 @@ MSR_PR = 1 << 14              # problem state: the interrupt came from user spac
 MAX_FRAMES = 256
 
 
-class MemoryError_(Exception):
-    """Raised by a reader for memory it cannot read."""
-
-
 Reader = Callable[[int, int], bytes]
 
 
@@ -59,7 +55,6 @@ class Walk:
     frames: list[Frame]
     end: str
     problems: list[str] = field(default_factory=list)
-    livepatch_entries_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +126,11 @@ class _Walker:
     def frame(self, kind: str, sp: int, pc: int, header: bytes) -> None:
         if self.view.is_livepatch_return(pc):
             self.trampoline(sp, pc, header)
+        elif self.view.klp_return_helper is not None and pc == self.view.klp_return_helper:
+            # the 2015 RFC's mini frame: C returns through KLP_return_helper, which
+            # pops 32 bytes and returns to the RA kept in A's LR slot
+            self.add("rfc-mini-frame", sp, pc, header,
+                     note="RFC mini frame: KLP_return_helper in an LR slot; A's RA is in the next frame's LR slot")
         else:
             self.add(kind, sp, pc, header)
 

@@ -231,9 +231,13 @@ def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
                   f"{entry.magic:#x}")
     # invariants 7 and 9: the return address the handler will branch to
     if not site.is_call:
+        try:
+            before = ppc.disassemble(statics.read(entry.ra - 4, 4), entry.ra - 4)[0][1]
+        except Exception:
+            before = "unreadable code"
         violation(9, "saved return address does not follow a call: A would resume elsewhere",
                   "an address right after a bl or bctrl",
-                  f"{entry.ra:#x} ({caller}), preceded by no call instruction")
+                  f"{entry.ra:#x} ({caller}), preceded by `{before}`, not a call")
     # invariant 9: r1 must be A's stack pointer
     elif frame_ok(entry.ra) is False:
         size = statics.frame_size(entry.ra)

@@ -62,7 +62,6 @@ class ObjectInfo:
 class KernelView:
     objects: list[ObjectInfo]
     livepatch: LivepatchHandlerLayout | None = None
-    livepatch_handler_end: int | None = None
     klp_return_helper: int | None = None
     thread_size: int = THREAD_SIZE_DEFAULT
     _call_sites: dict[int, CallSite] = field(default_factory=dict)
@@ -111,7 +110,3 @@ class KernelView:
     def is_livepatch_return(self, address: int) -> bool:
         """address is where C returns into livepatch_handler (P3)."""
         return self.livepatch is not None and address == self.livepatch.return_point
-
-    def in_livepatch_handler(self, address: int) -> bool:
-        lp = self.livepatch
-        return lp is not None and lp.address <= address < (self.livepatch_handler_end or lp.address)

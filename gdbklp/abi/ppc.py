@@ -20,11 +20,6 @@ def is_bl(word: int) -> bool:
     return word & 0xFC000003 == 0x48000001
 
 
-def is_b(word: int) -> bool:
-    """b target (I-form, opcode 18, AA=0, LK=0): a branch that keeps LR."""
-    return word & 0xFC000003 == 0x48000000
-
-
 def branch_target(word: int, address: int) -> int:
     """Target of an I-form branch (b/bl) at address."""
     offset = word & 0x03FFFFFC

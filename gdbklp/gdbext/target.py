@@ -200,11 +200,8 @@ class Kernel:
             return self._view
         objects = [self.vmlinux_object, *modules]
         layout = self.livepatch_layout() if self.symbols.address("livepatch_handler") else None
-        handler = self.symbols.get("livepatch_handler")
         self.view_key = key
         self._view = KernelView(objects, layout,
-                                livepatch_handler_end=handler.address + handler.size if handler and handler.size
-                                else (layout.return_point + 64 if layout else None),
                                 klp_return_helper=self.symbols.address("KLP_return_helper"),
                                 thread_size=self.thread_size)
         return self._view

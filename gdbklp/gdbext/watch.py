@@ -197,10 +197,6 @@ class Watch:
 _watch: Watch | None = None
 
 
-def current() -> Watch | None:
-    return _watch
-
-
 def _on_exit(event) -> None:
     """The guest died or the connection dropped: keep what was seen."""
     if _watch is not None and _watch.report.ended is None:
