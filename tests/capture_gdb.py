@@ -43,7 +43,7 @@ def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | No
         # at C's entry the state is what P3 sees when C returns cleanly: record
         # what the return checks read from code (prologues, module stubs) too
         top = stack.livepatch.livepatch_sp + view.livepatch.entry_size
-        sample = ReturnSample(task, 0, regs.sp, regs.toc or 0, stack.livepatch.livepatch_sp, base,
+        sample = ReturnSample(task, 0, regs.sp, stack.livepatch.livepatch_sp, base,
                               read(base, top - base), read(regs.sp, 32))
         check_return(sample, StaticKnowledge(view, read))
     addresses = {f.pc for f in stack.walk.frames}

@@ -19,7 +19,7 @@ def check(image, sp=None, livepatch_sp=None):
     L = image.u64(image.livepatch_sp_slot) if livepatch_sp is None else livepatch_sp
     sp = image.regs.sp if sp is None else sp
     top = L + 24
-    sample = ReturnSample(image.task, 0, sp, image.regs.toc, L, image.base,
+    sample = ReturnSample(image.task, 0, sp, L, image.base,
                           image.read(image.base, top - image.base), image.read(sp, 32))
     return check_return(sample, StaticKnowledge(image.view, image.read))
 

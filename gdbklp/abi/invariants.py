@@ -30,12 +30,11 @@ FRAME_HEADER = 32
 
 @dataclass(frozen=True)
 class ReturnSample:
-    """What one stop at P3 reads: registers, then three small memory blocks."""
+    """What one stop at P3 reads: r1 and r13, then small memory blocks."""
 
     task: int
     cpu: int
     sp: int                # r1
-    toc: int               # r2 (C's, about to be replaced by the saved one)
     livepatch_sp: int
     stack_base: int
     livepatch_block: bytes  # memory [stack_base, livepatch_sp + 24): the whole livepatch stack

@@ -3,9 +3,10 @@
 One non-stopping breakpoint at P3, where C returns into livepatch_handler
 (the instruction after its bctrl), sees each redirection exactly once with
 everything it did still in place; gdbklp.abi.invariants says what is checked
-there and why one stop is enough. A stop reads registers directly and three
+there and why one stop is enough. A stop reads r1 and r13 directly and five
 small memory blocks (the task pointer, livepatch_sp, the livepatch stack,
-A's frame header); code-derived facts are read once and kept.
+A's frame header, klp_transition_patch); code-derived facts are read once
+and kept.
 
 Two more breakpoints, on die() and panic(), are never hit while all is well;
 when the guest goes down they record what it did.
@@ -79,13 +80,13 @@ class Watch:
     # ---- the probe at P3 ---------------------------------------------------
 
     def sample(self) -> ReturnSample:
-        sp, toc, r13 = (target.register(r) for r in ("r1", "r2", "r13"))
+        sp, r13 = target.register("r1"), target.register("r13")
         task = target.read_u64(r13 + self.layout.paca_thread_info)
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
         base = sp & ~(self.thread_size - 1)
         top = livepatch_sp + self.layout.entry_size
         length = top - base if base < top <= base + self.thread_size else 8
-        return ReturnSample(task, target.current_cpu(), sp, toc, livepatch_sp, base,
+        return ReturnSample(task, target.current_cpu(), sp, livepatch_sp, base,
                             target.read_memory(base, length), target.read_memory(sp, 32))
 
     def checked(self, s: ReturnSample):
