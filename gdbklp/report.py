@@ -13,7 +13,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from gdbklp.abi.invariants import Violation
 
-FORMAT = "gdbklp-watch-report/2"
+FORMAT = "gdbklp-watch-report/3"
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class WatchReport:
     by_caller: Counter = field(default_factory=Counter)
     by_patched: Counter = field(default_factory=Counter)
     by_replacement: Counter = field(default_factory=Counter)
+    old_code_calls: Counter = field(default_factory=Counter)  # replaced functions that ran unredirected
     tasks: dict[int, TaskSummary] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     events: list[Redirection] = field(default_factory=list)
@@ -93,6 +94,17 @@ class WatchReport:
         if len(self.events) < self.keep_events:
             self.events.append(r)
 
+    def add_old_code_call(self, patched: str, task: int, pid: int, comm: str,
+                          violations: list[Violation]) -> None:
+        """A call of a replaced function B that ftrace let run B itself."""
+        self.old_code_calls[patched] += 1
+        if violations:
+            summary = self.tasks.get(task)
+            if summary is None:
+                summary = self.tasks[task] = TaskSummary(pid, comm)
+            summary.violations += len(violations)
+            self.violations.extend(violations)
+
     def finish(self, reason: str) -> None:
         if self.ended is None:
             self.ended = time.time()
@@ -111,7 +123,7 @@ class WatchReport:
             "redirections": self.redirections,
             "by_call_site": {k: asdict(v) for k, v in self.by_call_site.items()},
             "by_caller": dict(self.by_caller), "by_patched": dict(self.by_patched),
-            "by_replacement": dict(self.by_replacement),
+            "by_replacement": dict(self.by_replacement), "old_code_calls": dict(self.old_code_calls),
             "tasks": {f"{k:#x}": asdict(v) for k, v in self.tasks.items()},
             "violations": [asdict(v) for v in self.violations],
             "events": [{**asdict(e), "violations": list(e.violations)} for e in self.events],
@@ -129,7 +141,7 @@ class WatchReport:
             redirections=data["redirections"],
             by_call_site={k: Tally(**v) for k, v in data["by_call_site"].items()},
             by_caller=Counter(data["by_caller"]), by_patched=Counter(data["by_patched"]),
-            by_replacement=Counter(data["by_replacement"]),
+            by_replacement=Counter(data["by_replacement"]), old_code_calls=Counter(data["old_code_calls"]),
             tasks={int(k, 16): TaskSummary(**v) for k, v in data["tasks"].items()},
             violations=[Violation(**v) for v in data["violations"]],
             events=[Redirection(**{**e, "violations": tuple(e["violations"])}) for e in data["events"]],
@@ -177,6 +189,10 @@ class WatchReport:
             lines.append("  by caller A:")
             width = max(map(len, self.by_caller))
             lines += [f"    {name:<{width}}  {n:>8}" for name, n in sorted(self.by_caller.items())]
+        if self.old_code_calls:
+            lines.append("  calls of replaced functions that ran the old code (not redirected):")
+            width = max(map(len, self.old_code_calls))
+            lines += [f"    {name:<{width}}  {n:>8}" for name, n in sorted(self.old_code_calls.items())]
         if self.tasks:
             lines.append(f"  {'task':>20}  {'pid':>6}  {'comm':<16}  {'cpus':<6}  {'redirections':>12}  violations")
             for addr, t in sorted(self.tasks.items(), key=lambda kv: kv[1].pid):

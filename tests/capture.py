@@ -1,8 +1,9 @@
-"""Capture test data from the lab into tests/data/ (run: .venv/bin/python tests/capture.py).
+"""Capture test data from the lab into tests/data/ (run: .venv/bin/python tests/capture.py [--code-only]).
 
-livepatch_handler.json: livepatch_handler's code bytes, read from the lab
-vmlinux's ELF program headers (what the CPU executes; the handler is never
-patched at run time), with the symbol's address.
+livepatch_handler.json, ftrace_caller.json, ftrace_regs_caller.json: each
+trampoline's code bytes, read from the lab vmlinux's ELF program headers
+(what the CPU executes; ftrace patches only the call at ftrace_call /
+ftrace_regs_call, which no test reads), with the symbol's address.
 
 stacks/*.json: stack images (see capture_gdb.py) taken from the running lab:
 a task stopped at the entry of each call kind's replacement C, and a task
@@ -23,11 +24,13 @@ from gdbklp.lab import workload  # noqa: E402
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def capture_handler(vmlinux: Path) -> dict:
-    symbols = read_elf_symbols(vmlinux)
-    address = symbols.address("livepatch_handler")
+CODE = {"livepatch_handler": 128, "ftrace_caller": 256, "ftrace_regs_caller": 512}
+
+
+def capture_code(vmlinux: Path, name: str, length: int) -> dict:
+    address = read_elf_symbols(vmlinux).address(name)
     return {"source": "lab vmlinux (Linux 6.1, Debian linux-source-6.1)",
-            "address": address, "code": read_loaded_bytes(vmlinux, address, 128).hex()}
+            "address": address, "code": read_loaded_bytes(vmlinux, address, length).hex()}
 
 
 def capture_stacks(images: build.LabImages, out: Path) -> None:
@@ -58,8 +61,10 @@ def capture_stacks(images: build.LabImages, out: Path) -> None:
 def main() -> None:
     images = build.build_all()
     DATA.mkdir(exist_ok=True)
-    (DATA / "livepatch_handler.json").write_text(json.dumps(capture_handler(images.vmlinux), indent=1) + "\n")
-    capture_stacks(images, DATA / "stacks")
+    for name, length in CODE.items():
+        (DATA / f"{name}.json").write_text(json.dumps(capture_code(images.vmlinux, name, length), indent=1) + "\n")
+    if "--code-only" not in sys.argv:
+        capture_stacks(images, DATA / "stacks")
 
 
 if __name__ == "__main__":

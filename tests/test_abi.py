@@ -9,7 +9,7 @@ import pytest
 
 from gdbklp.abi import callsite, elf, ppc
 from gdbklp.abi.callsite import CallSite
-from gdbklp.abi.livepatch import LayoutError, decode_livepatch_handler, entries
+from gdbklp.abi.livepatch import LayoutError, decode_livepatch_handler, entries, find_unredirected_exits
 
 DATA = Path(__file__).parent / "data"
 
@@ -52,9 +52,30 @@ def test_branch_target_sign_extends():
     assert ppc.branch_target(0x4BFFFFFD, 0x1000) == 0x0FFC
 
 
-def handler_capture():
-    data = json.loads((DATA / "livepatch_handler.json").read_text())
+def code_capture(name="livepatch_handler"):
+    data = json.loads((DATA / f"{name}.json").read_text())
     return bytes.fromhex(data["code"]), data["address"]
+
+
+def handler_capture():
+    return code_capture()
+
+
+def test_conditional_branch_target():
+    assert ppc.conditional_branch_target(0x40C200F8, 0x1000) == 0x10F8     # bne- .+0xf8
+    assert ppc.conditional_branch_target(0x4082FFF0, 0x1000) == 0x0FF0     # bne .-0x10
+    assert ppc.conditional_branch_target(0x40C200F9, 0x1000) is None       # bnel: a call, not a branch
+    assert ppc.conditional_branch_target(ppc.BCTR, 0x1000) is None
+
+
+@pytest.mark.parametrize("name, exit_offset", [("ftrace_caller", 0xD0), ("ftrace_regs_caller", 0x190)])
+def test_unredirected_exit_of_each_ftrace_trampoline(name, exit_offset):
+    """Each trampoline ends with `bne- livepatch_handler; bctr` (objdump of the lab vmlinux)."""
+    _, handler = handler_capture()
+    code, address = code_capture(name)
+    assert find_unredirected_exits(code, address, handler) == [address + exit_offset]
+    assert int.from_bytes(code[exit_offset:][:4], "little") == ppc.BCTR
+    assert find_unredirected_exits(code, address, handler + 4) == []  # a branch elsewhere is not one
 
 
 def test_decode_livepatch_handler_from_lab_kernel():

@@ -9,7 +9,8 @@ changing one value, as the fault flags of klp_lab_patch.ko do in the guest.
 import pytest
 
 from gdbklp.abi import ppc
-from gdbklp.abi.invariants import (ReturnSample, StaticKnowledge, check_return, frame_size_from_prologue,
+from gdbklp.abi.invariants import (KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, ReturnSample, StaticKnowledge,
+                                   check_consistency, check_return, frame_size_from_prologue,
                                    module_stub_target)
 from gdbklp.lab.workload import CALLER_CALL_SITE, KINDS, caller_of
 from images import StackImage
@@ -122,3 +123,21 @@ def test_bad_return_address_shows_the_instruction_before_it():
     image.put_u64(top_entry(image) + 8, image.u64(top_entry(image) + 8) + 4)
     (v,) = check(image).violations
     assert "preceded by `nop`, not a call" in v.found  # bl B; nop: RA+4 follows the nop
+
+
+@pytest.mark.parametrize("redirected, in_transition, state, violated", [
+    (True, True, KLP_PATCHED, False),
+    (True, True, KLP_UNPATCHED, True),     # sent to C although the task still runs the old code
+    (True, True, KLP_UNDEFINED, False),    # the transition is starting or completing: not judged
+    (False, True, KLP_UNPATCHED, False),
+    (False, True, KLP_PATCHED, True),      # kept on B although the task is switched
+    (False, True, KLP_UNDEFINED, False),
+    (True, False, KLP_UNDEFINED, False),
+    (False, False, KLP_UNDEFINED, True),   # B ran while its replacement is enabled, no transition
+])
+def test_consistency_model(redirected, in_transition, state, violated):
+    v = check_consistency(redirected, in_transition, state, "klp_lab_b_local", "klp_lab_c_local")
+    assert (v is not None) == violated
+    if v:
+        assert v.invariant == 12
+        assert ("klp_lab_c_local" in v.found) == redirected and ("klp_lab_b_local" in v.found) != redirected

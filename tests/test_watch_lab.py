@@ -155,3 +155,37 @@ def test_transition_held_back_by_a_task_asleep_in_the_old_function(lab, tmp_path
         guest.check("while [ \"$(cat /sys/kernel/livepatch/klp_lab_patch/transition)\" = 1 ]; do sleep 0.2; done")
         gdb.interrupt()
         assert gdb.console("klp-transition").strip() == "klp-transition: no live-patch transition in progress"
+
+
+def test_calls_not_redirected_while_a_disable_transition_is_held(lab, tmp_path):
+    """Invariant 12 for the calls ftrace does not redirect. While the patch is being
+    disabled, a task asleep in C holds the transition; the shell has switched to
+    KLP_UNPATCHED, so its new tasks run B itself: each such call is seen at the
+    trampoline's bctr and agrees with the task's state."""
+    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        guest.check("echo 30000 > /sys/module/klp_lab_patch/parameters/nap_ms; "
+                    "(klplab-run -t 1 -n 1 -k local -f nap > /dev/null &); sleep 0.5; "
+                    "echo 0 > /sys/kernel/livepatch/klp_lab_patch/enabled")
+        assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "1"
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch("klplab-run -r -t 2 -n 5 -k local,global")
+        counts = workload.parse_counts(watched.last_output)
+        WatchedGuest.assert_clean(report)
+        assert report.redirections == 0
+        assert sum(c.old for c in counts.values()) == 20 == sum(report.old_code_calls.values())
+        assert set(report.old_code_calls) == {"klp_lab_b_local [klp_lab_target]",
+                                              "klp_lab_b_global [klp_lab_target]"}
+        gdb.interrupt()
+        # the kernel's view broken on purpose: the transition looks finished while ftrace
+        # still follows each task's state, so these calls of B contradict invariant 12
+        transition_patch = gdb.console("printf \"%#lx\\n\", klp_transition_patch").strip()
+        gdb.console("set var klp_transition_patch = 0")
+        report = watched.watch("klplab-run -r -t 1 -n 3 -k local")
+        gdb.interrupt()
+        gdb.console(f"set var klp_transition_patch = (struct klp_patch *){transition_patch}")
+        assert [v.invariant for v in report.violations] == [12, 12, 12]
+        v = report.violations[0]
+        assert v.call_site == "not redirected" and v.comm == "klplab-run" and v.caller.startswith("klp_lab_a_local")
+        assert "no transition" in v.title and v.patched.startswith("klp_lab_b_local")
+        assert "a call not redirected" in v.format_text()

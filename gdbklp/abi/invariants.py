@@ -26,6 +26,7 @@ from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.kernel import KernelView
 
 FRAME_HEADER = 32
+NOT_REDIRECTED = "not redirected"  # Violation.call_site of a call that ftrace let run B
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,16 @@ class Violation:
     patched: str = "?"
     replacement: str = "?"
 
+    @property
+    def event(self) -> str:
+        if self.call_site == NOT_REDIRECTED:
+            return f"a call not redirected, after redirection #{self.seq}"
+        return f"redirection #{self.seq}"
+
     def format_text(self) -> str:
         return "\n".join([
             f"VIOLATION of invariant {self.invariant}: {self.title}",
-            f"  redirection #{self.seq}: task {self.task:#x} (pid {self.pid} {self.comm}) on CPU {self.cpu}",
+            f"  {self.event}: task {self.task:#x} (pid {self.pid} {self.comm}) on CPU {self.cpu}",
             f"  call site {self.call_site} in {self.caller}; patched {self.patched} -> replacement {self.replacement}",
             f"  expected: {self.expected}",
             f"  found:    {self.found}",
@@ -127,11 +134,9 @@ class StaticKnowledge:
 
     def frame_size(self, address: int) -> int | None:
         """Frame size of the function containing address."""
-        obj = self.view.object_at(address)
-        found = obj.symbols.lookup(address) if obj else None
-        if not found:
+        start = self.view.function_start(address)
+        if start is None:
             return None
-        start = found[0].address
         if start not in self._frame_sizes:
             try:
                 self._frame_sizes[start] = frame_size_from_prologue(self.read(start, self.PROLOGUE_BYTES))
@@ -153,9 +158,8 @@ class StaticKnowledge:
             except Exception:
                 target = None
             # a local call enters at B's local entry point: name B by its start
-            obj = self.view.object_at(target) if target is not None else None
-            found = obj.symbols.lookup(target) if obj else None
-            self._callees[ra] = found[0].address if found else target
+            start = self.view.function_start(target) if target is not None else None
+            self._callees[ra] = start if start is not None else target
         return self._callees[ra]
 
 
@@ -270,3 +274,32 @@ def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
                       f"{slot:#x} ({view.toc_owner(slot) or 'no object'})")
     depth = (entry.address - first) // layout.entry_size + 1
     return ReturnCheck(entry, site, caller, patched, out, depth)
+
+
+# task_struct.patch_state values (include/linux/livepatch.h)
+KLP_UNDEFINED, KLP_UNPATCHED, KLP_PATCHED = -1, 0, 1
+PATCH_STATE_NAMES = {KLP_UNDEFINED: "KLP_UNDEFINED", KLP_UNPATCHED: "KLP_UNPATCHED", KLP_PATCHED: "KLP_PATCHED"}
+
+
+def check_consistency(redirected: bool, in_transition: bool, patch_state: int,
+                      old: str, new: str) -> Violation | None:
+    """Invariant 12 for one call of a function B that an enabled patch replaces with C.
+
+    The kernel's ftrace handler decides per call: during a transition it
+    follows the calling task's patch_state (KLP_PATCHED -> C, KLP_UNPATCHED ->
+    B); outside one, every call goes to C. KLP_UNDEFINED during a transition
+    only occurs while the transition starts or completes, when the handler
+    goes by func->transition instead: such calls are not judged.
+    """
+    state = PATCH_STATE_NAMES.get(patch_state, str(patch_state))
+    if in_transition:
+        if redirected and patch_state == KLP_UNPATCHED:
+            return Violation(12, "an unpatched task was redirected to the new function during a transition",
+                             f"the old function {old} (task patch_state {state})", f"redirected to {new}")
+        if not redirected and patch_state == KLP_PATCHED:
+            return Violation(12, "a patched task ran the old function during a transition",
+                             f"redirected to {new} (task patch_state {state})", f"ran the old function {old}")
+    elif not redirected:
+        return Violation(12, "the old function ran while its replacement is enabled and no transition runs",
+                         f"redirected to {new}", f"ran the old function {old} (task patch_state {state})")
+    return None

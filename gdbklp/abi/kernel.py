@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gdbklp.abi import callsite, ppc
 from gdbklp.abi.callsite import CallSite
-from gdbklp.abi.elf import SymbolTable
+from gdbklp.abi.elf import Symbol, SymbolTable
 from gdbklp.abi.livepatch import LivepatchHandlerLayout
 
 VMLINUX = "vmlinux"
@@ -79,10 +79,19 @@ class KernelView:
         text = obj.symbols.describe(address)
         return text if obj.name == VMLINUX else f"{text} [{obj.name}]"
 
-    def function(self, address: int) -> str | None:
+    def symbol_at(self, address: int) -> Symbol | None:
+        """The function (or code label) containing address, in any known object."""
         obj = self.object_at(address)
         found = obj.symbols.lookup(address) if obj else None
-        return found[0].name if found else None
+        return found[0] if found else None
+
+    def function(self, address: int) -> str | None:
+        symbol = self.symbol_at(address)
+        return symbol.name if symbol else None
+
+    def function_start(self, address: int) -> int | None:
+        symbol = self.symbol_at(address)
+        return symbol.address if symbol else None
 
     def toc_owner(self, value: int) -> str | None:
         for obj in self.objects:

@@ -85,6 +85,21 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
                       f"{len(insns)} instructions")
 
 
+def find_unredirected_exits(code: bytes, address: int, livepatch_handler: int) -> list[int]:
+    """Where an ftrace trampoline continues into the traced function itself.
+
+    ftrace_caller and ftrace_regs_caller end with `bne- livepatch_handler;
+    bctr`: the conditional branch is taken when the ftrace handler changed
+    the NIP (a redirection), the bctr is taken when it did not. At that bctr
+    the trampoline's frame is gone: CTR is the traced function B just after
+    its profiling call, LR is the return address into its caller A, r1 is
+    A's stack pointer. Returns the address of each such bctr in code.
+    """
+    insns = ppc.words(code)
+    return [address + 4 * (i + 1) for i, (word, after) in enumerate(zip(insns, insns[1:]))
+            if after == ppc.BCTR and ppc.conditional_branch_target(word, address + 4 * i) == livepatch_handler]
+
+
 @dataclass(frozen=True)
 class LivepatchEntry:
     """One [TOC, RA, magic] record of a task's livepatch stack."""

@@ -11,6 +11,7 @@ LD_R2_24_R1 = 0xE8410018    # ld r2,24(r1): the TOC restore after a cross-object
 BCTRL = 0x4E800421
 BLRL = 0x4E800021
 BLR = 0x4E800020
+BCTR = 0x4E800420
 MFLR_R0 = 0x7C0802A6
 STACK_END_MAGIC = 0x57AC6E9D
 
@@ -25,6 +26,16 @@ def branch_target(word: int, address: int) -> int:
     offset = word & 0x03FFFFFC
     if offset & 0x02000000:
         offset -= 0x04000000
+    return (address + offset) & 0xFFFFFFFFFFFFFFFF
+
+
+def conditional_branch_target(word: int, address: int) -> int | None:
+    """Target of a B-form conditional branch (bc, opcode 16, AA=0, LK=0), else None."""
+    if word & 0xFC000003 != 0x40000000:
+        return None
+    offset = word & 0xFFFC
+    if offset & 0x8000:
+        offset -= 0x10000
     return (address + offset) & 0xFFFFFFFFFFFFFFFF
 
 

@@ -25,7 +25,14 @@ def read_u64(address: int) -> int:
 
 
 def register(name: str) -> int:
-    return int(gdb.selected_frame().read_register(name)) & 0xFFFFFFFFFFFFFFFF
+    """A register of the selected frame (frame 0 at a stop or after a thread switch).
+
+    Evaluated as $name, not through gdb.selected_frame(): making a gdb.Frame
+    computes the frame's id, which runs gdb's sniffers and prologue analysis
+    (about 20 four-byte reads of the function's code per stop); $name comes
+    from the register cache gdb filled at the stop.
+    """
+    return int(gdb.parse_and_eval(f"${name}")) & 0xFFFFFFFFFFFFFFFF
 
 
 def require_target() -> None:
@@ -222,6 +229,9 @@ class Kernel:
     def function_name(self, address: int) -> str:
         """Bare function name (no offset, no module), or the address."""
         return self._view_covering(address).function(address) or f"{address:#x}"
+
+    def function_start(self, address: int) -> int | None:
+        return self._view_covering(address).function_start(address)
 
     # ---- live patches (DWARF) ------------------------------------------------
 

@@ -13,10 +13,10 @@ import json
 
 import gdb
 
+from gdbklp.abi.invariants import PATCH_STATE_NAMES
 from gdbklp.gdbext import frames, target
 from gdbklp.gdbext.commands import Command, GdbklpError
 
-STATE_NAMES = {-1: "KLP_UNDEFINED", 0: "KLP_UNPATCHED", 1: "KLP_PATCHED"}
 
 
 def transition_state(kernel: target.Kernel) -> dict:
@@ -42,13 +42,13 @@ def transition_state(kernel: target.Kernel) -> dict:
         stack = frames.stack_of_task(kernel, task)
         holders = sorted({f.function for f in stack.walk.frames
                           if f.function.split("+")[0].split(" ")[0] in replaced})
-        record = {"task": task, "pid": pid, "comm": comm, "patch_state": STATE_NAMES.get(state, str(state)),
+        record = {"task": task, "pid": pid, "comm": comm, "patch_state": PATCH_STATE_NAMES.get(state, str(state)),
                   "held_by": holders}
         if state != goal:
             pending.append(record)
         elif holders:
             violations.append(record)
-    return {"in_transition": True, "patch": patch["mod"]["name"].string(), "target_state": STATE_NAMES[goal],
+    return {"in_transition": True, "patch": patch["mod"]["name"].string(), "target_state": PATCH_STATE_NAMES[goal],
             "replaced": sorted(replaced), "pending": pending, "switched_too_early": violations}
 
 

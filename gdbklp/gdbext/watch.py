@@ -17,14 +17,17 @@ import struct
 
 import gdb
 
-from gdbklp.abi.invariants import ReturnSample, StaticKnowledge, Violation, check_return
+from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, ReturnSample, StaticKnowledge, Violation, check_consistency,
+                                   check_return)
 from gdbklp.abi import elf
 from gdbklp.abi.kernel import local_entry
+from gdbklp.abi.livepatch import find_unredirected_exits
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.report import Redirection, WatchReport
 
-KLP_UNPATCHED = 0
+TRACE_TRAMPOLINES = ("ftrace_caller", "ftrace_regs_caller")
+TRAMPOLINE_BYTES = 1024
 
 
 class Probe(gdb.Breakpoint):
@@ -61,6 +64,12 @@ class Watch:
             self.report.notes.append("consistency model (invariant 12) not checked: the vmlinux has no "
                                      "DWARF for task_struct.patch_state")
         self.probes = [Probe(f"*{self.layout.return_point:#x}", self.on_return)]
+        if self.consistency is not None:
+            exits = self._unredirected_exits()
+            self.probes += [Probe(f"*{address:#x}", self.on_unredirected) for address in exits]
+            if not exits:
+                self.report.notes.append("calls that are not redirected are not checked: no `bne "
+                                         f"livepatch_handler; bctr` found in {' or '.join(TRACE_TRAMPOLINES)}")
         for name in ("die", "panic"):
             address = kernel.symbols.address(name)
             if address is not None:
@@ -76,6 +85,16 @@ class Watch:
                     int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->patch_state")))
         except gdb.error:
             return None
+
+    def _unredirected_exits(self) -> list[int]:
+        """The bctr of each ftrace trampoline that continues into B when ftrace did not redirect."""
+        exits = set()
+        for name in TRACE_TRAMPOLINES:
+            address = self.kernel.symbols.address(name)
+            if address is not None:
+                code = elf.read_loaded_bytes(self.kernel.vmlinux, address, TRAMPOLINE_BYTES)
+                exits.update(find_unredirected_exits(code, address, self.layout.address))
+        return sorted(exits)
 
     # ---- the probe at P3 ---------------------------------------------------
 
@@ -106,7 +125,8 @@ class Watch:
         pid, comm = self.kernel.task_identity(s.task)
         patched = check.patched
         replacement = self.replacement_of(patched)
-        violations = check.violations + self.consistency_violations(s.task, replacement)
+        consistency = self.consistency_violation(s.task, True, patched, replacement)
+        violations = check.violations + ([consistency] if consistency else [])
         seq = self.report.redirections
         names = dict(call_site=check.call_site.value, caller=check.caller,
                      patched=self.kernel.describe(patched) if patched else "?",
@@ -121,8 +141,12 @@ class Watch:
             return_address=entry.ra if entry else 0, toc=entry.toc if entry else 0, sp=s.sp,
             depth=check.depth, violations=tuple(v.invariant for v in violations), **names),
             violations, checked=entry is not None)
+        return self.reported(violations)
+
+    def reported(self, violations: list[Violation]) -> bool:
+        """Print violations as they happen; True to stop the guest (--fail-fast, --max-events)."""
         for v in violations:
-            gdb.write((f"klp-watch: invariant {v.invariant} violated: {v.title} (redirection #{seq})"
+            gdb.write((f"klp-watch: invariant {v.invariant} violated: {v.title} ({v.event})"
                        if self.quiet else v.format_text()) + "\n")
         if violations and self.fail_fast:
             self.finish(f"--fail-fast: invariant {violations[0].invariant} violated")
@@ -137,23 +161,41 @@ class Watch:
             return None
         replacements = self.kernel.replacements()
         if patched not in replacements:
-            self.kernel.modules(refresh=True)  # a patch may have been loaded since
+            self.kernel.modules()  # a patch module may have been loaded since (one read per module)
             replacements = self.kernel.replacements()
         return replacements.get(patched)
 
-    def consistency_violations(self, task: int, replacement: int | None) -> list[Violation]:
-        """Invariant 12: during a transition an unpatched task must not reach the new code."""
+    def consistency_violation(self, task: int, redirected: bool, patched: int | None,
+                              replacement: int | None) -> Violation | None:
+        """Invariant 12 for this call: does the task's patch_state agree with what ftrace did?"""
         if self.consistency is None:
-            return []
+            return None
         transition_ptr, state_offset = self.consistency
-        if target.read_u64(transition_ptr) == 0:
-            return []
-        state = struct.unpack("<i", target.read_memory(task + state_offset, 4))[0]
-        if state != KLP_UNPATCHED:
-            return []
-        return [Violation(12, "an unpatched task was redirected to the new function during a transition",
-                          "the old function (task patch_state KLP_UNPATCHED)",
-                          f"redirected to {self.kernel.describe(replacement) if replacement else 'a replacement'}")]
+        in_transition = target.read_u64(transition_ptr) != 0
+        # outside a transition a redirection is always right: spare the read
+        state = (struct.unpack("<i", target.read_memory(task + state_offset, 4))[0]
+                 if in_transition or not redirected else KLP_UNDEFINED)
+        describe = lambda a: self.kernel.describe(a) if a else "?"
+        return check_consistency(redirected, in_transition, state, describe(patched), describe(replacement))
+
+    # ---- calls that ftrace did not redirect ----------------------------------
+
+    def on_unredirected(self) -> bool:
+        """At a trampoline's bctr into B: a live-patched B running its own code must be right."""
+        patched = self.kernel.function_start(target.register("ctr"))
+        replacement = self.replacement_of(patched)
+        if replacement is None or replacement == patched:  # not live-patched, or an atomic-replace nop
+            return False
+        task = target.read_u64(target.register("r13") + self.layout.paca_thread_info)
+        pid, comm = self.kernel.task_identity(task)
+        v = self.consistency_violation(task, False, patched, replacement)
+        violations = [v] if v else []
+        for v in violations:
+            v.seq, v.task, v.pid, v.comm, v.cpu = self.report.redirections, task, pid, comm, target.current_cpu()
+            v.call_site, v.caller = NOT_REDIRECTED, self.kernel.describe(target.register("lr"))
+            v.patched, v.replacement = self.kernel.describe(patched), self.kernel.describe(replacement)
+        self.report.add_old_code_call(self.kernel.describe(patched), task, pid, comm, violations)
+        return self.reported(violations)
 
     # ---- the guest going down ----------------------------------------------
 
