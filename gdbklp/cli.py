@@ -1,4 +1,4 @@
-"""gdbklp command line: gdbklp lab build|boot|gdb|demo."""
+"""gdbklp command line: gdbklp lab build|boot|gdb|demo, gdbklp watch."""
 
 import argparse
 import sys
@@ -12,6 +12,8 @@ def main(argv=None) -> int:
     lab = sub.add_parser("lab", help="the ppc64le live-patching lab in QEMU")
     from gdbklp.lab import cli as lab_cli
     lab_cli.configure(lab)
+    from gdbklp import monitor
+    monitor.configure(sub.add_parser("watch", help="live monitor: klp-watch on a guest, full screen"))
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0

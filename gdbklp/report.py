@@ -66,10 +66,14 @@ class WatchReport:
     by_patched: Counter = field(default_factory=Counter)
     by_replacement: Counter = field(default_factory=Counter)
     old_code_calls: Counter = field(default_factory=Counter)  # replaced functions that ran unredirected
+    samples: int = 0                                          # sampling mode: pauses that checked tasks
+    sample_pause_ms: float = 0.0                              # mean time the guest is held per pause
+    sampled_tasks: dict[int, int] = field(default_factory=dict)  # task -> samples that checked it
     tasks: dict[int, TaskSummary] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     events: list[Redirection] = field(default_factory=list)
     guest_events: list[str] = field(default_factory=list)  # oopses, panics: what the guest did
+    hazards: list[str] = field(default_factory=list)       # replacements the design cannot run safely
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     keep_events: int = 10000
@@ -94,16 +98,26 @@ class WatchReport:
         if len(self.events) < self.keep_events:
             self.events.append(r)
 
-    def add_old_code_call(self, patched: str, task: int, pid: int, comm: str,
-                          violations: list[Violation]) -> None:
-        """A call of a replaced function B that ftrace let run B itself."""
-        self.old_code_calls[patched] += 1
+    def add_violations(self, task: int, pid: int, comm: str, violations: list[Violation]) -> None:
+        """Violations not tied to one redirection: a call not redirected, a sample."""
         if violations:
             summary = self.tasks.get(task)
             if summary is None:
                 summary = self.tasks[task] = TaskSummary(pid, comm)
             summary.violations += len(violations)
             self.violations.extend(violations)
+
+    def summary(self, latest: int = 3) -> dict:
+        """What a live view shows: counters, tasks, the latest violations in full."""
+        return {
+            "design": self.design, "probe": self.probe, "ended": self.end_reason if self.ended else None,
+            "redirections": self.redirections, "violations": len(self.violations),
+            "by_call_site": {k: asdict(v) for k, v in self.by_call_site.items()},
+            "old_code_calls": sum(self.old_code_calls.values()), "samples": self.samples,
+            "tasks": [{"task": k, **asdict(v)} for k, v in self.tasks.items()],
+            "latest_violations": [v.format_text() for v in self.violations[-latest:]],
+            "guest_events": self.guest_events[-latest:], "errors": self.errors[-latest:],
+        }
 
     def finish(self, reason: str) -> None:
         if self.ended is None:
@@ -124,10 +138,11 @@ class WatchReport:
             "by_call_site": {k: asdict(v) for k, v in self.by_call_site.items()},
             "by_caller": dict(self.by_caller), "by_patched": dict(self.by_patched),
             "by_replacement": dict(self.by_replacement), "old_code_calls": dict(self.old_code_calls),
+            "samples": self.samples, "sample_pause_ms": self.sample_pause_ms, "sampled_tasks": {f"{k:#x}": v for k, v in self.sampled_tasks.items()},
             "tasks": {f"{k:#x}": asdict(v) for k, v in self.tasks.items()},
             "violations": [asdict(v) for v in self.violations],
             "events": [{**asdict(e), "violations": list(e.violations)} for e in self.events],
-            "guest_events": self.guest_events, "notes": self.notes, "errors": self.errors,
+            "guest_events": self.guest_events, "hazards": self.hazards, "notes": self.notes, "errors": self.errors,
             "keep_events": self.keep_events,
         }
 
@@ -142,10 +157,11 @@ class WatchReport:
             by_call_site={k: Tally(**v) for k, v in data["by_call_site"].items()},
             by_caller=Counter(data["by_caller"]), by_patched=Counter(data["by_patched"]),
             by_replacement=Counter(data["by_replacement"]), old_code_calls=Counter(data["old_code_calls"]),
+            samples=data["samples"], sample_pause_ms=data["sample_pause_ms"], sampled_tasks={int(k, 16): v for k, v in data["sampled_tasks"].items()},
             tasks={int(k, 16): TaskSummary(**v) for k, v in data["tasks"].items()},
             violations=[Violation(**v) for v in data["violations"]],
             events=[Redirection(**{**e, "violations": tuple(e["violations"])}) for e in data["events"]],
-            guest_events=list(data["guest_events"]), notes=list(data["notes"]),
+            guest_events=list(data["guest_events"]), hazards=list(data["hazards"]), notes=list(data["notes"]),
             errors=list(data["errors"]), keep_events=data["keep_events"],
         )
 
@@ -181,6 +197,10 @@ class WatchReport:
         state = f"ended: {self.end_reason}" if self.ended else "running"
         lines = [f"klp-watch ({self.design}): {self.redirections} redirections, "
                  f"{len(self.violations)} violations ({state})"]
+        if self.samples:
+            lines.append(f"  sampling: {self.samples} samples checked {len(self.sampled_tasks)} tasks' livepatch "
+                         f"stacks ({sum(self.sampled_tasks.values())} task checks); the guest was held "
+                         f"{self.sample_pause_ms:.1f} ms per pause")
         if self.by_call_site:
             lines.append(f"  {'call site':<16} {'seen':>8} {'checked':>8} {'violations':>10}")
             for site, t in sorted(self.by_call_site.items()):
@@ -200,6 +220,7 @@ class WatchReport:
                 lines.append(f"  {addr:#20x}  {t.pid:>6}  {t.comm:<16}  {cpus:<6}  {t.redirections:>12}  {t.violations}")
         if self.violations:
             lines.append(f"  invariants violated: {', '.join(map(str, self.violated_invariants))}")
+        lines += [f"  design hazard (invariant 6): {h}" for h in self.hazards]
         lines += [f"  guest: {e}" for e in self.guest_events]
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  error: {e}" for e in self.errors]

@@ -3,7 +3,11 @@
 livepatch_handler.json, ftrace_caller.json, ftrace_regs_caller.json: each
 trampoline's code bytes, read from the lab vmlinux's ELF program headers
 (what the CPU executes; ftrace patches only the call at ftrace_call /
-ftrace_regs_call, which no test reads), with the symbol's address.
+ftrace_regs_call, which no test reads), with the symbol's address; the same
+for the RFC flavours' redirect paths and helpers (klp_rfc_*.json,
+KLP_return_helper*.json).
+
+replacements.json: code of some replacements C from klp_lab_patch.ko.
 
 stacks/*.json: stack images (see capture_gdb.py) taken from the running lab:
 a task stopped at the entry of each call kind's replacement C, and a task
@@ -11,7 +15,9 @@ asleep inside C.
 """
 
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,13 +30,36 @@ from gdbklp.lab import workload  # noqa: E402
 DATA = Path(__file__).resolve().parent / "data"
 
 
-CODE = {"livepatch_handler": 128, "ftrace_caller": 256, "ftrace_regs_caller": 512}
+CODE = {"livepatch_handler": 128, "ftrace_caller": 256, "ftrace_regs_caller": 512,
+        # the RFC flavours (qemu-images/kernel-patches): redirect paths and their helpers
+        "klp_rfc_redirect": 96, "KLP_return_helper": 32,
+        "klp_rfc_fixed_redirect": 96, "KLP_return_helper_fixed": 32}
+# replacements from klp_lab_patch.ko: their prologues and stack-argument accesses
+# (relocations unapplied: calls read as `bl .`, which no test follows)
+MODULE_CODE = ("klp_lab_c_local", "klp_lab_c_many_args", "klp_lab_c_varargs")
 
 
 def capture_code(vmlinux: Path, name: str, length: int) -> dict:
     address = read_elf_symbols(vmlinux).address(name)
     return {"source": "lab vmlinux (Linux 6.1, Debian linux-source-6.1)",
             "address": address, "code": read_loaded_bytes(vmlinux, address, length).hex()}
+
+
+def capture_module_code(ko: Path, names) -> dict:
+    """{name: code hex} of functions in a module object, from its .text."""
+    cross = build.cfg.KERNEL.cross_compile
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "text"
+        subprocess.run([cross + "objcopy", "-O", "binary", "--only-section=.text", str(ko), str(text)], check=True)
+        code = text.read_bytes()
+    out = {}
+    for line in subprocess.run([cross + "nm", "-S", str(ko)], check=True, capture_output=True,
+                               text=True).stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[3] in names and fields[2] in "tT":
+            start, size = int(fields[0], 16), int(fields[1], 16)
+            out[fields[3]] = code[start:start + size].hex()
+    return {"source": f"{ko.name} of the lab", "functions": out}
 
 
 def capture_stacks(images: build.LabImages, out: Path) -> None:
@@ -63,6 +92,8 @@ def main() -> None:
     DATA.mkdir(exist_ok=True)
     for name, length in CODE.items():
         (DATA / f"{name}.json").write_text(json.dumps(capture_code(images.vmlinux, name, length), indent=1) + "\n")
+    (DATA / "replacements.json").write_text(json.dumps(
+        capture_module_code(images.modules / "klp_lab_patch.ko", MODULE_CODE), indent=1) + "\n")
     if "--code-only" not in sys.argv:
         capture_stacks(images, DATA / "stacks")
 

@@ -1,6 +1,5 @@
 """gdbklp inside the real gdb-multiarch: loading, and one clear line for bad input."""
 
-import os
 import subprocess
 
 import pytest

@@ -27,6 +27,7 @@ from gdbklp.abi.kernel import KernelView
 
 FRAME_HEADER = 32
 NOT_REDIRECTED = "not redirected"  # Violation.call_site of a call that ftrace let run B
+SAMPLE = "sample"                  # Violation.call_site of what a sampling pause found
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ class Violation:
 
     @property
     def event(self) -> str:
-        if self.call_site == NOT_REDIRECTED:
-            return f"a call not redirected, after redirection #{self.seq}"
+        if self.call_site in (NOT_REDIRECTED, SAMPLE):
+            return f"{'a call not redirected' if self.call_site == NOT_REDIRECTED else 'a sample'}, " \
+                   f"after redirection #{self.seq}"
         return f"redirection #{self.seq}"
 
     def format_text(self) -> str:

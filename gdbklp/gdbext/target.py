@@ -14,6 +14,7 @@ from gdbklp.abi.livepatch import LivepatchHandlerLayout, decode_livepatch_handle
 from gdbklp.gdbext.commands import GdbklpError
 
 HANDLER_BYTES = 128
+BANNER_BYTES = 256
 
 
 def read_memory(address: int, length: int) -> bytes:
@@ -102,6 +103,22 @@ class Kernel:
         if address is None:
             raise GdbklpError(f"kernel without live patching: no livepatch_handler in {self.vmlinux}")
         return address
+
+    def check_matches_target(self) -> None:
+        """One-line error when the running kernel is not this vmlinux (their linux_banner
+        differ); nothing to say before the guest has booted (its memory is not readable)."""
+        address = self.symbols.address("linux_banner")
+        if address is None:
+            return
+        ours = elf.read_loaded_bytes(self.vmlinux, address, BANNER_BYTES).split(b"\0")[0]
+        try:
+            theirs = read_memory(address, len(ours))
+        except gdb.MemoryError:
+            return
+        if theirs != ours and theirs.strip(b"\0"):
+            raise GdbklpError(f"{self.vmlinux} does not match the running kernel: its linux_banner is "
+                              f"{ours.decode(errors='replace').strip()!r}, the guest has "
+                              f"{theirs.decode(errors='replace').strip()!r} there")
 
     def livepatch_layout(self) -> LivepatchHandlerLayout:
         if self._layout is None:

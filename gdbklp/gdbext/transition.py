@@ -18,7 +18,6 @@ from gdbklp.gdbext import frames, target
 from gdbklp.gdbext.commands import Command, GdbklpError
 
 
-
 def transition_state(kernel: target.Kernel) -> dict:
     """The transition in progress (or none), its tasks, and what holds them."""
     if not kernel.has_dwarf:

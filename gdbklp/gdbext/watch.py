@@ -13,6 +13,7 @@ when the guest goes down they record what it did.
 """
 
 import argparse
+import json
 import struct
 
 import gdb
@@ -28,6 +29,17 @@ from gdbklp.report import Redirection, WatchReport
 
 TRACE_TRAMPOLINES = ("ftrace_caller", "ftrace_regs_caller")
 TRAMPOLINE_BYTES = 1024
+
+
+def redirect_branches(kernel: target.Kernel, handler: int) -> list[int]:
+    """The `bne- livepatch_handler` of each ftrace trampoline, as the vmlinux file has them."""
+    branches = set()
+    for name in TRACE_TRAMPOLINES:
+        address = kernel.symbols.address(name)
+        if address is not None:
+            code = elf.read_loaded_bytes(kernel.vmlinux, address, TRAMPOLINE_BYTES)
+            branches.update(exit_ - 4 for exit_ in find_unredirected_exits(code, address, handler))
+    return sorted(branches)
 
 
 class Probe(gdb.Breakpoint):
@@ -47,8 +59,15 @@ class Probe(gdb.Breakpoint):
 
 
 class Watch:
+    """The merged design's model: one stop per redirection, at P3.
+
+    Subclasses model other designs through design_probes() and flush().
+    """
+
+    design = "livepatch-stack"
+
     def __init__(self, kernel: target.Kernel, max_events: int | None, report_path: str | None,
-                 quiet: bool, fail_fast: bool):
+                 quiet: bool, fail_fast: bool, sample_hz: float | None = None):
         self.kernel = kernel
         self.layout = kernel.livepatch_layout()
         self.thread_size = kernel.thread_size
@@ -57,13 +76,20 @@ class Watch:
         self.report_path = report_path
         self.quiet = quiet
         self.fail_fast = fail_fast
-        self.report = WatchReport(vmlinux=kernel.vmlinux,
-                                  probe=f"livepatch_handler return point (P3) at {self.layout.return_point:#x}")
+        self.report = WatchReport(design=self.design, vmlinux=kernel.vmlinux)
         self.consistency = self._consistency_offsets()
         if self.consistency is None:
             self.report.notes.append("consistency model (invariant 12) not checked: the vmlinux has no "
                                      "DWARF for task_struct.patch_state")
-        self.probes = [Probe(f"*{self.layout.return_point:#x}", self.on_return)]
+        self.probes: list[Probe] = []
+        self.sampler = None
+        if sample_hz:
+            # no breakpoint at all: gdb removes and reinserts breakpoints at every pause
+            from gdbklp.gdbext.sampler import Sampler
+            self.sampler = Sampler(self, sample_hz)
+            self.report.probe = f"sampling at {sample_hz:g} Hz (pauses by interrupt, no breakpoints)"
+            return
+        self.probes = self.design_probes()
         if self.consistency is not None:
             exits = self._unredirected_exits()
             self.probes += [Probe(f"*{address:#x}", self.on_unredirected) for address in exits]
@@ -75,6 +101,13 @@ class Watch:
             if address is not None:
                 address = local_entry(elf.read_loaded_bytes(kernel.vmlinux, address - 8, 16), address)
                 self.probes.append(Probe(f"*{address:#x}", lambda name=name: self.on_guest_down(name)))
+
+    def design_probes(self) -> list[Probe]:
+        self.report.probe = f"probing livepatch_handler's return point (P3) at {self.layout.return_point:#x}"
+        return [Probe(f"*{self.layout.return_point:#x}", self.on_return)]
+
+    def flush(self) -> None:
+        """Put redirections still in flight into the report (the watch is ending)."""
 
     def _consistency_offsets(self) -> tuple[int, int] | None:
         """(address of klp_transition_patch, offset of task_struct.patch_state), with DWARF."""
@@ -88,13 +121,17 @@ class Watch:
 
     def _unredirected_exits(self) -> list[int]:
         """The bctr of each ftrace trampoline that continues into B when ftrace did not redirect."""
-        exits = set()
-        for name in TRACE_TRAMPOLINES:
-            address = self.kernel.symbols.address(name)
-            if address is not None:
-                code = elf.read_loaded_bytes(self.kernel.vmlinux, address, TRAMPOLINE_BYTES)
-                exits.update(find_unredirected_exits(code, address, self.layout.address))
-        return sorted(exits)
+        return [branch + 4 for branch in redirect_branches(self.kernel, self.layout.address)]
+
+    def statics_covering(self, address: int) -> StaticKnowledge:
+        """Static knowledge from a view that knows address's object (a module loaded since?)."""
+        for refresh in (False, True):
+            view = self.kernel.view(refresh_modules=refresh)
+            if view is not self.statics.view:
+                self.statics = StaticKnowledge(view, target.read_memory)
+            if view.object_at(address) is not None:
+                break
+        return self.statics
 
     # ---- the probe at P3 ---------------------------------------------------
 
@@ -194,7 +231,8 @@ class Watch:
             v.seq, v.task, v.pid, v.comm, v.cpu = self.report.redirections, task, pid, comm, target.current_cpu()
             v.call_site, v.caller = NOT_REDIRECTED, self.kernel.describe(target.register("lr"))
             v.patched, v.replacement = self.kernel.describe(patched), self.kernel.describe(replacement)
-        self.report.add_old_code_call(self.kernel.describe(patched), task, pid, comm, violations)
+        self.report.old_code_calls[self.kernel.describe(patched)] += 1
+        self.report.add_violations(task, pid, comm, violations)
         return self.reported(violations)
 
     # ---- the guest going down ----------------------------------------------
@@ -216,6 +254,7 @@ class Watch:
                 f"after {self.report.redirections} redirections"
         self.report.guest_events.append(event)
         gdb.write(f"klp-watch: the guest is going down: {event}\n")
+        self.flush()
         if self.report_path:
             self.report.write_json(self.report_path)
         return False
@@ -228,6 +267,9 @@ class Watch:
 
     def finish(self, reason: str) -> None:
         """Remove the probes and write the report (idempotent)."""
+        if self.sampler:
+            self.sampler.close()
+        self.flush()
         self.report.finish(reason)
         for probe in self.probes:
             if probe.is_valid():
@@ -261,6 +303,21 @@ if hasattr(gdb.events, "gdb_exiting"):
     gdb.events.gdb_exiting.connect(_on_gdb_exiting)
 
 
+def start_watch(kernel: target.Kernel, design: str, options: tuple) -> Watch:
+    """A watch of the design asked for, or of the one the running kernel uses."""
+    if design == "livepatch-stack" or options[-1]:  # sampling checks the livepatch stacks
+        return Watch(kernel, *options)
+    from gdbklp.gdbext import rfcwatch  # the RFC model is optional: the merged one works without it
+    handler = kernel.livepatch_layout().address
+    entry = rfcwatch.live_redirect_entry(kernel, handler)
+    if entry is not None:
+        return rfcwatch.RfcWatch(kernel, entry, *options)
+    if design == "rfc":
+        raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
+                          "(the merged design), or its text is not readable yet: no RFC redirect path to watch")
+    return Watch(kernel, *options)
+
+
 class KlpWatch(Command):
     """Watch live-patch redirections per task: start | stop | status | report | finish."""
 
@@ -276,8 +333,16 @@ class KlpWatch(Command):
                            help="write the JSON report here when the watch ends, however it ends")
         start.add_argument("--quiet", action="store_true",
                            help="one line per violation instead of a block; no other output")
+        start.add_argument("--sample", type=float, metavar="HZ",
+                           help="no breakpoints: pause the guest HZ times a second and check every running "
+                                "task's livepatch stack and a few others' (needs background execution)")
+        start.add_argument("--design", choices=("auto", "livepatch-stack", "rfc"), default="auto",
+                           help="the trampoline design to model; auto: where the running kernel's ftrace "
+                                "trampolines send redirected calls (livepatch_handler, or an RFC mini-frame path)")
         sub.add_parser("stop", help="remove the probes, keep the report")
-        sub.add_parser("status", help="one line: running or not, redirections and violations so far")
+        status = sub.add_parser("status", help="one line: running or not, redirections and violations so far")
+        status.add_argument("--json", action="store_true",
+                            help="the counters, the tasks and the latest violations as one JSON line (the monitor's feed)")
         for name, text in (("report", "print the report, or write it as JSON and/or JUnit XML"),
                            ("finish", "end the watch, write the reports, and quit gdb with status "
                                       "0 (clean), 1 (violations or the guest went down) or 2 (nothing seen)")):
@@ -293,10 +358,11 @@ class KlpWatch(Command):
             kernel = target.kernel()
             kernel.require_livepatch()
             target.require_target()
-            _watch = Watch(kernel, args.max_events, args.report, args.quiet, args.fail_fast)
+            kernel.check_matches_target()
+            options = (args.max_events, args.report, args.quiet, args.fail_fast, args.sample)
+            _watch = start_watch(kernel, args.design, options)
             if not args.quiet:
-                gdb.write(f"klp-watch: probing the {_watch.report.probe}; "
-                          f"{len(_watch.probes) - 1} probes on the guest going down; "
+                gdb.write(f"klp-watch: {_watch.report.probe}; {len(_watch.probes)} breakpoints in all; "
                           "continue the guest to watch\n")
             return
         if _watch is None:
@@ -306,6 +372,8 @@ class KlpWatch(Command):
             _watch.finish("stopped by klp-watch stop")
             gdb.write(f"klp-watch: stopped after {report.redirections} redirections, "
                       f"{len(report.violations)} violations\n")
+        elif args.action == "status" and args.json:
+            gdb.write(json.dumps(report.summary()) + "\n")
         elif args.action == "status":
             state = "ended: " + report.end_reason if report.ended else "running"
             gdb.write(f"klp-watch: {state}; {report.redirections} redirections, "

@@ -7,6 +7,7 @@ still has the recorded SHA-256: a missing or corrupt output is rebuilt, not
 trusted. A no-change rebuild therefore only hashes files.
 """
 
+import fcntl
 import gzip
 import hashlib
 import io
@@ -172,8 +173,12 @@ def unmet_fragment_lines(config: Path, fragment: dict[str, str]) -> list[str]:
 
 
 def kernel_source(kernel: cfg.KernelConfig = cfg.KERNEL) -> tuple[Path, str]:
-    """Extract the Debian kernel source once; return (tree, tarball digest)."""
+    """Extract the Debian kernel source and apply the lab's patches, once per
+    tarball and patch set; return (tree, digest of tarball and patches)."""
     digest = sha256_cached(kernel.source_tarball)
+    patches = [sha256_file(p) for p in kernel.patches]
+    if patches:
+        digest = hashlib.sha256(json.dumps([digest, patches]).encode()).hexdigest()
     root = cfg.cache_root() / "src" / digest[:16]
     done = root / ".extracted"
     if not done.exists():
@@ -182,11 +187,18 @@ def kernel_source(kernel: cfg.KernelConfig = cfg.KERNEL) -> tuple[Path, str]:
         root.mkdir(parents=True)
         log(f"extracting {kernel.source_tarball}")
         run(["tar", "xf", str(kernel.source_tarball), "-C", str(root)])
+        for patch in kernel.patches:
+            log(f"applying {patch.name}")
+            run(["patch", "-p1", "--quiet", "--forward", "-i", str(patch)], cwd=single_tree(root, kernel))
         done.touch()
+    return single_tree(root, kernel), digest
+
+
+def single_tree(root: Path, kernel: cfg.KernelConfig) -> Path:
     trees = [p for p in root.iterdir() if p.is_dir()]
     if len(trees) != 1:
         raise LabError(f"{kernel.source_tarball} did not unpack to one directory")
-    return trees[0], digest
+    return trees[0]
 
 
 def make_cmd(kernel: cfg.KernelConfig, *args) -> list[str]:
@@ -352,11 +364,19 @@ class LabImages:
 
 
 def build_all() -> LabImages:
-    """Build (or verify the cached) kernel, modules and initramfs."""
+    """Build (or verify the cached) kernel, modules and initramfs.
+
+    One builder at a time per cache: another process would take a step in
+    progress for a half-built one and remove it.
+    """
     check_host()
-    kernel = build_kernel()
-    modules = build_modules(kernel)
-    initramfs = build_initramfs(modules)
+    root = cfg.cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kernel = build_kernel()
+        modules = build_modules(kernel)
+        initramfs = build_initramfs(modules)
     return LabImages(
         vmlinux=kernel / "vmlinux",
         kernel_build=kernel / "build",

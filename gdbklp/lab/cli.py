@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-from gdbklp.lab import LabError, build, session, workload
+from gdbklp.lab import build, session, workload
+from gdbklp.lab.config import DEFAULT_TRAMPOLINE, TRAMPOLINES
 from gdbklp.lab.gdbmi import LOADER
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 
@@ -26,7 +27,8 @@ def gdb_command(vmlinux, port: int) -> list[str]:
 def cmd_boot(args) -> int:
     images = build.build_all()
     guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
-                  append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run))
+                  append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run,
+                                        trampoline=args.trampoline))
     with guest.start():
         print(f"gdbstub: 127.0.0.1:{guest.gdb_port}   serial log: {guest.serial_log}")
         print("attach with: " + shlex.join(gdb_command(images.vmlinux, guest.gdb_port)))
@@ -42,38 +44,47 @@ def cmd_gdb(args) -> int:
     images = build.build_all()
     if args.port:
         return subprocess.call(gdb_command(images.vmlinux, args.port))
-    with session.booted(images, smp=args.smp) as guest:
+    with session.booted(images, smp=args.smp, trampoline=args.trampoline) as guest:
         print(f"guest booted (serial log: {guest.serial_log}); starting gdb", file=sys.stderr)
         return subprocess.call(gdb_command(images.vmlinux, guest.gdb_port))
 
 
 def cmd_demo(args) -> int:
     images = build.build_all()
-    run_args = f"-t {args.tasks} -n {args.calls} -k {args.kinds}"
+    trampoline = TRAMPOLINES[args.trampoline]
+    kinds = args.kinds or ",".join(trampoline.kinds)
+    run_args = f"-t {args.tasks} -n {args.calls} -k {kinds}"
     if args.flags:
         run_args += f" -f {args.flags}"
-    print(f"booting the lab ({images.vmlinux.parent.name}) ...", flush=True)
-    with session.booted(images, smp=args.smp) as guest:
+    print(f"booting the lab ({images.vmlinux.parent.name}; trampoline: {trampoline.summary}) ...", flush=True)
+    with session.booted(images, smp=args.smp, trampoline=trampoline.name) as guest:
         print(f"guest ready; serial log: {guest.serial_log}")
         with session.attached(guest, images.vmlinux) as gdb:
             print(f"gdb attached; watching 'klplab-run {run_args}' ...", flush=True)
             start = time.monotonic()
-            report, counts = session.watch_workload(guest, gdb, run_args)
+            report, counts = session.watch_workload(guest, gdb, run_args,
+                                                    timeout=args.timeout or trampoline.demo_timeout)
             elapsed = time.monotonic() - start
     print()
     print(report.format_text())
     print()
     rows = workload.compare(report.by_caller, counts)
-    print(workload.format_comparison(rows))
-    ok = all(r.agrees for r in rows) and not report.errors and not report.violations
+    print(workload.format_comparison(rows) if rows else "the workload did not finish: no counts from the guest")
+    ok = bool(rows) and all(r.agrees for r in rows) and not report.errors and not report.violations
     rate = report.redirections / elapsed if elapsed else 0
+    agreement = ("the workload did not finish" if not rows else "every kind agrees with the guest"
+                 if all(r.agrees for r in rows) else "MISMATCH between gdb and the guest")
     print(f"\n{report.redirections} redirections watched in {elapsed:.1f} s ({rate:.0f}/s); "
-          f"{len(report.violations)} violations; "
-          f"{'every kind agrees with the guest' if ok else 'MISMATCH between gdb and the guest'}")
+          f"{len(report.violations)} violations; {agreement}")
     if args.json:
         report.write_json(args.json)
         print(f"report: {args.json}")
     return 0 if ok else 1
+
+
+def add_trampoline_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
+                        help="; ".join(f"{t.name}: {t.summary}" for t in TRAMPOLINES.values()))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -87,18 +98,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("serve", "run", "shell"), default="serve")
     p.add_argument("--run", default="", metavar="ARGS", help="klplab-run arguments (mode run)")
     p.add_argument("--no-patch", action="store_true", help="do not load the live patch at boot")
+    add_trampoline_option(p)
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("gdb", help="gdb-multiarch with gdbklp, attached to a new or running guest")
     p.add_argument("--port", type=int, help="attach to a guest already listening on this port")
     p.add_argument("--smp", type=int, default=None)
+    add_trampoline_option(p)
     p.set_defaults(func=cmd_gdb)
 
     p = sub.add_parser("demo", help="watch every call kind's redirections and compare with the guest")
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--calls", type=int, default=20, help="calls per kind per task")
-    p.add_argument("--kinds", default="all", help="comma-separated kinds, or all")
+    p.add_argument("--kinds", help="comma-separated kinds, or all (default: those the trampoline handles)")
+    p.add_argument("--timeout", type=float, help="seconds the workload may take (default: per trampoline)")
     p.add_argument("--flags", default="", help="yield,sleep,hold")
     p.add_argument("--smp", type=int, default=None)
     p.add_argument("--json", metavar="FILE", help="also write the watch report as JSON")
+    add_trampoline_option(p)
     p.set_defaults(func=cmd_demo)

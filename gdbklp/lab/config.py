@@ -40,6 +40,7 @@ HOST_REQUIREMENTS = (
     HostRequirement("bison", "bison"),
     HostRequirement("bc", "bc"),
     HostRequirement("xz", "xz-utils"),
+    HostRequirement("patch", "patch"),
     HostRequirement("apt-get", "apt"),
     HostRequirement("dpkg-deb", "dpkg"),
     HostRequirement("/usr/include/openssl/ssl.h", "libssl-dev"),
@@ -58,6 +59,8 @@ class KernelConfig:
     # make targets run in order before the fragment is applied
     base_configs: tuple[str, ...]
     fragment: Path
+    # applied in order with patch -p1 to the extracted source
+    patches: tuple[Path, ...] = ()
     # "modules" also writes Module.symvers and the module linker script
     build_targets: tuple[str, ...] = ("vmlinux", "modules")
 
@@ -68,6 +71,8 @@ KERNEL = KernelConfig(
     cross_compile="powerpc64le-linux-gnu-",
     base_configs=("tinyconfig", "64-bit.config", "le.config"),
     fragment=IMAGES_DIR / "kernel.config",
+    # the 2015 RFC's trampolines, chosen at boot with klp_trampoline=
+    patches=(IMAGES_DIR / "kernel-patches" / "0001-powerpc-klp-rfc-trampolines.patch",),
 )
 
 
@@ -106,6 +111,32 @@ INITRAMFS = InitramfsConfig(
     init=IMAGES_DIR / "initramfs" / "init",
     programs={"klplab-run": IMAGES_DIR / "initramfs" / "klplab-run.c"},
 )
+
+
+@dataclass(frozen=True)
+class Trampoline:
+    """A live-patch trampoline design the lab kernel can run (klp_trampoline= at boot)."""
+
+    name: str
+    summary: str
+    # the call kinds (gdbklp.lab.workload.KINDS) it redirects without harm:
+    # the demo's default workload
+    kinds: tuple[str, ...]
+    # seconds the demo waits for its workload (a design that breaks the guest ends it early)
+    demo_timeout: float = 1800.0
+
+
+TRAMPOLINES = {t.name: t for t in (
+    Trampoline("livepatch-stack", "the merged design (livepatch_handler and the per-task livepatch stack)",
+               ("local", "local_other", "global", "indirect", "many_args", "varargs", "sibling")),
+    # a C with stack-passed arguments cannot run in a 32-byte mini frame (invariant 6)
+    Trampoline("rfc-fixed", "the 2015 RFC's mini frame with its two defects corrected",
+               ("local", "local_other", "global", "indirect", "sibling")),
+    # the first global call is misrouted and its return address lost: one is enough to see it
+    Trampoline("rfc", "the 2015 RFC's mini frame as posted (compare constant 0x18, return address lost)",
+               ("global",), demo_timeout=30.0),
+)}
+DEFAULT_TRAMPOLINE = "livepatch-stack"
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,13 @@ def is_listening(port: int, pid: int | None = None) -> bool:
 
 
 def kernel_cmdline(mode: str = "serve", patch: bool = True, run_args: str = "",
-                   extra: tuple[str, ...] = (), qemu: cfg.QemuConfig = cfg.QEMU) -> str:
+                   extra: tuple[str, ...] = (), qemu: cfg.QemuConfig = cfg.QEMU,
+                   trampoline: str = cfg.DEFAULT_TRAMPOLINE) -> str:
+    if trampoline not in cfg.TRAMPOLINES:
+        raise LabError(f"unknown trampoline {trampoline!r} (one of {', '.join(cfg.TRAMPOLINES)})")
     words = [*qemu.append, f"klplab.mode={mode}"]
+    if trampoline != cfg.DEFAULT_TRAMPOLINE:
+        words.append(f"klp_trampoline={trampoline}")
     if not patch:
         words.append("klplab.patch=0")
     if run_args:

@@ -2,9 +2,11 @@
 
 import contextlib
 import tempfile
+import time
 from pathlib import Path
 
-from gdbklp.lab import build, workload
+from gdbklp.lab import LabError, build, workload
+from gdbklp.lab.config import DEFAULT_TRAMPOLINE
 from gdbklp.lab.gdbmi import GdbSession
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.report import WatchReport
@@ -12,10 +14,10 @@ from gdbklp.report import WatchReport
 
 @contextlib.contextmanager
 def booted(images: build.LabImages | None = None, *, patch: bool = True, smp: int | None = None,
-           workdir: Path | None = None, ready_timeout: float = 120.0):
+           workdir: Path | None = None, ready_timeout: float = 120.0, trampoline: str = DEFAULT_TRAMPOLINE):
     """A lab guest in serve mode, ready for commands; killed on exit."""
     images = images or build.build_all()
-    guest = Guest(images.vmlinux, images.initramfs, append=kernel_cmdline(patch=patch),
+    guest = Guest(images.vmlinux, images.initramfs, append=kernel_cmdline(patch=patch, trampoline=trampoline),
                   smp=smp, workdir=workdir)
     with guest:
         guest.wait_ready(ready_timeout)
@@ -51,12 +53,19 @@ class WatchedGuest:
             self.gdb.cont()
             try:
                 status, output = self.guest.run(command, timeout)
+                outcome = f"guest command exited {status}"
+            except LabError as e:  # the guest died or hung: the report so far still counts
+                output, outcome = "", f"guest command did not finish: {e}"
             finally:
+                if "--sample" in options:
+                    # end the pauses first, so that none resumes the guest after ours
+                    self.gdb.console("klp-watch stop")
+                    time.sleep(0.5)
                 if self.gdb.running:
                     self.gdb.interrupt()
                 self.gdb.console("klp-watch stop")
             report = WatchReport.read_json(path)
-        report.notes.append(f"guest command exited {status}")
+        report.notes.append(outcome)
         self.last_output = output
         self.gdb.cont()
         return report
@@ -72,13 +81,17 @@ class WatchedGuest:
 
 def watch_workload(guest: Guest, gdb: GdbSession, workload_args: str,
                    timeout: float = 1800.0) -> tuple[WatchReport, dict[str, workload.KindCounts]]:
-    """Run klplab-run under klp-watch; return gdb's report and the guest's counts.
+    """Run klplab-run under klp-watch; return gdb's report and the guest's counts
+    (none when the workload did not finish: the report says why).
 
     The guest is left running or stopped as it was found.
     """
     was_running = gdb.running
     watched = WatchedGuest(guest, gdb)
     report = watched.watch(f"klplab-run -r {workload_args}", timeout)
-    if not was_running:
+    if not was_running and gdb.running:
         gdb.interrupt()
-    return report, workload.parse_counts(watched.last_output)
+    try:
+        return report, workload.parse_counts(watched.last_output)
+    except LabError:
+        return report, {}

@@ -1,0 +1,116 @@
+"""klp-lint: static checks of the live-patch trampolines, with verdicts and addresses.
+
+    klp-lint [--rfc SYMBOL|ADDRESS] [--json]
+
+- livepatch_handler: the offsets it uses (PACA -> thread_info, livepatch_sp,
+  the entry layout, the magic), decoded from its code and, with DWARF,
+  compared with struct paca_struct and struct thread_info;
+- where the ftrace trampolines send a redirected call: their `bne-` as the
+  running kernel has it (a kernel may retarget it at boot), else as the file;
+- an RFC mini-frame path (the one in use, or the one --rfc names, read from
+  the vmlinux file): the constant the instruction at RA is compared with,
+  whether the return address is kept where the helper reads it, the TOC and
+  the pop (gdbklp.abi.rfc.lint).
+"""
+
+import argparse
+import json
+
+import gdb
+
+from gdbklp.abi import elf, rfc
+from gdbklp.abi.livepatch import LayoutError
+from gdbklp.gdbext import target
+from gdbklp.gdbext.commands import Command, GdbklpError
+from gdbklp.gdbext.rfcwatch import live_redirect_entry
+from gdbklp.gdbext.watch import redirect_branches
+
+DWARF_OFFSETS = (
+    ("paca_thread_info", "struct paca_struct", "__current"),
+    ("ti_livepatch_sp", "struct thread_info", "livepatch_sp"),
+)
+
+
+def dwarf_offset(type_name: str, member: str) -> int | None:
+    try:
+        return int(gdb.parse_and_eval(f"(unsigned long)&(({type_name} *)0)->{member}"))
+    except gdb.error:
+        return None
+
+
+def lint_livepatch_handler(kernel: target.Kernel) -> list[rfc.Finding]:
+    layout = kernel.livepatch_layout()
+    out = [rfc.Finding(True, layout.address,
+                       f"livepatch_handler pushes {layout.entry_size} bytes [TOC at {layout.toc_slot}, RA at "
+                       f"{layout.ra_slot}, magic {layout.magic:#x} at {layout.magic_slot}] on "
+                       f"thread_info(PACA+{layout.paca_thread_info})->livepatch_sp(+{layout.ti_livepatch_sp}); "
+                       f"C returns to {layout.return_point:#x}")]
+    for field_name, type_name, member in DWARF_OFFSETS:
+        expected = dwarf_offset(type_name, member) if kernel.has_dwarf else None
+        if expected is not None:
+            used = getattr(layout, field_name)
+            out.append(rfc.Finding(used == expected, layout.address,
+                                   f"it uses offset {used} for {type_name}.{member}; DWARF says {expected}"))
+    return out
+
+
+def rfc_path(kernel: target.Kernel, spec: str | None, live: int | None) -> tuple[int, object] | None:
+    """(entry, read_code) of the RFC path to lint: the one named, else the one in use."""
+    if spec is None:
+        return (live, target.read_memory) if live is not None else None
+    entry = kernel.symbols.address(spec)
+    if entry is None:
+        try:
+            entry = int(spec, 0)
+        except ValueError:
+            raise GdbklpError(f"no symbol {spec} in {kernel.vmlinux}") from None
+    return entry, lambda address, length: elf.read_loaded_bytes(kernel.vmlinux, address, length)
+
+
+class KlpLint(Command):
+    """Check the live-patch trampolines statically: offsets, the RFC's compare constant and return address."""
+
+    name = "klp-lint"
+
+    def configure(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--rfc", metavar="SYMBOL|ADDRESS",
+                            help="lint this RFC redirect path from the vmlinux file (default: the one in use)")
+        parser.add_argument("--json", action="store_true", help="print the verdicts as JSON")
+
+    def run(self, args: argparse.Namespace) -> None:
+        kernel = target.kernel()
+        handler = kernel.require_livepatch()
+        findings = lint_livepatch_handler(kernel)
+        live = live_redirect_entry(kernel, handler) if gdb.selected_thread() is not None else None
+        branches = redirect_branches(kernel, handler)
+        if live is None:
+            findings.append(rfc.Finding(True, branches[0] if branches else handler,
+                                        f"the ftrace trampolines' redirect branches ({len(branches)}) go to "
+                                        "livepatch_handler: the merged design"))
+        else:
+            findings.append(rfc.Finding(True, branches[0], f"the ftrace trampolines' redirect branches go to "
+                                                           f"{kernel.describe(live)}: an RFC mini-frame path"))
+        helper = kernel.symbols.address("KLP_return_helper")
+        path = rfc_path(kernel, args.rfc, live)
+        if path is None and helper is not None:
+            findings.append(rfc.Finding(True, helper, "KLP_return_helper is present but not in use"))
+        if path is not None:
+            entry, read_code = path
+            try:
+                trampoline = rfc.decode_rfc_trampoline(read_code(entry, 4 * rfc.MAX_INSNS), entry, read_code)
+                findings += rfc.lint(trampoline, kernel.describe)
+            except LayoutError as e:
+                findings.append(rfc.Finding(False, entry, f"cannot follow the redirect path at "
+                                                          f"{kernel.describe(entry)}: {e}"))
+        verdict = "clean" if all(f.ok for f in findings) else "defects found"
+        if args.json:
+            gdb.write(json.dumps({"verdict": verdict, "findings": [
+                {"ok": f.ok, "address": f.address, "where": kernel.describe(f.address), "text": f.text}
+                for f in findings]}, indent=1) + "\n")
+            return
+        for f in findings:
+            gdb.write(f"{'ok   ' if f.ok else 'ERROR'} {kernel.describe(f.address)} ({f.address:#x}): {f.text}\n")
+        gdb.write(f"klp-lint: {verdict}\n")
+
+
+KlpLint()

@@ -1,0 +1,169 @@
+"""klp-watch --sample HZ: no breakpoints; pause the guest by interrupt, validate, resume.
+
+A pause by interrupt does not flush QEMU 7.2's translation cache (a
+breakpoint stop does), so a sample costs the guest only the time gdb holds
+it. One sample checks, for the task on each vCPU that runs kernel code and
+for SAMPLE_SLEEPERS more tasks taken in turn from the task list (every task
+is visited once per len(tasks) / SAMPLE_SLEEPERS samples):
+
+- invariant 10: livepatch_sp between the stack's first slot and the task's
+  r1, on an entry boundary; the stack-end magic intact;
+- invariants 7 and 8: each livepatch-stack entry a [TOC, RA, magic] record
+  whose RA follows a call and whose TOC belongs to the caller's object
+  (a local caller) or to some object (global and indirect callers), with the
+  magic intact.
+
+It catches corruption that persists until a sample looks, not each event;
+the redirection-time invariants (1, 3, 9, 12 at the call) need the precise
+mode's breakpoint. Sampling needs background execution (`continue &`, gdb/MI,
+or the monitor): the pauses come from a timer thread through gdb's event loop.
+"""
+
+import threading
+import time
+
+import gdb
+
+from gdbklp.abi.invariants import SAMPLE, Violation
+from gdbklp.abi.livepatch import read_livepatch_stack
+from gdbklp.gdbext import frames, target
+
+SAMPLE_SLEEPERS = 4     # tasks not on a vCPU checked per sample
+TASK_LIST_REFRESH = 64  # samples between two readings of the task list
+MSR_PR = frames.MSR_PR
+KERNEL_BASE = 0xC000000000000000
+
+
+class Sampler:
+    def __init__(self, watch, hz: float):
+        self.watch = watch
+        self.kernel = watch.kernel
+        self.layout = watch.layout
+        self.period = 1.0 / hz
+        self.samples = 0
+        self.skipped = 0       # pauses with no vCPU in the kernel (its memory is not readable then)
+        self.tasks: list[int] = []
+        self.next_task = 0
+        self.offsets = self._offsets()
+        if self.offsets is not None and gdb.selected_thread() is not None:
+            self.tasks = frames.all_tasks(self.kernel)  # the slow readings now, not in the first pause
+            self.kernel.view()
+        self.our_interrupt = False
+        self.paused = 0.0      # seconds the guest spent stopped for samples
+        self.interrupted_at = 0.0
+        self.stopping = threading.Event()
+        self.resumed = threading.Event()  # the next pause comes a period after a resume
+        self.resumed.set()
+        gdb.events.stop.connect(self.on_stop)
+        self.thread = threading.Thread(target=self._timer, name="klp-watch sampler", daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _offsets() -> tuple[int, int] | None:
+        """(task_struct.stack, task_struct.thread.ksp), with DWARF."""
+        try:
+            return (int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->stack")),
+                    int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->thread.ksp")))
+        except gdb.error:
+            return None
+
+    def close(self) -> None:
+        """No more pauses; a pause in progress still ends with the guest resumed."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.resumed.set()
+        if not self.our_interrupt:
+            gdb.events.stop.disconnect(self.on_stop)
+
+    # ---- pausing and resuming ------------------------------------------------
+
+    def _timer(self) -> None:
+        # a fixed rate would pile pauses up when a sample takes longer than the
+        # period: the guest always runs a whole period between two samples
+        while self.resumed.wait() and not self.stopping.wait(self.period):
+            self.resumed.clear()
+            gdb.post_event(self._interrupt)
+
+    def _interrupt(self) -> None:
+        thread = gdb.selected_thread()
+        if self.stopping.is_set() or self.our_interrupt or thread is None or not thread.is_running():
+            self.resumed.set()  # stopped by someone else: try again a period later
+            return
+        self.our_interrupt = True
+        self.interrupted_at = time.monotonic()
+        gdb.execute("interrupt", to_string=True)
+
+    def on_stop(self, event) -> None:
+        if not self.our_interrupt:
+            return
+        self.our_interrupt = False
+        if not self.stopping.is_set():
+            try:
+                self.sample()
+            except Exception as e:  # a sample must never keep the guest stopped
+                self.watch.record_error(f"sample: {type(e).__name__}: {e}")
+        gdb.post_event(self._resume)
+
+    def _resume(self) -> None:
+        gdb.execute("continue &", to_string=True)
+        if self.stopping.is_set():  # the pause that was in flight when the watch ended
+            gdb.events.stop.disconnect(self.on_stop)
+            return
+        self.paused += time.monotonic() - self.interrupted_at
+        self.watch.report.sample_pause_ms = 1000 * self.paused / max(self.samples + self.skipped, 1)
+        self.resumed.set()
+
+    # ---- one sample ------------------------------------------------------------
+
+    def sample(self) -> None:
+        running = []
+        for _, state in frames.each_vcpu():
+            # at an exception's first instructions r13 may not be the PACA yet
+            if not state["msr"] & MSR_PR and state["r13"] >= KERNEL_BASE:
+                task = target.read_u64(state["r13"] + self.layout.paca_thread_info)
+                running.append((task, state["r1"], target.current_cpu()))
+        if not running:
+            self.skipped += 1
+            return
+        frames.select_kernel_vcpu()
+        self.samples += 1
+        report = self.watch.report
+        report.samples = self.samples
+        for task, sp, cpu in running:
+            self.check(task, sp & ~(self.watch.thread_size - 1), sp, cpu)
+        for task in self.sleepers({t for t, _, _ in running}):
+            stack, ksp = (target.read_u64(task + offset) for offset in self.offsets)
+            self.check(task, stack, ksp, -1)
+
+    def sleepers(self, running: set[int]) -> list[int]:
+        if self.offsets is None:
+            return []
+        if not self.tasks or self.samples % TASK_LIST_REFRESH == 0:
+            self.tasks = frames.all_tasks(self.kernel)
+        out = []
+        for _ in range(min(SAMPLE_SLEEPERS, len(self.tasks))):
+            self.next_task = (self.next_task + 1) % len(self.tasks)
+            if self.tasks[self.next_task] not in running:
+                out.append(self.tasks[self.next_task])
+        return out
+
+    def check(self, task: int, base: int, sp: int, cpu: int) -> None:
+        livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
+        stack = read_livepatch_stack(target.read_memory, base, livepatch_sp, sp, self.layout, self.kernel.view())
+        self.watch.report.sampled_tasks[task] = self.watch.report.sampled_tasks.get(task, 0) + 1
+        violations = [Violation(10, "livepatch stack out of place (seen by a sample)",
+                                "end_of_stack + 8 <= livepatch_sp <= r1, on an entry boundary, stack-end magic "
+                                "intact", problem) for problem in stack.problems]
+        for address, problems in stack.entry_problems.items():
+            for problem in problems:
+                inv = 8 if problem.startswith("magic") else 7
+                violations.append(Violation(inv, "livepatch stack entry damaged (seen by a sample)",
+                                            f"a [TOC, RA, magic] record at {address:#x}", problem))
+        if violations:
+            pid, comm = self.kernel.task_identity(task)
+            for v in violations:
+                v.seq, v.task, v.pid, v.comm, v.cpu = self.watch.report.redirections, task, pid, comm, cpu
+                v.call_site = SAMPLE
+            self.watch.report.add_violations(task, pid, comm, violations)
+            self.watch.reported(violations)

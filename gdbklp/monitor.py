@@ -1,0 +1,321 @@
+"""gdbklp watch: a full-screen live monitor of klp-watch (prompt_toolkit), driving
+gdb-multiarch over MI (pygdbmi).
+
+    gdbklp watch --attach 127.0.0.1:PORT --vmlinux VMLINUX [--sample HZ] [--report FILE]
+    gdbklp watch --lab [--trampoline NAME]             # boot the lab guest and watch it
+    gdbklp watch --qemu "qemu-system-ppc64 ..." --vmlinux VMLINUX
+
+Every gdb exchange happens on one background thread (GdbFeed), so the screen
+never waits for gdb: it shows the latest status the feed read (klp-watch
+status --json, twice a second) and queues the keys' actions. Failures before
+the screen opens (gdb missing, nothing listening, a vmlinux that is not the
+running kernel) are one line on the terminal; the screen restores the
+terminal however it ends.
+"""
+
+import contextlib
+import json
+import queue
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gdbklp.lab import LabError
+from gdbklp.lab.gdbmi import GdbSession
+
+POLL_SECONDS = 0.5
+KEYS = "p pause/resume   ↑↓ select task   f klp-frames of the task   s save report   q quit"
+
+
+@dataclass
+class Snapshot:
+    """What the screen shows; replaced whole by the feed, read by the screen."""
+
+    guest: str = "connecting"
+    status: dict = field(default_factory=dict)
+    rate: float = 0.0                 # redirections per second, over the last poll
+    message: str = ""
+    detail: str = ""                  # klp-frames output of the selected task
+    ended: str | None = None          # set when the feed stops: why
+
+
+class GdbFeed(threading.Thread):
+    """Owns the gdb session: polls the watch, runs the actions the keys queue."""
+
+    def __init__(self, gdb: GdbSession):
+        super().__init__(name="gdbklp gdb feed", daemon=True)
+        self.gdb = gdb
+        self.snapshot = Snapshot(guest="running" if gdb.running else "paused")
+        self.actions: queue.Queue = queue.Queue()
+        self.last = (time.monotonic(), 0)
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    action = self.actions.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    action = None
+                if action is not None and action() == "quit":
+                    return
+                self.poll()
+        except Exception as e:  # gdb went away: say so, the screen closes
+            self.update(ended=f"gdb: {e}")
+
+    def update(self, **changes) -> None:
+        self.snapshot = Snapshot(**{**self.snapshot.__dict__, **changes})  # the screen redraws on its timer
+
+    def poll(self) -> None:
+        status = json.loads(self.gdb.console("klp-watch status --json").strip().splitlines()[-1])
+        now, count = time.monotonic(), status["redirections"]
+        then, before = self.last
+        self.last = (now, count)
+        self.update(status=status, rate=(count - before) / (now - then) if now > then else 0.0,
+                    guest="running" if self.gdb.running else "paused")
+
+    # ---- actions (run on this thread) ------------------------------------------
+
+    def toggle_pause(self) -> None:
+        if self.gdb.running:
+            self.gdb.interrupt()
+            self.update(guest="paused", message="guest paused")
+        else:
+            self.gdb.cont()
+            self.update(guest="running", message="guest resumed")
+
+    def frames(self, pid: int) -> None:
+        was_running = self.gdb.running
+        if was_running:
+            self.gdb.interrupt()
+        try:
+            self.update(detail=self.gdb.console(f"klp-frames --task {pid}"), message=f"klp-frames of pid {pid}")
+        except LabError as e:
+            self.update(detail="", message=str(e).strip().splitlines()[-1])
+        finally:
+            if was_running:
+                self.gdb.cont()
+
+    def save(self, path: Path) -> None:
+        self.gdb.console(f"klp-watch report --json {path}")
+        self.update(message=f"report saved to {path}")
+
+    def quit(self, leave_running: bool) -> str:
+        if self.gdb.running:
+            self.gdb.interrupt()
+        self.gdb.console("klp-watch stop")
+        if leave_running:  # QEMU resumes the guest when gdb detaches
+            self.gdb.mi("-target-detach")
+        else:
+            self.gdb.console("kill")
+        self.update(ended="detached, the guest keeps running" if leave_running else "guest stopped")
+        return "quit"
+
+
+def task_rows(status: dict) -> list[dict]:
+    return sorted(status.get("tasks", []), key=lambda t: t["pid"])
+
+
+def render_header(s: Snapshot) -> list:
+    st = s.status
+    return [("bold", f" gdbklp watch  guest: {s.guest}  design: {st.get('design', '?')}  "
+                     f"redirections: {st.get('redirections', 0)} ({s.rate:.1f}/s)  "
+                     f"violations: {st.get('violations', 0)}"
+                     + (f"  samples: {st['samples']}" if st.get("samples") else "") + "\n"),
+            ("", f" {st.get('probe', '')}\n")]
+
+
+def render_tasks(s: Snapshot, selected: int) -> list:
+    out = [("underline", f" {'task':>18} {'pid':>6} {'comm':<16} {'cpus':<6} {'redirections':>12} {'violations':>10}\n")]
+    for i, t in enumerate(task_rows(s.status)):
+        style = "reverse" if i == selected else ("fg:ansired" if t["violations"] else "")
+        cpus = ",".join(map(str, sorted(t["cpus"])))
+        out.append((style, f" {t['task']:#18x} {t['pid']:>6} {t['comm']:<16} {cpus:<6} "
+                           f"{t['redirections']:>12} {t['violations']:>10}\n"))
+    return out
+
+
+def render_kinds(s: Snapshot) -> list:
+    out = [("underline", f" {'call site':<16} {'seen':>8} {'checked':>8} {'violations':>10}\n")]
+    for site, t in sorted(s.status.get("by_call_site", {}).items()):
+        out.append(("fg:ansired" if t["violations"] else "",
+                    f" {site:<16} {t['seen']:>8} {t['checked']:>8} {t['violations']:>10}\n"))
+    if s.status.get("old_code_calls"):
+        out.append(("", f" calls not redirected (old code): {s.status['old_code_calls']}\n"))
+    return out
+
+
+def render_events(s: Snapshot) -> list:
+    st = s.status
+    text = "\n\n".join(st.get("latest_violations", [])) or "no violation"
+    lines = [text] + [f"guest: {e}" for e in st.get("guest_events", [])] + \
+            [f"error: {e}" for e in st.get("errors", [])]
+    if s.detail:
+        lines.append(s.detail)
+    return [("fg:ansired" if st.get("violations") else "", "\n".join(lines) + "\n")]
+
+
+def run_screen(feed: GdbFeed, report: Path) -> str:
+    """The full-screen application; returns why it ended."""
+    from prompt_toolkit.application import Application
+    from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.layout import HSplit, Layout, Window
+    from prompt_toolkit.layout.controls import FormattedTextControl
+
+    selected = [0]
+    choosing_quit = [False]
+    keys = KeyBindings()
+
+    def footer():
+        if choosing_quit[0]:
+            return [("bold", " quit: d detach and leave the guest running, k stop the guest, Esc cancel")]
+        return [("", f" {KEYS}\n"), ("italic", f" {feed.snapshot.message}")]
+
+    @keys.add("p")
+    def _pause(event):
+        feed.actions.put(feed.toggle_pause)
+
+    @keys.add("up")
+    def _up(event):
+        selected[0] = max(0, selected[0] - 1)
+
+    @keys.add("down")
+    def _down(event):
+        selected[0] = min(max(len(task_rows(feed.snapshot.status)) - 1, 0), selected[0] + 1)
+
+    @keys.add("f")
+    def _frames(event):
+        rows = task_rows(feed.snapshot.status)
+        if rows:
+            feed.actions.put(lambda pid=rows[min(selected[0], len(rows) - 1)]["pid"]: feed.frames(pid))
+
+    @keys.add("s")
+    def _save(event):
+        feed.actions.put(lambda: feed.save(report))
+
+    @keys.add("q")
+    def _quit(event):
+        choosing_quit[0] = True
+
+    @keys.add("escape")
+    def _cancel(event):
+        choosing_quit[0] = False
+
+    for key, leave_running in (("d", True), ("k", False)):
+        @keys.add(key, filter=_condition(lambda: choosing_quit[0]))
+        def _leave(event, leave_running=leave_running):
+            feed.actions.put(lambda: feed.quit(leave_running))
+
+    def section(render, **window):
+        return Window(FormattedTextControl(render), **window)
+
+    layout = HSplit([
+        section(lambda: render_header(feed.snapshot), height=2),
+        section(lambda: render_tasks(feed.snapshot, selected[0]), height=10),
+        Window(height=1, char="-"),
+        section(lambda: render_kinds(feed.snapshot), height=10),
+        Window(height=1, char="-"),
+        section(lambda: render_events(feed.snapshot), wrap_lines=True),
+        section(footer, height=2),
+    ])
+    app = Application(layout=Layout(layout), key_bindings=keys, full_screen=True, refresh_interval=POLL_SECONDS)
+
+    def watch_feed():
+        while feed.snapshot.ended is None:
+            time.sleep(0.1)
+        app.exit(result=feed.snapshot.ended)
+
+    threading.Thread(target=watch_feed, daemon=True).start()
+    return app.run()
+
+
+def _condition(predicate):
+    from prompt_toolkit.filters import Condition
+    return Condition(predicate)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def guest_to_watch(args):
+    """(vmlinux, host, port) of the guest to watch: attached, started from a QEMU
+    command line, or the lab booted for it (stopped on exit when we started it)."""
+    if args.lab:
+        from gdbklp.lab import build, session
+        images = build.build_all()
+        with session.booted(images, trampoline=args.trampoline) as guest:
+            yield images.vmlinux, "127.0.0.1", guest.gdb_port
+    elif args.qemu:
+        port = free_port()
+        proc = subprocess.Popen([*shlex.split(args.qemu), "-gdb", f"tcp:127.0.0.1:{port}"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not _listening("127.0.0.1", port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(f"QEMU did not open its gdbstub on 127.0.0.1:{port}: "
+                                   f"{proc.stderr.read().decode(errors='replace').strip()[-300:]}")
+                time.sleep(0.2)
+            yield args.vmlinux, "127.0.0.1", port
+        finally:
+            proc.kill()
+    else:
+        host, _, port = args.attach.rpartition(":")
+        yield args.vmlinux, host or "127.0.0.1", int(port)
+
+
+def _listening(host: str, port: int) -> bool:
+    """Without connecting to it (a connection would pause the guest): is something bound there?"""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return False
+        except OSError:
+            return True
+
+
+def cmd_watch(args) -> int:
+    if not (args.lab or args.qemu or args.attach):
+        raise LabError("say which guest to watch: --attach HOST:PORT, --qemu CMDLINE or --lab")
+    if not args.lab and not args.vmlinux:
+        raise LabError("--vmlinux is needed with --attach and --qemu")
+    with guest_to_watch(args) as (vmlinux, host, port):
+        if not Path(vmlinux).is_file():
+            raise LabError(f"no vmlinux at {vmlinux}")
+        with GdbSession(vmlinux) as gdb:
+            try:
+                gdb.connect(port, host, timeout=30)
+            except LabError as e:
+                raise LabError(f"cannot attach to the gdbstub: {str(e).strip().splitlines()[-1]}") from None
+            options = f" --sample {args.sample}" if args.sample else ""
+            try:
+                gdb.console(f"klp-watch start --quiet --report {args.report}{options}")
+            except LabError as e:  # no live patching, another kernel: gdbklp's one line
+                raise LabError(str(e).strip().splitlines()[-1]) from None
+            gdb.cont()
+            feed = GdbFeed(gdb)
+            feed.start()
+            ended = run_screen(feed, Path(args.report))
+    print(f"gdbklp watch: {ended}; report in {args.report}")
+    return 0
+
+
+def configure(parser) -> None:
+    from gdbklp.lab.config import DEFAULT_TRAMPOLINE, TRAMPOLINES
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--attach", metavar="HOST:PORT", help="a guest's gdbstub (QEMU -gdb tcp:127.0.0.1:PORT)")
+    where.add_argument("--qemu", metavar="CMDLINE", help="start QEMU with this command line (gdbklp adds -gdb)")
+    where.add_argument("--lab", action="store_true", help="boot the lab guest (gdbklp lab build first)")
+    parser.add_argument("--vmlinux", type=Path, help="the running kernel's vmlinux (with --attach, --qemu)")
+    parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
+                        help="with --lab: the trampoline design the guest runs")
+    parser.add_argument("--sample", type=float, metavar="HZ", help="sampling mode instead of breakpoints")
+    parser.add_argument("--report", default="klp-watch.json", help="where the report is saved (key s, and at exit)")
+    parser.set_defaults(func=cmd_watch)

@@ -1,0 +1,190 @@
+"""gdbklp watch, the full-screen monitor, through a pseudo-terminal with a real guest."""
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+from gdbklp.lab.session import booted
+
+CONTROL = re.compile(rb"\x1b\[([0-9;?]*)([a-zA-Z])|\x1b[()][AB0-2]|\x1b[>=]|[\r\n\b]")
+
+
+class Screen:
+    """Just enough of a VT100 to replay prompt_toolkit's output: it redraws only
+    the cells that change, so the text on screen is not a substring of the bytes."""
+
+    def __init__(self, rows, columns):
+        self.rows, self.columns = rows, columns
+        self.cells = [[" "] * columns for _ in range(rows)]
+        self.row = self.col = 0
+
+    def feed(self, data: bytes) -> None:
+        pos = 0
+        for m in CONTROL.finditer(data):
+            self._text(data[pos:m.start()].decode(errors="replace"))
+            pos = m.end()
+            token = m.group(0)
+            if token == b"\r":
+                self.col = 0
+            elif token == b"\n":
+                self.row = min(self.row + 1, self.rows - 1)
+            elif token == b"\b":
+                self.col = max(self.col - 1, 0)
+            elif m.group(2):
+                self._csi(m.group(1).decode(), m.group(2).decode())
+        self._text(data[pos:].decode(errors="replace"))
+
+    def _text(self, text: str) -> None:
+        for ch in text:
+            if self.col >= self.columns:
+                continue
+            self.cells[self.row][self.col] = ch
+            self.col += 1
+
+    def _csi(self, params: str, op: str) -> None:
+        if params.startswith("?"):
+            return
+        args = [int(a) if a else 0 for a in params.split(";")] if params else []
+        n = args[0] if args and args[0] else 1
+        if op == "A":
+            self.row = max(self.row - n, 0)
+        elif op == "B":
+            self.row = min(self.row + n, self.rows - 1)
+        elif op == "C":
+            self.col = min(self.col + n, self.columns - 1)
+        elif op == "D":
+            self.col = max(self.col - n, 0)
+        elif op == "H":
+            self.row = min((args[0] if args else 1) - 1, self.rows - 1)
+            self.col = min((args[1] if len(args) > 1 else 1) - 1, self.columns - 1)
+        elif op == "K":
+            self.cells[self.row][self.col:] = [" "] * (self.columns - self.col)
+        elif op == "J":
+            self.cells[self.row][self.col:] = [" "] * (self.columns - self.col)
+            for r in range(self.row + 1, self.rows):
+                self.cells[r] = [" "] * self.columns
+
+    @property
+    def text(self) -> str:
+        return "\n".join("".join(row).rstrip() for row in self.cells)
+
+
+class Terminal:
+    """A program on a pseudo-terminal: send keys, read what it drew."""
+
+    def __init__(self, argv, rows=40, columns=140):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.environ.update(TERM="xterm", LINES=str(rows), COLUMNS=str(columns))
+            os.execv(argv[0], argv)
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        self.raw = b""
+        self.screen = Screen(rows, columns)
+
+    def _read(self, timeout: float) -> None:
+        if select.select([self.fd], [], [], timeout)[0]:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # the program exited
+                return
+            self.raw += data
+            self.screen.feed(data)
+
+    def read_until(self, pattern: str, timeout: float) -> str:
+        """Wait until the screen shows pattern (a regular expression)."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.screen.text):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{pattern!r} not shown within {timeout} s; the screen:\n{self.screen.text}")
+            self._read(min(left, 0.5))
+        return self.screen.text
+
+    def send(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._read(0.2)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("the monitor did not exit")
+
+
+def gdbklp(*args):
+    return [sys.executable, "-m", "gdbklp", *args]
+
+
+def test_monitor_watches_saves_and_detaches(lab, tmp_path):
+    report = tmp_path / "report.json"
+    with booted(lab, workdir=tmp_path) as guest:
+        term = Terminal(gdbklp("watch", "--attach", f"127.0.0.1:{guest.gdb_port}", "--vmlinux", str(lab.vmlinux),
+                               "--report", str(report)))
+        term.read_until(r"guest: running", 120)
+        guest.check("klplab-run -r -t 2 -n 3 -k local,global")
+        # one row per task with its redirections, a row per call-site class
+        term.read_until(r"klplab-run\s+[0-9,]+\s+6\s+0\n.*klplab-run\s+[0-9,]+\s+6\s+0", 60)
+        term.read_until(r"global\s+6\s+6\s+0", 30)
+        term.read_until(r"local\s+6\s+6\s+0", 30)
+        term.send("f")  # the selected task (the first) has exited: one line says so
+        term.read_until(r"klp-frames: no task with pid \d+", 30)
+        # a task asleep in C after one redirection: the last row; its frames show C
+        guest.check("echo 8000 > /sys/module/klp_lab_patch/parameters/nap_ms; "
+                    "(klplab-run -t 1 -n 2 -k local -f nap > /dev/null &)")
+        term.read_until(r"klplab-run\s+[0-9,]+\s+1\s+0", 60)
+        term.send("\x1b[B\x1b[B")  # down twice
+        term.send("f")
+        term.read_until(r"klp-frames of pid \d+", 60)
+        term.read_until(r"klp_lab_c_local", 10)
+        term.send("p")
+        term.read_until(r"guest: paused", 30)
+        term.send("p")
+        term.read_until(r"guest resumed", 30)
+        term.send("s")
+        term.read_until(r"report saved to", 30)
+        assert json.loads(report.read_text())["redirections"] >= 13
+        term.send("q")
+        term.read_until(r"d detach", 10)
+        term.send("d")
+        assert term.wait(60) == 0
+        assert b"detached, the guest keeps running" in term.raw
+        assert b"\x1b[?1049l" in term.raw  # the alternate screen was left: the terminal is back
+        # detached, not stopped: the guest still answers
+        assert "klp_lab_patch" in guest.check("cat /proc/modules")
+
+
+def test_monitor_bad_input_is_one_line():
+    nothing = subprocess.run(gdbklp("watch", "--attach", "127.0.0.1:9", "--vmlinux", "/nonexistent"),
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert nothing.returncode == 1 and nothing.stderr.strip() == "gdbklp: no vmlinux at /nonexistent"
+    assert "Traceback" not in nothing.stderr
+
+
+def test_monitor_nothing_listening(lab):
+    proc = subprocess.run(gdbklp("watch", "--attach", "127.0.0.1:9", "--vmlinux", str(lab.vmlinux)),
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("gdbklp: cannot attach to the gdbstub:") and proc.stderr.count("\n") == 1
+
+
+def test_monitor_refuses_a_vmlinux_of_another_kernel(guest, lab, tmp_path):
+    other = tmp_path / "vmlinux"
+    other.write_bytes(lab.vmlinux.read_bytes().replace(b"Linux version ", b"Linux versi0n "))
+    proc = subprocess.run(gdbklp("watch", "--attach", f"127.0.0.1:{guest.gdb_port}", "--vmlinux", str(other)),
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "does not match the running kernel" in line and "Linux versi0n" in line
