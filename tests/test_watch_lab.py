@@ -188,3 +188,43 @@ def test_calls_not_redirected_while_a_disable_transition_is_held(lab, tmp_path):
         assert v.call_site == "not redirected" and v.comm == "klplab-run" and v.caller.startswith("klp_lab_a_local")
         assert "no transition" in v.title and v.patched.startswith("klp_lab_b_local")
         assert "a call not redirected" in v.format_text()
+
+
+def test_sampling_finds_a_corrupted_entry_of_a_sleeping_task(lab, tmp_path):
+    """--sample: no breakpoints; a task asleep inside C whose livepatch-stack magic was
+    overwritten is found by a pause (invariant 8) before it wakes up; clean otherwise."""
+    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+        watched = WatchedGuest(guest, gdb)
+        gdb.cont()
+        report = watched.watch("klplab-run -r -t 2 -n 20000 > /dev/null", options="--sample 20")
+        assert report.samples > 0 and not report.violations and not report.errors, report.format_text()
+        assert report.redirections == 0 and "no breakpoints" in report.probe
+        # a task asleep in C for 20 s, its entry's magic overwritten, restored before it wakes
+        start = guest.send("echo 20000 > /sys/module/klp_lab_patch/parameters/nap_ms; "
+                           "echo 'local 1 8' > /proc/klp_lab/run & echo pid=$!; wait")  # 8: nap
+        pid = guest.wait_for(r"pid=(\d+)", 30, start).group(1)
+        time.sleep(1)
+        gdb.interrupt()
+        (stack,) = json.loads(gdb.console(f"klp-frames --task {pid} --json"))["stacks"]
+        (entry,) = stack["livepatch_stack"]["entries"]
+        magic = entry["address"] + 16
+        gdb.console(f"set var *(unsigned long *){magic:#x} = 0")
+        path = tmp_path / "sampled.json"
+        gdb.console(f"klp-watch start --quiet --sample 20 --report {path}")
+        gdb.cont()
+        deadline = time.monotonic() + 15
+        while True:  # the report can be read while the guest runs
+            time.sleep(1)
+            gdb.console(f"klp-watch report --json {path}")
+            if WatchReport.read_json(path).violations or time.monotonic() > deadline:
+                break
+        gdb.console("klp-watch stop")
+        time.sleep(0.5)
+        gdb.interrupt()
+        gdb.console(f"set var *(unsigned long *){magic:#x} = {0x57AC6E9D:#x}")
+        gdb.cont()
+        report = WatchReport.read_json(path)
+        v = report.violations[0]
+        assert v.invariant == 8 and v.call_site == "sample" and v.pid == int(pid)
+        assert f"{entry['address']:#x}" in v.expected and "magic 0x0" in v.found
+        guest.wait_done(start, 60)  # it woke up with the magic back: no BUG

@@ -2,9 +2,10 @@
 
 A pause by interrupt does not flush QEMU 7.2's translation cache (a
 breakpoint stop does), so a sample costs the guest only the time gdb holds
-it. One sample checks, for the task on each vCPU that runs kernel code and
-for SAMPLE_SLEEPERS more tasks taken in turn from the task list (every task
-is visited once per len(tasks) / SAMPLE_SLEEPERS samples):
+it. One sample checks the task on each vCPU that runs kernel code and
+more tasks taken in turn from the task list: SLEEPERS_PER_SECOND a second,
+spread over the samples (at least one a sample), so every task is visited
+every len(tasks) / SLEEPERS_PER_SECOND seconds or sooner:
 
 - invariant 10: livepatch_sp between the stack's first slot and the task's
   r1, on an entry boundary; the stack-end magic intact;
@@ -28,8 +29,8 @@ from gdbklp.abi.invariants import SAMPLE, Violation
 from gdbklp.abi.livepatch import read_livepatch_stack
 from gdbklp.gdbext import frames, target
 
-SAMPLE_SLEEPERS = 4     # tasks not on a vCPU checked per sample
-TASK_LIST_REFRESH = 64  # samples between two readings of the task list
+SLEEPERS_PER_SECOND = 40  # tasks not on a vCPU checked per second, spread over the samples
+TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
 MSR_PR = frames.MSR_PR
 KERNEL_BASE = 0xC000000000000000
 
@@ -40,6 +41,8 @@ class Sampler:
         self.kernel = watch.kernel
         self.layout = watch.layout
         self.period = 1.0 / hz
+        self.sleepers_per_sample = max(1, round(SLEEPERS_PER_SECOND / hz))
+        self.tasks_read_at = time.monotonic()
         self.samples = 0
         self.skipped = 0       # pauses with no vCPU in the kernel (its memory is not readable then)
         self.tasks: list[int] = []
@@ -51,6 +54,9 @@ class Sampler:
         self.our_interrupt = False
         self.paused = 0.0      # seconds the guest spent stopped for samples
         self.interrupted_at = 0.0
+        # each pause prints where the guest was: no source line (a file read per pause)
+        self.frame_info = gdb.parameter("print frame-info")
+        gdb.execute("set print frame-info short-location")
         self.stopping = threading.Event()
         self.resumed = threading.Event()  # the next pause comes a period after a resume
         self.resumed.set()
@@ -73,6 +79,7 @@ class Sampler:
             return
         self.stopping.set()
         self.resumed.set()
+        gdb.execute(f"set print frame-info {self.frame_info}")
         if not self.our_interrupt:
             gdb.events.stop.disconnect(self.on_stop)
 
@@ -139,10 +146,10 @@ class Sampler:
     def sleepers(self, running: set[int]) -> list[int]:
         if self.offsets is None:
             return []
-        if not self.tasks or self.samples % TASK_LIST_REFRESH == 0:
-            self.tasks = frames.all_tasks(self.kernel)
+        if not self.tasks or time.monotonic() - self.tasks_read_at > TASK_LIST_SECONDS:
+            self.tasks, self.tasks_read_at = frames.all_tasks(self.kernel), time.monotonic()
         out = []
-        for _ in range(min(SAMPLE_SLEEPERS, len(self.tasks))):
+        for _ in range(min(self.sleepers_per_sample, len(self.tasks))):
             self.next_task = (self.next_task + 1) % len(self.tasks)
             if self.tasks[self.next_task] not in running:
                 out.append(self.tasks[self.next_task])

@@ -5,7 +5,9 @@ Used by the lab demo, the tests and the live monitor. MI runs asynchronously
 keeps answering; -exec-interrupt stops it.
 """
 
+import queue
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +37,12 @@ class GdbSession:
         self.running = False
         self.pending: list[dict] = []  # async records not consumed yet (e.g. *stopped)
         self.ctrl = GdbController(command=[gdb, "--nx", "-q", "--interpreter=mi3"])
+        # gdb's output is read all the time, not only while a command waits: a
+        # pipe nobody reads fills up and blocks gdb (and so the guest), e.g.
+        # with the stops klp-watch's sampling mode prints while the guest runs
+        self._records: queue.Queue = queue.Queue()
+        self._closing = threading.Event()
+        threading.Thread(target=self._reader, name="gdb output reader", daemon=True).start()
         self.mi("-gdb-set mi-async on")
         self.mi("-gdb-set pagination off")
         self.mi("-gdb-set confirm off")
@@ -44,8 +52,23 @@ class GdbSession:
 
     # ---- raw MI ------------------------------------------------------------
 
+    def _reader(self) -> None:
+        while not self._closing.is_set() and self.ctrl.gdb_process.poll() is None:
+            try:
+                for rec in self.ctrl.get_gdb_response(timeout_sec=0.05, raise_error_on_timeout=False):
+                    self._records.put(rec)
+            except Exception:  # gdb exited
+                return
+
     def _read(self, timeout: float) -> list[dict]:
-        return self.ctrl.get_gdb_response(timeout_sec=timeout, raise_error_on_timeout=False)
+        """The records gdb printed since the last call; waits up to timeout for the first."""
+        try:
+            out = [self._records.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self._records.empty():
+            out.append(self._records.get_nowait())
+        return out
 
     def mi(self, command: str, timeout: float = 30.0) -> tuple[dict, str]:
         """Send one MI command; return (result record, console text it printed)."""
@@ -111,6 +134,7 @@ class GdbSession:
         return self.wait_stopped(timeout, interrupted=True)
 
     def close(self) -> None:
+        self._closing.set()
         try:
             self.ctrl.exit()
         except Exception:
