@@ -171,6 +171,10 @@ def test_monitor_bad_input_is_one_line():
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert nothing.returncode == 1 and nothing.stderr.strip() == "gdbklp: no vmlinux at /nonexistent"
     assert "Traceback" not in nothing.stderr
+    no_gdb = subprocess.run(gdbklp("watch", "--attach", "127.0.0.1:9", "--vmlinux", sys.executable),
+                            capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/nonexistent"})
+    assert no_gdb.returncode == 1
+    assert no_gdb.stderr == "gdbklp: missing gdb-multiarch: install with 'apt-get install gdb-multiarch'\n"
 
 
 def test_monitor_nothing_listening(lab):
