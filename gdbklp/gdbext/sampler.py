@@ -4,8 +4,8 @@ A pause by interrupt does not flush QEMU 7.2's translation cache (a
 breakpoint stop does), so a sample costs the guest only the time gdb holds
 it. One sample checks the task on each vCPU that runs kernel code and
 more tasks taken in turn from the task list: SLEEPERS_PER_SECOND a second,
-spread over the samples (at least one a sample), so every task is visited
-every len(tasks) / SLEEPERS_PER_SECOND seconds or sooner:
+spread over the samples, so every task is visited every
+len(tasks) / SLEEPERS_PER_SECOND seconds:
 
 - invariant 10: livepatch_sp between the stack's first slot and the task's
   r1, on an entry boundary; the stack-end magic intact;
@@ -41,7 +41,9 @@ class Sampler:
         self.kernel = watch.kernel
         self.layout = watch.layout
         self.period = 1.0 / hz
-        self.sleepers_per_sample = max(1, round(SLEEPERS_PER_SECOND / hz))
+        self.sleepers_per_sample = SLEEPERS_PER_SECOND / hz  # fractional: a credit that builds up
+        self.sleeper_credit = 0.0
+        self.modules_read_at = 0.0
         self.tasks_read_at = time.monotonic()
         self.samples = 0
         self.skipped = 0       # pauses with no vCPU in the kernel (its memory is not readable then)
@@ -143,13 +145,24 @@ class Sampler:
             stack, ksp = (target.read_u64(task + offset) for offset in self.offsets)
             self.check(task, stack, ksp, -1)
 
+    def view(self):
+        """The kernel view; the module list (one read per module) is checked once a second at most."""
+        now = time.monotonic()
+        fresh = now - self.modules_read_at > 1.0
+        if fresh:
+            self.modules_read_at = now
+        return self.kernel.view(read_modules=fresh)
+
     def sleepers(self, running: set[int]) -> list[int]:
         if self.offsets is None:
             return []
         if not self.tasks or time.monotonic() - self.tasks_read_at > TASK_LIST_SECONDS:
             self.tasks, self.tasks_read_at = frames.all_tasks(self.kernel), time.monotonic()
+        self.sleeper_credit += self.sleepers_per_sample
+        count = min(int(self.sleeper_credit), len(self.tasks))
+        self.sleeper_credit -= count
         out = []
-        for _ in range(min(self.sleepers_per_sample, len(self.tasks))):
+        for _ in range(count):
             self.next_task = (self.next_task + 1) % len(self.tasks)
             if self.tasks[self.next_task] not in running:
                 out.append(self.tasks[self.next_task])
@@ -157,7 +170,7 @@ class Sampler:
 
     def check(self, task: int, base: int, sp: int, cpu: int) -> None:
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
-        stack = read_livepatch_stack(target.read_memory, base, livepatch_sp, sp, self.layout, self.kernel.view())
+        stack = read_livepatch_stack(target.read_memory, base, livepatch_sp, sp, self.layout, self.view())
         self.watch.report.sampled_tasks[task] = self.watch.report.sampled_tasks.get(task, 0) + 1
         violations = [Violation(10, "livepatch stack out of place (seen by a sample)",
                                 "end_of_stack + 8 <= livepatch_sp <= r1, on an entry boundary, stack-end magic "
