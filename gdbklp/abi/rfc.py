@@ -167,6 +167,7 @@ def decode_rfc_trampoline(code: bytes, address: int, read_code) -> RfcTrampoline
                 regs[d.rt] = Value(imm & 0xFFFFFFFFFFFFFFFF, (here,))
                 unused[d.rt] = (here,)
             elif src and isinstance(src.what, int):
+                unused.pop(d.ra, None)
                 regs[d.rt] = Value((src.what + imm) & 0xFFFFFFFFFFFFFFFF, src.made_by + (here,))
             elif d.rt == d.ra == 1 and opcode == 14:
                 delta += d.disp
@@ -188,6 +189,7 @@ def decode_rfc_trampoline(code: bytes, address: int, read_code) -> RfcTrampoline
             if other is None or not isinstance(other.what, int):
                 raise _not_understood(here, word, "not a compare of the instruction at RA with a constant")
             compare, constant, lost = here, other, overwrote.get(reg, ())
+            unused.pop(reg, None)
         elif opcode == 19 and _xo(word) == 528:  # bcctr
             bo, bi = (word >> 21) & 31, (word >> 16) & 31
             if bo == 20 and not word & 1:  # bctr: the mini path enters C
