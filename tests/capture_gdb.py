@@ -79,7 +79,7 @@ class KlpCapture(Command):
     def run(self, args: argparse.Namespace) -> None:
         kernel = target.kernel()
         if args.task:
-            gframes.select_kernel_vcpu()
+            target.select_kernel_vcpu()
             task = gframes.find_task(kernel, args.task)
             regs, base = gframes.sleeping_context(kernel, task)
             image = capture(kernel, f"pid {args.task}", regs, task, base)

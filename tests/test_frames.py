@@ -5,6 +5,8 @@ kind's replacement C (entered from livepatch_handler), or asleep inside C.
 The corrupted variants change one thing in a real image.
 """
 
+import dataclasses
+
 import pytest
 
 from gdbklp.abi import ppc
@@ -173,3 +175,15 @@ def test_rfc_mini_frame_is_labelled():
     image.put_u64(image.u64(sp) + 16, helper)  # the LR slot the walk reads next
     kinds = [f.kind for f in image.decode().walk.frames]
     assert "rfc-mini-frame" in kinds
+
+
+def test_running_on_an_interrupt_stack_keeps_the_livepatch_stack_on_the_tasks_own():
+    """r1 on another THREAD_SIZE-aligned stack (an IRQ stack): the frames are walked
+    there, the livepatch stack is still read, and checked, at the task's own stack."""
+    image = StackImage("inside-c-local")
+    irq_stack = image.base + 16 * image.view.thread_size
+    image.regs = dataclasses.replace(image.regs, sp=irq_stack + 0x3000)
+    stack = image.decode()
+    assert stack.stack_base == irq_stack
+    assert stack.livepatch.base == image.base and len(stack.livepatch.entries) == 1
+    assert not stack.livepatch.problems and not stack.livepatch.entry_problems

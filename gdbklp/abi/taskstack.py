@@ -74,16 +74,23 @@ def decode_task_stack(label: str, regs: Registers, task: int, read, view: Kernel
     """Decode the kernel stack of task (its task_struct == thread_info address).
 
     regs are the task's registers (a running task's, or the sleeping task's
-    saved r1 and resume pc); read(address, length) reads target memory.
+    saved r1 and resume pc); read(address, length) reads target memory;
+    stack_base is the task's own stack (task->stack), when known. A running
+    task may be on another stack (an interrupt or softirq stack, r1 outside
+    its own): the frames are walked there, the livepatch stack stays at the
+    bottom of the task's own stack, with no r1 to bound it.
     """
-    base = stack_base if stack_base is not None else regs.sp & ~(view.thread_size - 1)
+    own = stack_base if stack_base is not None else regs.sp & ~(view.thread_size - 1)
+    on_own_stack = own <= regs.sp < own + view.thread_size
+    base = own if on_own_stack else regs.sp & ~(view.thread_size - 1)
     livepatch = None
     if view.livepatch is not None:
         try:
             sp_slot = task + view.livepatch.ti_livepatch_sp
             livepatch_sp = int.from_bytes(read(sp_slot, 8), "little")
-            livepatch = read_livepatch_stack(read, base, livepatch_sp, regs.sp, view.livepatch, view)
+            lowest = regs.sp if on_own_stack else own + view.thread_size
+            livepatch = read_livepatch_stack(read, own, livepatch_sp, lowest, view.livepatch, view)
         except Exception as e:
-            livepatch = LivepatchStack(base, 0, [], [f"cannot read livepatch_sp: {e}"], {})
+            livepatch = LivepatchStack(own, 0, [], [f"cannot read livepatch_sp: {e}"], {})
     walk = walk_stack(regs, read, view, base, livepatch.entries if livepatch else [])
     return TaskStack(label, task, pid, comm, regs, base, walk, livepatch)

@@ -16,8 +16,6 @@ from gdbklp.abi.taskstack import TaskStack, decode_task_stack
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command, GdbklpError
 
-MSR_PR = 1 << 14
-
 
 def vcpu_state() -> dict:
     """pc, lr, r1, r2, r13 and msr of the selected vCPU."""
@@ -43,7 +41,8 @@ def decode_running(kernel: target.Kernel, state: dict, view: KernelView) -> Task
         task = running_task(kernel, state)
         pid, comm = kernel.task_identity(task)
         regs = Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
-        stack = decoded[key] = decode_task_stack("", regs, task, target.read_memory, view, pid, comm)
+        stack = decoded[key] = decode_task_stack("", regs, task, target.read_memory, view, pid, comm,
+                                                  kernel.task_stack(task))
     return stack
 
 
@@ -75,19 +74,6 @@ def each_vcpu():
     finally:
         if original is not None and original.is_valid():
             original.switch()
-
-
-def select_kernel_vcpu() -> None:
-    """QEMU reads kernel memory through the selected vCPU's MMU context:
-    select one that runs kernel code."""
-    if not target.register("msr") & MSR_PR:
-        return
-    for thread in gdb.selected_inferior().threads():
-        thread.switch()
-        if not target.register("msr") & MSR_PR:
-            return
-    raise GdbklpError("every vCPU runs user code, so kernel memory cannot be read through "
-                      "the gdbstub now; stop the guest in the kernel (a breakpoint) and retry")
 
 
 def all_tasks(kernel: target.Kernel) -> list[int]:
@@ -132,10 +118,10 @@ def sleeping_stack(kernel: target.Kernel, task: int) -> TaskStack:
 def stack_of_task(kernel: target.Kernel, task: int) -> TaskStack:
     """Any task's stack: from its vCPU's registers if it runs, else as _switch left it."""
     for label, state in each_vcpu():
-        if not state["msr"] & MSR_PR and running_task(kernel, state) == task:
+        if not state["msr"] & target.MSR_PR and running_task(kernel, state) == task:
             pid, _ = kernel.task_identity(task)
             return running_stack(kernel, f"{label} pid {pid}", state)
-    select_kernel_vcpu()
+    target.select_kernel_vcpu()
     return sleeping_stack(kernel, task)
 
 
@@ -156,18 +142,18 @@ class KlpFrames(Command):
         target.require_target()
         stacks, notes = [], []
         if args.task:
-            select_kernel_vcpu()
+            target.select_kernel_vcpu()
             stacks.append(stack_of_task(kernel, find_task(kernel, args.task)))
         elif args.all:
             for label, state in each_vcpu():
-                if state["msr"] & MSR_PR:
+                if state["msr"] & target.MSR_PR:
                     notes.append(f"{label}: in user space at {state['pc']:#x} (no kernel stack in use)")
                 else:
                     stacks.append(running_stack(kernel, label, state))
         else:
             state = vcpu_state()
             label = f"vCPU {gdb.selected_thread().num - 1}"
-            if state["msr"] & MSR_PR:
+            if state["msr"] & target.MSR_PR:
                 raise GdbklpError(f"{label} is in user space at {state['pc']:#x}: "
                                   "use --all or --task")
             stacks.append(running_stack(kernel, label, state))

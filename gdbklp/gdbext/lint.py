@@ -81,7 +81,10 @@ class KlpLint(Command):
         kernel = target.kernel()
         handler = kernel.require_livepatch()
         findings = lint_livepatch_handler(kernel)
-        live = live_redirect_entry(kernel, handler) if gdb.selected_thread() is not None else None
+        live = None
+        if gdb.selected_thread() is not None:
+            target.select_kernel_vcpu()  # the branches are read from kernel memory
+            live = live_redirect_entry(kernel, handler)
         branches = redirect_branches(kernel, handler)
         if live is None:
             findings.append(rfc.Finding(True, branches[0] if branches else handler,

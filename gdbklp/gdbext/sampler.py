@@ -31,7 +31,6 @@ from gdbklp.gdbext import frames, target
 
 SLEEPERS_PER_SECOND = 40  # tasks not on a vCPU checked per second, spread over the samples
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
-MSR_PR = frames.MSR_PR
 KERNEL_BASE = 0xC000000000000000
 
 
@@ -49,8 +48,8 @@ class Sampler:
         self.skipped = 0       # pauses with no vCPU in the kernel (its memory is not readable then)
         self.tasks: list[int] = []
         self.next_task = 0
-        self.offsets = self._offsets()
-        if self.offsets is not None and gdb.selected_thread() is not None:
+        self.ksp_offset = self._ksp_offset()
+        if self.ksp_offset is not None and gdb.selected_thread() is not None:
             self.tasks = frames.all_tasks(self.kernel)  # the slow readings now, not in the first pause
             self.kernel.view()
         self.our_interrupt = False
@@ -62,16 +61,17 @@ class Sampler:
         self.stopping = threading.Event()
         self.resumed = threading.Event()  # the next pause comes a period after a resume
         self.resumed.set()
+        self.sampling = False  # a sample is posted, not run yet
         gdb.events.stop.connect(self.on_stop)
+        self.connected = True
         self.thread = threading.Thread(target=self._timer, name="klp-watch sampler", daemon=True)
         self.thread.start()
 
     @staticmethod
-    def _offsets() -> tuple[int, int] | None:
-        """(task_struct.stack, task_struct.thread.ksp), with DWARF."""
+    def _ksp_offset() -> int | None:
+        """task_struct.thread.ksp, where a sleeping task's r1 is (with DWARF)."""
         try:
-            return (int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->stack")),
-                    int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->thread.ksp")))
+            return int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->thread.ksp"))
         except gdb.error:
             return None
 
@@ -82,7 +82,12 @@ class Sampler:
         self.stopping.set()
         self.resumed.set()
         gdb.execute(f"set print frame-info {self.frame_info}")
-        if not self.our_interrupt:
+        if not self.our_interrupt and not self.sampling:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self.connected:
+            self.connected = False
             gdb.events.stop.disconnect(self.on_stop)
 
     # ---- pausing and resuming ------------------------------------------------
@@ -104,20 +109,26 @@ class Sampler:
         gdb.execute("interrupt", to_string=True)
 
     def on_stop(self, event) -> None:
-        if not self.our_interrupt:
-            return
-        self.our_interrupt = False
+        if self.our_interrupt:
+            self.our_interrupt = False
+            self.sampling = True
+            # not in this observer: gdb is still inside its stop processing, and
+            # a sample switches threads (gdb dumped core once when it did)
+            gdb.post_event(self._sample_and_resume)
+
+    def _sample_and_resume(self) -> None:
+        self.sampling = False
         if not self.stopping.is_set():
             try:
                 self.sample()
             except Exception as e:  # a sample must never keep the guest stopped
                 self.watch.record_error(f"sample: {type(e).__name__}: {e}")
-        gdb.post_event(self._resume)
+        self._resume()
 
     def _resume(self) -> None:
         gdb.execute("continue &", to_string=True)
         if self.stopping.is_set():  # the pause that was in flight when the watch ended
-            gdb.events.stop.disconnect(self.on_stop)
+            self._disconnect()
             return
         self.paused += time.monotonic() - self.interrupted_at
         self.watch.report.sample_pause_ms = 1000 * self.paused / max(self.samples + self.skipped, 1)
@@ -129,21 +140,25 @@ class Sampler:
         running = []
         for _, state in frames.each_vcpu():
             # at an exception's first instructions r13 may not be the PACA yet
-            if not state["msr"] & MSR_PR and state["r13"] >= KERNEL_BASE:
+            if not state["msr"] & target.MSR_PR and state["r13"] >= KERNEL_BASE:
                 task = target.read_u64(state["r13"] + self.layout.paca_thread_info)
                 running.append((task, state["r1"], target.current_cpu()))
         if not running:
             self.skipped += 1
             return
-        frames.select_kernel_vcpu()
+        target.select_kernel_vcpu()
         self.samples += 1
         report = self.watch.report
         report.samples = self.samples
         for task, sp, cpu in running:
-            self.check(task, sp & ~(self.watch.thread_size - 1), sp, cpu)
+            own = self.kernel.task_stack(task)
+            if own is None:
+                own = sp & ~(self.watch.thread_size - 1)
+            if not own <= sp < own + self.watch.thread_size:  # on an interrupt stack: no bound from r1
+                sp = own + self.watch.thread_size
+            self.check(task, own, sp, cpu)
         for task in self.sleepers({t for t, _, _ in running}):
-            stack, ksp = (target.read_u64(task + offset) for offset in self.offsets)
-            self.check(task, stack, ksp, -1)
+            self.check(task, self.kernel.task_stack(task), target.read_u64(task + self.ksp_offset), -1)
 
     def view(self):
         """The kernel view; the module list (one read per module) is checked once a second at most."""
@@ -154,7 +169,7 @@ class Sampler:
         return self.kernel.view(read_modules=fresh)
 
     def sleepers(self, running: set[int]) -> list[int]:
-        if self.offsets is None:
+        if self.ksp_offset is None:
             return []
         if not self.tasks or time.monotonic() - self.tasks_read_at > TASK_LIST_SECONDS:
             self.tasks, self.tasks_read_at = frames.all_tasks(self.kernel), time.monotonic()

@@ -11,6 +11,7 @@ stops in a live-patch replacement without loading any .ko file.
 import gdb
 
 from gdbklp.gdbext import target
+from gdbklp.gdbext.commands import GdbklpError
 
 
 class KlpAddr(gdb.Function):
@@ -22,6 +23,11 @@ class KlpAddr(gdb.Function):
     def invoke(self, name):
         wanted = name.string()
         kernel = target.kernel()
+        if gdb.selected_thread() is not None:
+            try:
+                target.select_kernel_vcpu()  # module lists are read from kernel memory
+            except GdbklpError as e:
+                raise gdb.GdbError(f"$klp_addr: {e}") from None
         for refresh in (False, True):
             for obj in kernel.view(refresh_modules=refresh).objects:
                 address = obj.symbols.address(wanted)

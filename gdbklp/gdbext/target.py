@@ -36,6 +36,22 @@ def register(name: str) -> int:
     return int(gdb.parse_and_eval(f"${name}")) & 0xFFFFFFFFFFFFFFFF
 
 
+MSR_PR = 1 << 14  # the vCPU runs user code
+
+
+def select_kernel_vcpu() -> None:
+    """QEMU reads kernel memory through the selected vCPU's MMU context:
+    select one that runs kernel code."""
+    if not register("msr") & MSR_PR:
+        return
+    for thread in gdb.selected_inferior().threads():
+        thread.switch()
+        if not register("msr") & MSR_PR:
+            return
+    raise GdbklpError("every vCPU runs user code, so kernel memory cannot be read through "
+                      "the gdbstub now; stop the guest in the kernel (a breakpoint) and retry")
+
+
 def require_target() -> None:
     if gdb.selected_thread() is None:
         raise GdbklpError("no target: connect to the guest's gdbstub first "
@@ -86,6 +102,7 @@ class Kernel:
         self._names: dict[int, str] = {}
         self._replacements: dict[int, int] | None = None
         self._tasks: dict[int, tuple[int, str]] = {}
+        self._stack_offset: int | None = None
 
     def _thread_size(self) -> int:
         if self.has_dwarf:
@@ -279,6 +296,12 @@ class Kernel:
                 return
             yield gdb.Value(int(node) - offset).cast(ptr).dereference()
             node = node["next"]
+
+    def task_stack(self, task: int) -> int | None:
+        """task->stack, the bottom of the task's own kernel stack (needs DWARF)."""
+        if self._stack_offset is None and self.has_dwarf:
+            self._stack_offset = int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->stack"))
+        return read_u64(task + self._stack_offset) if self._stack_offset is not None else None
 
     def task_identity(self, task: int) -> tuple[int, str]:
         """(pid, comm) of a task_struct, read once per task; (-1, '?') without DWARF."""

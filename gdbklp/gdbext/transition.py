@@ -76,7 +76,7 @@ class KlpTransition(Command):
     def run(self, args: argparse.Namespace) -> None:
         kernel = target.kernel()
         target.require_target()
-        frames.select_kernel_vcpu()
+        target.select_kernel_vcpu()
         data = transition_state(kernel)
         gdb.write((json.dumps(data, indent=1) if args.json else format_state(data)) + "\n")
 

@@ -358,6 +358,7 @@ class KlpWatch(Command):
             kernel = target.kernel()
             kernel.require_livepatch()
             target.require_target()
+            target.select_kernel_vcpu()
             kernel.check_matches_target()
             options = (args.max_events, args.report, args.quiet, args.fail_fast, args.sample)
             _watch = start_watch(kernel, args.design, options)
