@@ -17,7 +17,6 @@ import contextlib
 import json
 import queue
 import shlex
-import socket
 import subprocess
 import threading
 import time
@@ -26,8 +25,10 @@ from pathlib import Path
 
 from gdbklp.lab import LabError
 from gdbklp.lab.gdbmi import GdbSession
+from gdbklp.lab.qemu import free_port, is_listening
 
 POLL_SECONDS = 0.5
+GDBSTUB_OPTIONS = ("-s", "-gdb")  # QEMU's own gdbstub options: -s listens on every interface
 KEYS = "p pause/resume   ↑↓ select task   f klp-frames of the task   s save report   q quit"
 
 
@@ -161,6 +162,7 @@ def render_events(s: Snapshot) -> list:
 def run_screen(feed: GdbFeed, report: Path) -> str:
     """The full-screen application; returns why it ended."""
     from prompt_toolkit.application import Application
+    from prompt_toolkit.filters import Condition
     from prompt_toolkit.key_binding import KeyBindings
     from prompt_toolkit.layout import HSplit, Layout, Window
     from prompt_toolkit.layout.controls import FormattedTextControl
@@ -205,7 +207,7 @@ def run_screen(feed: GdbFeed, report: Path) -> str:
         choosing_quit[0] = False
 
     for key, leave_running in (("d", True), ("k", False)):
-        @keys.add(key, filter=_condition(lambda: choosing_quit[0]))
+        @keys.add(key, filter=Condition(lambda: choosing_quit[0]))
         def _leave(event, leave_running=leave_running):
             feed.actions.put(lambda: feed.quit(leave_running))
 
@@ -232,17 +234,6 @@ def run_screen(feed: GdbFeed, report: Path) -> str:
     return app.run()
 
 
-def _condition(predicate):
-    from prompt_toolkit.filters import Condition
-    return Condition(predicate)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def guest_to_watch(args):
     """(vmlinux, host, port) of the guest to watch: attached, started from a QEMU
@@ -253,12 +244,15 @@ def guest_to_watch(args):
         with session.booted(images, trampoline=args.trampoline) as guest:
             yield images.vmlinux, "127.0.0.1", guest.gdb_port
     elif args.qemu:
+        words = shlex.split(args.qemu)
+        if any(w in GDBSTUB_OPTIONS for w in words):
+            raise LabError("--qemu: leave the gdbstub to gdbklp (no -s or -gdb: it listens on 127.0.0.1 only)")
         port = free_port()
-        proc = subprocess.Popen([*shlex.split(args.qemu), "-gdb", f"tcp:127.0.0.1:{port}"],
+        proc = subprocess.Popen([*words, "-gdb", f"tcp:127.0.0.1:{port}"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 30
-            while not _listening("127.0.0.1", port):
+            while not is_listening(port, proc.pid):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise LabError(f"QEMU did not open its gdbstub on 127.0.0.1:{port}: "
                                    f"{proc.stderr.read().decode(errors='replace').strip()[-300:]}")
@@ -269,16 +263,6 @@ def guest_to_watch(args):
     else:
         host, _, port = args.attach.rpartition(":")
         yield args.vmlinux, host or "127.0.0.1", int(port)
-
-
-def _listening(host: str, port: int) -> bool:
-    """Without connecting to it (a connection would pause the guest): is something bound there?"""
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-            return False
-        except OSError:
-            return True
 
 
 def cmd_watch(args) -> int:

@@ -171,6 +171,10 @@ def test_monitor_bad_input_is_one_line():
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert nothing.returncode == 1 and nothing.stderr.strip() == "gdbklp: no vmlinux at /nonexistent"
     assert "Traceback" not in nothing.stderr
+    all_interfaces = subprocess.run(gdbklp("watch", "--qemu", "qemu-system-ppc64 -gdb tcp::1234", "--vmlinux", sys.executable),
+                                    capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert all_interfaces.returncode == 1 and "no -s or -gdb" in all_interfaces.stderr
+    assert all_interfaces.stderr.count("\n") == 1
     no_gdb = subprocess.run(gdbklp("watch", "--attach", "127.0.0.1:9", "--vmlinux", sys.executable),
                             capture_output=True, text=True, timeout=60, cwd=REPO, env={"PATH": "/nonexistent"})
     assert no_gdb.returncode == 1

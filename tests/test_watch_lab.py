@@ -126,6 +126,15 @@ def test_fixture_for_kernel_developers(klp_watch):
     assert status == 0
 
 
+def watch_held_transition(guest, gdb):
+    """Watch two tasks calling the local and global kinds while a transition is held: clean."""
+    assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "1"
+    watched = WatchedGuest(guest, gdb)
+    report = watched.watch("klplab-run -r -t 2 -n 5 -k local,global")
+    WatchedGuest.assert_clean(report)
+    return watched, report, workload.parse_counts(watched.last_output)
+
+
 def test_transition_held_back_by_a_task_asleep_in_the_old_function(lab, tmp_path):
     """Invariant 12: a task sleeping in B keeps the patch in transition; calls made
     meanwhile follow each task's patch_state, and klp-transition names the holder."""
@@ -136,11 +145,7 @@ def test_transition_held_back_by_a_task_asleep_in_the_old_function(lab, tmp_path
                     "rmmod klp_lab_patch; echo 8000 > /sys/module/klp_lab_target/parameters/hold_ms")
         guest.check("(klplab-run -t 1 -n 1 -k local -f hold > /dev/null &); sleep 0.5; "
                     "insmod /lib/modules/klp_lab_patch.ko")
-        assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "1"
-        watched = WatchedGuest(guest, gdb)
-        report = watched.watch("klplab-run -r -t 2 -n 5 -k local,global")
-        counts = workload.parse_counts(watched.last_output)
-        WatchedGuest.assert_clean(report)
+        watched, report, counts = watch_held_transition(guest, gdb)
         assert_counts_agree(report, counts)
         gdb.interrupt()
         state = json.loads(gdb.console("klp-transition --json"))
@@ -166,11 +171,7 @@ def test_calls_not_redirected_while_a_disable_transition_is_held(lab, tmp_path):
         guest.check("echo 30000 > /sys/module/klp_lab_patch/parameters/nap_ms; "
                     "(klplab-run -t 1 -n 1 -k local -f nap > /dev/null &); sleep 0.5; "
                     "echo 0 > /sys/kernel/livepatch/klp_lab_patch/enabled")
-        assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "1"
-        watched = WatchedGuest(guest, gdb)
-        report = watched.watch("klplab-run -r -t 2 -n 5 -k local,global")
-        counts = workload.parse_counts(watched.last_output)
-        WatchedGuest.assert_clean(report)
+        watched, report, counts = watch_held_transition(guest, gdb)
         assert report.redirections == 0
         assert sum(c.old for c in counts.values()) == 20 == sum(report.old_code_calls.values())
         assert set(report.old_code_calls) == {"klp_lab_b_local [klp_lab_target]",

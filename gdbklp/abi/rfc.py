@@ -234,9 +234,6 @@ class Finding:
     address: int
     text: str
 
-    def format_text(self) -> str:
-        return f"{'ok   ' if self.ok else 'ERROR'} {self.address:#x}: {self.text}"
-
 
 def lint(t: RfcTrampoline, describe=lambda a: f"{a:#x}") -> list[Finding]:
     """The RFC's known defects, as verdicts on the decoded code."""

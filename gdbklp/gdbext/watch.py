@@ -126,11 +126,16 @@ class Watch:
     def statics_covering(self, address: int) -> StaticKnowledge:
         """Static knowledge from a view that knows address's object (a module loaded since?)."""
         for refresh in (False, True):
-            view = self.kernel.view(refresh_modules=refresh)
-            if view is not self.statics.view:
-                self.statics = StaticKnowledge(view, target.read_memory)
-            if view.object_at(address) is not None:
+            statics = self.statics_of_view(refresh)
+            if statics.view.object_at(address) is not None:
                 break
+        return statics
+
+    def statics_of_view(self, refresh_modules: bool) -> StaticKnowledge:
+        """Static knowledge of the current kernel view, kept while the view stays the same."""
+        view = self.kernel.view(refresh_modules=refresh_modules)
+        if view is not self.statics.view:
+            self.statics = StaticKnowledge(view, target.read_memory)
         return self.statics
 
     # ---- the probe at P3 ---------------------------------------------------
@@ -148,11 +153,9 @@ class Watch:
     def checked(self, s: ReturnSample):
         """check_return with a view that knows the caller's module (loaded after start?)."""
         for refresh in (False, True):
-            view = self.kernel.view(refresh_modules=refresh)
-            if view is not self.statics.view:
-                self.statics = StaticKnowledge(view, target.read_memory)
-            check = check_return(s, self.statics)
-            if check.entry is None or view.object_at(check.entry.ra) is not None:
+            statics = self.statics_of_view(refresh)
+            check = check_return(s, statics)
+            if check.entry is None or statics.view.object_at(check.entry.ra) is not None:
                 break
         return check
 
