@@ -3,7 +3,8 @@
 # trampoline's entry (P1) and again where C returns into it (P3).
 # State is kept per task with `eval`, in convenience variables named after the
 # task's thread_info. Offsets are those of the lab's 6.1 kernel (thread_info
-# at PACA+296, livepatch_sp at thread_info+16, P3 = livepatch_handler+0x30).
+# at PACA+296, livepatch_sp at thread_info+16, P3 = livepatch_handler+0x30;
+# the char * keeps gdb from scaling 0x30 by the size of the symbol's type).
 set $naive_entries = 0
 set $naive_returns = 0
 set $naive_violations = 0
@@ -29,7 +30,7 @@ commands
   continue
 end
 
-break *(livepatch_handler + 0x30)
+break *((char *) livepatch_handler + 0x30)
 commands
   silent
   set $ti = *(unsigned long *)($r13 + 296)

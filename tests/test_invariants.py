@@ -10,8 +10,8 @@ import pytest
 
 from gdbklp.abi import ppc
 from gdbklp.abi.invariants import (KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, ReturnSample, StaticKnowledge,
-                                   check_consistency, check_return, frame_size_from_prologue,
-                                   module_stub_target)
+                                   check_consistency, check_return, check_switched_task, frame_size_from_prologue,
+                                   module_stub_target, replaced_on_stack)
 from gdbklp.lab.workload import CALLER_CALL_SITE, KINDS, caller_of
 from images import StackImage
 
@@ -141,3 +141,17 @@ def test_consistency_model(redirected, in_transition, state, violated):
     if v:
         assert v.invariant == 12
         assert ("klp_lab_c_local" in v.found) == redirected and ("klp_lab_b_local" in v.found) != redirected
+
+
+def test_switched_task_with_a_replaced_function_on_its_stack():
+    """Invariant 12's stack rule on a task captured asleep in C (entered from klp_lab_a_local)."""
+    functions = [f.function for f in StackImage("asleep-in-c-local").decode().walk.frames]
+    # disabling the patch: the new functions must leave the stacks
+    holders = replaced_on_stack(functions, {"klp_lab_c_local", "klp_lab_c_global"})
+    assert holders == ["klp_lab_c_local+0x2c [klp_lab_patch]"]
+    v = check_switched_task(KLP_UNPATCHED, KLP_UNPATCHED, holders)
+    assert v.invariant == 12 and "klp_lab_c_local+0x2c" in v.found and "KLP_UNPATCHED task" in v.expected
+    assert check_switched_task(KLP_PATCHED, KLP_UNPATCHED, holders) is None  # not switched yet: pending
+    # enabling it: the old functions must leave; the caller klp_lab_a_local is not one of them
+    assert replaced_on_stack(functions, {"klp_lab_b_local", "klp_lab_a"}) == []
+    assert check_switched_task(KLP_PATCHED, KLP_PATCHED, []) is None

@@ -229,3 +229,30 @@ def test_sampling_finds_a_corrupted_entry_of_a_sleeping_task(lab, tmp_path):
         assert v.invariant == 8 and v.call_site == "sample" and v.pid == int(pid)
         assert f"{entry['address']:#x}" in v.expected and "magic 0x0" in v.found
         guest.wait_done(start, 60)  # it woke up with the magic back: no BUG
+
+
+def test_sampling_finds_a_task_switched_while_the_old_function_is_on_its_stack(lab, tmp_path):
+    """--sample and invariant 12's stack rule: a task asleep in B holds the patch in
+    transition; the switched tasks pass the rule. Then gdb marks the sleeper
+    KLP_PATCHED, as a failed stack check would: the kernel completes the transition
+    with B still on its stack, and a sample finds B there (during the transition or
+    after it, whichever it sees first)."""
+    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        guest.check("echo 0 > /sys/kernel/livepatch/klp_lab_patch/enabled; "
+                    "while [ -d /sys/kernel/livepatch/klp_lab_patch ]; do sleep 0.1; done; "
+                    "rmmod klp_lab_patch; echo 30000 > /sys/module/klp_lab_target/parameters/hold_ms")
+        guest.check("(echo 'local 1 4' > /proc/klp_lab/run &); sleep 0.5; "  # 4: hold, asleep in B
+                    "insmod /lib/modules/klp_lab_patch.ko")
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch("sleep 4", options="--sample 20")
+        assert report.samples > 20 and not report.violations and not report.errors, report.format_text()
+        gdb.interrupt()
+        (holder,) = [t for t in json.loads(gdb.console("klp-transition --json"))["pending"] if t["held_by"]]
+        assert holder["patch_state"] == "KLP_UNPATCHED"
+        gdb.console(f"set var ((struct task_struct *){holder['task']:#x})->patch_state = 1")  # KLP_PATCHED
+        report = watched.watch("sleep 4", options="--sample 20")
+        assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "0"
+        assert {v.invariant for v in report.violations} == {12} and not report.errors, report.format_text()
+        v = report.violations[0]
+        assert v.call_site == "sample" and v.pid == holder["pid"] and v.found.startswith("klp_lab_b_local+")

@@ -211,3 +211,21 @@ def walk_stack(regs: Registers, read: Reader, view: KernelView, stack_base: int,
         return _Walker(read, view, stack_base, list(livepatch_entries)).walk(regs)
     except Exception as e:  # the walk never throws; a bug here ends it with the reason
         return Walk([], f"internal error: {type(e).__name__}: {e}")
+
+
+def prefetching_reader(read: Reader, start: int, end: int) -> Reader:
+    """read, but [start, end) comes in one read the first time any of it is asked for.
+
+    A stack walk reads one frame header at a time, a packet each over the
+    gdbstub; the used part of a stack is a few packets in one read.
+    """
+    block: list[bytes] = []
+
+    def reader(address: int, length: int) -> bytes:
+        if not (start <= address and address + length <= end):
+            return read(address, length)
+        if not block:
+            block.append(read(start, end - start))
+        return block[0][address - start:address - start + length]
+
+    return reader

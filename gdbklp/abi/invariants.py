@@ -305,3 +305,34 @@ def check_consistency(redirected: bool, in_transition: bool, patch_state: int,
         return Violation(12, "the old function ran while its replacement is enabled and no transition runs",
                          f"redirected to {new}", f"ran the old function {old} (task patch_state {state})")
     return None
+
+
+def replaced_on_stack(frame_functions: list[str], replaced: set[str]) -> list[str]:
+    """The frames' functions ("name+0x1c", "name+0x1c [module]") that are being replaced, sorted."""
+    return sorted({label for label in frame_functions if label.split("+")[0].split(" ")[0] in replaced})
+
+
+def check_switched_task(patch_state: int, target_state: int, holders: list[str]) -> Violation | None:
+    """Invariant 12's stack rule for one task during a transition.
+
+    The kernel switches a task to the transition's target state only when none
+    of the functions being replaced (the old ones when patching, the new ones
+    when unpatching) is on its stack; holders are those on it now. A task
+    still in the other state is merely pending, whatever it holds.
+    """
+    if patch_state != target_state or not holders:
+        return None
+    return Violation(12, "a task was switched while a function being replaced is on its stack",
+                     f"none of the replaced functions on the stack of a {PATCH_STATE_NAMES[target_state]} task",
+                     f"{', '.join(holders)} on its stack")
+
+
+def check_settled_task(holders: list[str]) -> Violation | None:
+    """Invariant 12's stack rule between transitions: a transition completes only
+    when no task holds a function being replaced, so an old function of an
+    enabled patch on a task's stack means a stack check failed (or the
+    transition was forced): the task will go on running the old code."""
+    if not holders:
+        return None
+    return Violation(12, "a replaced function is on a task's stack after its patch's transition completed",
+                     "no old function of an enabled patch on any task's stack", f"{', '.join(holders)} on its stack")

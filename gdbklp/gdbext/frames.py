@@ -64,11 +64,19 @@ def paca_current_offset(kernel: target.Kernel) -> int:
     return int(gdb.parse_and_eval("(unsigned long)&((struct paca_struct *)0)->__current"))
 
 
-def each_vcpu():
-    """Select each vCPU in turn (yielding (label, state)); restore the selection after."""
+def vcpu_threads() -> list:
+    """gdb's threads, one per vCPU, in vCPU order (asks the stub for its thread list)."""
+    return sorted(gdb.selected_inferior().threads(), key=lambda t: t.num)
+
+
+def each_vcpu(threads: list | None = None):
+    """Select each vCPU in turn (yielding (label, state)); restore the selection after.
+
+    threads: the list from vcpu_threads(), for callers that keep it (each
+    call of it costs a round of thread-list packets)."""
     original = gdb.selected_thread()
     try:
-        for thread in sorted(gdb.selected_inferior().threads(), key=lambda t: t.num):
+        for thread in threads or vcpu_threads():
             thread.switch()
             yield f"vCPU {thread.num - 1}", vcpu_state()
     finally:

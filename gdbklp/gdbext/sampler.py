@@ -12,11 +12,17 @@ len(tasks) / SLEEPERS_PER_SECOND seconds:
 - invariants 7 and 8: each livepatch-stack entry a [TOC, RA, magic] record
   whose RA follows a call and whose TOC belongs to the caller's object
   (a local caller) or to some object (global and indirect callers), with the
-  magic intact.
+  magic intact;
+- invariant 12, the consistency model's stack rule: while a patch is in
+  transition, a task already switched has none of the functions being
+  replaced on its stack (the stacks of switched tasks are walked); between
+  transitions, no sleeping task has an old function of an enabled patch on
+  its stack (the stacks of the sleepers checked are walked, the used part of
+  each in one read).
 
 It catches corruption that persists until a sample looks, not each event;
-the redirection-time invariants (1, 3, 9, 12 at the call) need the precise
-mode's breakpoint. Sampling needs background execution (`continue &`, gdb/MI,
+the redirection-time invariants (1, 3, 9, and 12 at each call) need the
+precise mode's breakpoints. Sampling needs background execution (`continue &`, gdb/MI,
 or the monitor): the pauses come from a timer thread through gdb's event loop.
 """
 
@@ -24,14 +30,43 @@ import threading
 import time
 
 import gdb
+from gdb.unwinder import Unwinder, register_unwinder
 
-from gdbklp.abi.invariants import SAMPLE, Violation
+from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
+from gdbklp.abi.invariants import SAMPLE, Violation, check_settled_task, check_switched_task, replaced_on_stack
 from gdbklp.abi.livepatch import read_livepatch_stack
-from gdbklp.gdbext import frames, target
+from gdbklp.gdbext import frames, target, transition
+from gdbklp.gdbext.unwinder import FrameId
 
 SLEEPERS_PER_SECOND = 40  # tasks not on a vCPU checked per second, spread over the samples
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
 KERNEL_BASE = 0xC000000000000000
+
+
+class PauseUnwinder(Unwinder):
+    """The innermost frame from registers alone, while a sample holds the guest.
+
+    gdb computes the innermost frame's id at each stop (to say where the
+    guest stopped) and again whenever a sample selects a vCPU and reads a
+    register; its own unwinders then analyse the function's prologue, some
+    twenty 4-byte reads of code per frame, most of a pause's packets. Nothing
+    unwinds during a sample, so the id is (r1, pc) and the caller is left
+    unknown; gdb forgets these frames when the guest resumes.
+    """
+
+    def __init__(self):
+        super().__init__("gdbklp-sample-pause")
+        self.enabled = False
+
+    def __call__(self, pending_frame):
+        if pending_frame.level() != 0:
+            return None
+        return pending_frame.create_unwind_info(FrameId(pending_frame.read_register("r1"),
+                                                        pending_frame.read_register("pc")))
+
+
+pause_unwinder = PauseUnwinder()
+register_unwinder(None, pause_unwinder, replace=True)  # first in line: gdb inserts at the front
 
 
 class Sampler:
@@ -48,16 +83,28 @@ class Sampler:
         self.skipped = 0       # pauses with no vCPU in the kernel (its memory is not readable then)
         self.tasks: list[int] = []
         self.next_task = 0
-        self.ksp_offset = self._ksp_offset()
+        self.ksp_offset = self._offset("thread.ksp")  # where a sleeping task's r1 is
+        self.patch_state_offset = self._offset("patch_state")
+        self.transition_patch = self.kernel.symbols.address("klp_transition_patch")
+        self.transition: tuple[int, int, set[str]] | None = None  # (patch, target state, replaced functions)
+        self._old_functions: tuple[list | None, set[str]] = (None, set())
+        self.patches_head = self.kernel.symbols.address("klp_patches")
+        self.patch_list_offset = self._offset("list", "struct klp_patch")
+        self.patch_enabled_offset = self._offset("enabled", "struct klp_patch")
+        self.switch_pc = self.kernel.symbols.address("_switch") or 0  # where a sleeping task resumes
+        self.vcpus = frames.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
         if self.ksp_offset is not None and gdb.selected_thread() is not None:
             self.tasks = frames.all_tasks(self.kernel)  # the slow readings now, not in the first pause
             self.kernel.view()
         self.our_interrupt = False
         self.paused = 0.0      # seconds the guest spent stopped for samples
         self.interrupted_at = 0.0
-        # each pause prints where the guest was: no source line (a file read per pause)
+        # each pause prints where the guest was: no source line (a file read per
+        # pause), no arguments (read from a frame PauseUnwinder does not describe)
         self.frame_info = gdb.parameter("print frame-info")
+        self.frame_arguments = gdb.parameter("print frame-arguments")
         gdb.execute("set print frame-info short-location")
+        gdb.execute("set print frame-arguments presence")
         self.stopping = threading.Event()
         self.resumed = threading.Event()  # the next pause comes a period after a resume
         self.resumed.set()
@@ -68,10 +115,10 @@ class Sampler:
         self.thread.start()
 
     @staticmethod
-    def _ksp_offset() -> int | None:
-        """task_struct.thread.ksp, where a sleeping task's r1 is (with DWARF)."""
+    def _offset(member: str, struct: str = "struct task_struct") -> int | None:
+        """A member's offset (None without DWARF)."""
         try:
-            return int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->thread.ksp"))
+            return int(gdb.parse_and_eval(f"(unsigned long)&(({struct} *)0)->{member}"))
         except gdb.error:
             return None
 
@@ -82,6 +129,8 @@ class Sampler:
         self.stopping.set()
         self.resumed.set()
         gdb.execute(f"set print frame-info {self.frame_info}")
+        gdb.execute(f"set print frame-arguments {self.frame_arguments}")
+        pause_unwinder.enabled = False
         if not self.our_interrupt and not self.sampling:
             self._disconnect()
 
@@ -106,6 +155,7 @@ class Sampler:
             return
         self.our_interrupt = True
         self.interrupted_at = time.monotonic()
+        pause_unwinder.enabled = True
         gdb.execute("interrupt", to_string=True)
 
     def on_stop(self, event) -> None:
@@ -126,6 +176,7 @@ class Sampler:
         self._resume()
 
     def _resume(self) -> None:
+        pause_unwinder.enabled = False
         gdb.execute("continue &", to_string=True)
         if self.stopping.is_set():  # the pause that was in flight when the watch ended
             self._disconnect()
@@ -138,27 +189,85 @@ class Sampler:
 
     def sample(self) -> None:
         running = []
-        for _, state in frames.each_vcpu():
+        kernel_vcpu = None
+        # the vCPU gdb stopped on first: its registers came with the stop
+        selected = gdb.selected_thread()
+        for thread in sorted(self.vcpus, key=lambda t: t.num != selected.num):
+            thread.switch()
+            state = frames.vcpu_state()
             # at an exception's first instructions r13 may not be the PACA yet
             if not state["msr"] & target.MSR_PR and state["r13"] >= KERNEL_BASE:
+                kernel_vcpu = thread  # the read goes through this vCPU's MMU context
                 task = target.read_u64(state["r13"] + self.layout.paca_thread_info)
-                running.append((task, state["r1"], target.current_cpu()))
-        if not running:
+                running.append((task, state, thread.num - 1))
+        if kernel_vcpu is None:
             self.skipped += 1
             return
-        target.select_kernel_vcpu()
+        if gdb.selected_thread().num != kernel_vcpu.num:
+            kernel_vcpu.switch()
         self.samples += 1
         report = self.watch.report
         report.samples = self.samples
-        for task, sp, cpu in running:
+        self.read_transition()
+        for task, state, cpu in running:
+            sp = state["r1"]
             own = self.kernel.task_stack(task)
             if own is None:
                 own = sp & ~(self.watch.thread_size - 1)
             if not own <= sp < own + self.watch.thread_size:  # on an interrupt stack: no bound from r1
                 sp = own + self.watch.thread_size
-            self.check(task, own, sp, cpu)
+            self.check(task, own, sp, cpu, state)
         for task in self.sleepers({t for t, _, _ in running}):
             self.check(task, self.kernel.task_stack(task), target.read_u64(task + self.ksp_offset), -1)
+
+    def read_transition(self) -> None:
+        """The transition in progress, if any: its functions are read once per transition."""
+        patch = target.read_u64(self.transition_patch) if self.transition_patch and self.patch_state_offset else 0
+        if not patch:
+            self.transition = None
+        elif self.transition is None or self.transition[0] != patch:
+            _, goal, replaced = transition.transition_in_progress(self.kernel)
+            self.transition = (patch, goal, replaced)
+
+    def check_stack_rule(self, task: int, base: int, sp: int, entries, vcpu_state: dict | None) -> Violation | None:
+        """Invariant 12 on the task's stack: in a transition for a switched task,
+        between transitions for a sleeper."""
+        if self.transition:
+            _, goal, replaced = self.transition
+            state = int.from_bytes(target.read_memory(task + self.patch_state_offset, 4), "little", signed=True)
+            if state != goal:
+                return None  # pending: it may hold anything
+            return check_switched_task(state, goal, replaced_on_stack(self.walk(base, sp, entries, vcpu_state),
+                                                                      replaced))
+        if vcpu_state is not None or None in (self.patches_head, self.patch_list_offset, self.patch_enabled_offset):
+            return None
+        old = self.old_functions()
+        return check_settled_task(replaced_on_stack(self.walk(base, sp, entries, None), old)) if old else None
+
+    def walk(self, base: int, sp: int, entries, vcpu_state: dict | None) -> list[str]:
+        """The functions on a task's stack: a running task's from its vCPU, a sleeper's from _switch."""
+        if vcpu_state:
+            regs = Registers(pc=vcpu_state["pc"], sp=vcpu_state["r1"], lr=vcpu_state["lr"], toc=vcpu_state["r2"])
+        else:
+            regs = Registers(pc=self.switch_pc, sp=sp)
+        top = base + self.watch.thread_size
+        read = prefetching_reader(target.read_memory, sp, top) if base <= sp < top else target.read_memory
+        walk = walk_stack(regs, read, self.view(), base if base <= regs.sp < top else regs.sp & -self.watch.thread_size,
+                          entries)
+        return [f.function for f in walk.frames]
+
+    def old_functions(self) -> set[str]:
+        """The functions enabled patches replace, by name; read again when a patch
+        comes, goes, or is switched on or off (one read per patch tells)."""
+        signature, head = [], self.patches_head
+        node = target.read_u64(head)
+        while node != head and len(signature) < 64:
+            patch = node - self.patch_list_offset
+            signature.append((patch, target.read_memory(patch + self.patch_enabled_offset, 1)))
+            node = target.read_u64(node)
+        if self._old_functions[0] != signature:
+            self._old_functions = (signature, transition.enabled_old_functions(self.kernel))
+        return self._old_functions[1]
 
     def view(self):
         """The kernel view; the module list (one read per module) is checked once a second at most."""
@@ -183,7 +292,8 @@ class Sampler:
                 out.append(self.tasks[self.next_task])
         return out
 
-    def check(self, task: int, base: int, sp: int, cpu: int) -> None:
+    def check(self, task: int, base: int, sp: int, cpu: int, vcpu_state: dict | None = None) -> None:
+        """One task: its livepatch stack, and the consistency model's stack rule."""
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
         stack = read_livepatch_stack(target.read_memory, base, livepatch_sp, sp, self.layout, self.view())
         self.watch.report.sampled_tasks[task] = self.watch.report.sampled_tasks.get(task, 0) + 1
@@ -195,6 +305,9 @@ class Sampler:
                 inv = 8 if problem.startswith("magic") else 7
                 violations.append(Violation(inv, "livepatch stack entry damaged (seen by a sample)",
                                             f"a [TOC, RA, magic] record at {address:#x}", problem))
+        violation = self.check_stack_rule(task, base, sp, stack.entries, vcpu_state)
+        if violation:
+            violations.append(violation)
         if violations:
             pid, comm = self.kernel.task_identity(task)
             for v in violations:

@@ -13,39 +13,57 @@ import json
 
 import gdb
 
-from gdbklp.abi.invariants import PATCH_STATE_NAMES
+from gdbklp.abi.invariants import PATCH_STATE_NAMES, check_switched_task, replaced_on_stack
 from gdbklp.gdbext import frames, target
 from gdbklp.gdbext.commands import Command, GdbklpError
 
 
-def transition_state(kernel: target.Kernel) -> dict:
-    """The transition in progress (or none), its tasks, and what holds them."""
+def transition_in_progress(kernel: target.Kernel) -> tuple[gdb.Value, int, set[str]] | None:
+    """(the patch in transition, the state its tasks go to, the functions that
+    must leave a task's stack before it switches), or None between transitions."""
     if not kernel.has_dwarf:
         raise GdbklpError("the consistency model needs DWARF (task_struct.patch_state): "
                           "this vmlinux has none")
     patch = gdb.parse_and_eval("klp_transition_patch")
     if int(patch) == 0:
-        return {"in_transition": False}
+        return None
     goal = int(gdb.parse_and_eval("klp_target_state"))
-    # what must leave the stacks before a task may switch: the old functions when
-    # patching, the new ones when unpatching
-    replaced = {}
+    # what must leave the stacks: the old functions when patching, the new ones when unpatching
+    replaced = set()
     for obj in kernel.kernel_list(patch["obj_list"].address, "struct klp_object", "node"):
         for func in kernel.kernel_list(obj["func_list"].address, "struct klp_func", "node"):
-            address = int(func["old_func"] if goal == 1 else func["new_func"])
-            replaced[kernel.function_name(address)] = address
+            replaced.add(kernel.function_name(int(func["old_func"] if goal == 1 else func["new_func"])))
+    return patch, goal, replaced
+
+
+def enabled_old_functions(kernel: target.Kernel) -> set[str]:
+    """The functions that enabled patches replace, by name (needs DWARF)."""
+    return {kernel.function_name(int(func["old_func"]))
+            for patch in kernel.kernel_list("&klp_patches", "struct klp_patch", "list") if patch["enabled"]
+            for obj in kernel.kernel_list(patch["obj_list"].address, "struct klp_object", "node")
+            for func in kernel.kernel_list(obj["func_list"].address, "struct klp_func", "node")}
+
+
+def task_patch_state(task: int) -> int:
+    return int(gdb.parse_and_eval(f"((struct task_struct *){task:#x})->patch_state"))
+
+
+def transition_state(kernel: target.Kernel) -> dict:
+    """The transition in progress (or none), its tasks, and what holds them."""
+    transition = transition_in_progress(kernel)
+    if transition is None:
+        return {"in_transition": False}
+    patch, goal, replaced = transition
     pending, violations = [], []
     for task in frames.all_tasks(kernel):
         pid, comm = kernel.task_identity(task)
-        state = int(gdb.parse_and_eval(f"((struct task_struct *){task:#x})->patch_state"))
-        stack = frames.stack_of_task(kernel, task)
-        holders = sorted({f.function for f in stack.walk.frames
-                          if f.function.split("+")[0].split(" ")[0] in replaced})
+        state = task_patch_state(task)
+        holders = replaced_on_stack([f.function for f in frames.stack_of_task(kernel, task).walk.frames], replaced)
         record = {"task": task, "pid": pid, "comm": comm, "patch_state": PATCH_STATE_NAMES.get(state, str(state)),
                   "held_by": holders}
         if state != goal:
             pending.append(record)
-        elif holders:
+        elif check_switched_task(state, goal, holders):
             violations.append(record)
     return {"in_transition": True, "patch": patch["mod"]["name"].string(), "target_state": PATCH_STATE_NAMES[goal],
             "replaced": sorted(replaced), "pending": pending, "switched_too_early": violations}

@@ -23,7 +23,7 @@ NAME = "gdbklp-livepatch"
 NONVOLATILE = ("r13", *(f"r{n}" for n in range(14, 32)), "cr")
 
 
-class _FrameId:
+class FrameId:
     """gdb wants gdb.Values here: plain ints above 2**63 (kernel addresses) are refused."""
 
     def __init__(self, sp: gdb.Value, pc: gdb.Value):
@@ -66,7 +66,7 @@ class LivepatchUnwinder(Unwinder):
         ra, toc = self.callers[sp]
         reg_type = pending_frame.read_register("pc").type
         value = lambda number: gdb.Value(number).cast(reg_type)
-        info = pending_frame.create_unwind_info(_FrameId(value(sp), value(view.livepatch.address)))
+        info = pending_frame.create_unwind_info(FrameId(value(sp), value(view.livepatch.address)))
         info.add_saved_register("pc", value(ra))
         info.add_saved_register("lr", value(ra))  # the handler's mtlr before its blr
         info.add_saved_register("r1", value(sp))

@@ -9,7 +9,10 @@
  * At the end it prints the guest's own per-kind counts.
  *
  * usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]
- *                   [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]
+ *                   [-w WORK] [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]
+ *   -w: after each batch, WORK rounds of system calls that call no patched
+ *       function (a stat of "/" and a getppid), so that redirections are a
+ *       fixed share of a kernel's work, as on a real system
  *   flags: yield, sleep, hold, nap, fault-magic, fault-toc, fault-ra, fault-r1,
  *          fault-toc-slot, fault-unbalanced (or a number);  -r: reset counters first
  */
@@ -37,6 +40,7 @@ struct options {
 	int tasks;
 	long calls;
 	long batch;
+	long work;
 	unsigned long flags;
 	int patch_cycles;
 	const char *patch_ko;
@@ -54,7 +58,7 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]\n"
-			"                  [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]\n");
+			"                  [-w WORK] [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]\n");
 	exit(2);
 }
 
@@ -124,6 +128,19 @@ static void write_file(const char *path, const char *text)
 	close(fd);
 }
 
+/* Kernel work without a patched function on its path. */
+static void unpatched_work(long rounds)
+{
+	struct stat st;
+	long i;
+
+	for (i = 0; i < rounds; i++) {
+		if (stat("/", &st))
+			die("stat /");
+		syscall(SYS_getppid);
+	}
+}
+
 /* One task: CALLS calls of each kind, interleaved batch by batch. */
 static int run_task(const struct options *o)
 {
@@ -143,6 +160,7 @@ static int run_task(const struct options *o)
 			if (write(fd, cmd, len) != len)
 				die(o->kinds[k]);
 		}
+		unpatched_work(o->work);
 		done += n;
 	}
 	close(fd);
@@ -220,12 +238,13 @@ int main(int argc, char **argv)
 	char all[] = "all";
 
 	parse_kinds(&o, all);
-	while ((opt = getopt(argc, argv, "t:k:n:b:f:p:P:r")) != -1) {
+	while ((opt = getopt(argc, argv, "t:k:n:b:w:f:p:P:r")) != -1) {
 		switch (opt) {
 		case 't': o.tasks = atoi(optarg); break;
 		case 'k': parse_kinds(&o, optarg); break;
 		case 'n': o.calls = atol(optarg); break;
 		case 'b': o.batch = atol(optarg); break;
+		case 'w': o.work = atol(optarg); break;
 		case 'f': o.flags = parse_flags(optarg); break;
 		case 'p': o.patch_cycles = atoi(optarg); break;
 		case 'P': o.patch_ko = optarg; break;
@@ -233,7 +252,7 @@ int main(int argc, char **argv)
 		default: usage();
 		}
 	}
-	if (o.tasks < 1 || o.calls < 0 || o.batch < 1 || optind != argc)
+	if (o.tasks < 1 || o.calls < 0 || o.batch < 1 || o.work < 0 || optind != argc)
 		usage();
 	if (o.reset)
 		write_file(COUNTS_FILE, "reset");

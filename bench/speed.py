@@ -1,0 +1,202 @@
+"""The speed programme: every way of watching the lab, on one workload, side by side.
+
+    .venv/bin/python bench/speed.py [--args "KLPLAB-RUN ARGS"] [--rounds N] [--modes M,...]
+
+One serve-mode guest and one gdb-multiarch over MI (as the monitor drives
+it). Each round runs the same workload (klplab-run ARGS) once per mode, the
+modes in turn:
+
+  unwatched   gdb attached, no breakpoint, the guest running
+  gdb script  bench/naive-watch.gdb: breakpoints with `commands` at the
+              trampoline's entry and where C returns into it, the checks
+              of a plain script
+  precise     klp-watch start: one breakpoint stop per redirection
+  10 Hz       klp-watch start --sample 10: pauses by interrupt, no breakpoints
+  100 Hz      klp-watch start --sample 100
+
+The time is taken on the host around the guest command (the guest's own
+clock stops while gdb holds it); each mode's median over the rounds is
+compared with the unwatched median. One more run per mode logs gdb's remote
+protocol (`set debug remote 1`) to a file while the workload runs: stops
+(stop replies) and the packets gdb sends, per stop and per redirection.
+"""
+
+import argparse
+import dataclasses
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gdbklp.lab import build, session, workload  # noqa: E402
+from gdbklp.lab.config import REPO_ROOT  # noqa: E402
+from gdbklp.report import WatchReport  # noqa: E402
+
+NAIVE_SCRIPT = REPO_ROOT / "bench" / "naive-watch.gdb"
+STOP_REPLY = re.compile(r"Packet received: [TS][0-9a-f]{2}")
+SENT = re.compile(r"Sending packet: \$")
+NAIVE_SUMMARY = re.compile(r"naive: (\d+) entries, (\d+) returns, (\d+) violations")
+
+
+@dataclasses.dataclass
+class Run:
+    seconds: float
+    redirections: int  # the guest's own count of calls that reached the new code
+    events: int        # what the mode handled: breakpoint hits or samples
+    violations: int
+    stops: int = 0     # from the protocol log (the counting run only)
+    packets: int = 0
+
+
+class Mode:
+    """How one way of watching starts and ends around the workload."""
+
+    name = ""
+    events = ""  # what an event is, for the table's legend
+    per_redirection = 0  # events each redirection must cause (a check that the mode saw them all)
+
+    def start(self, gdb, tmp: Path) -> None:
+        """Set up with the guest running; leave it running."""
+
+    def finish(self, gdb, tmp: Path) -> tuple[int, int]:
+        """Tear down with the guest running; leave it running. (events, violations)"""
+        return 0, 0
+
+
+class Unwatched(Mode):
+    name = "unwatched"
+
+
+class NaiveScript(Mode):
+    name = "gdb script"
+    events = "breakpoint hits"
+    per_redirection = 2
+
+    def start(self, gdb, tmp):
+        gdb.interrupt()
+        gdb.console(f"source {NAIVE_SCRIPT}")
+        gdb.cont()
+
+    def finish(self, gdb, tmp):
+        gdb.interrupt()
+        entries, returns, violations = map(int, NAIVE_SUMMARY.search(gdb.console("naive_summary")).groups())
+        gdb.console("delete")
+        gdb.cont()
+        return entries + returns, violations
+
+
+class Precise(Mode):
+    name = "precise"
+    events = "redirections checked"
+    per_redirection = 1
+
+    def start(self, gdb, tmp):
+        gdb.interrupt()
+        gdb.console(f"klp-watch start --quiet --report {tmp / 'report.json'}")
+        gdb.cont()
+
+    def finish(self, gdb, tmp):
+        gdb.interrupt()
+        gdb.console("klp-watch stop")
+        gdb.cont()
+        report = WatchReport.read_json(tmp / "report.json")
+        return report.redirections, len(report.violations)
+
+
+class Sampling(Mode):
+    events = "samples"
+
+    def __init__(self, hz: float):
+        self.hz = hz
+        self.name = f"{hz:g} Hz"
+
+    def start(self, gdb, tmp):
+        gdb.interrupt()
+        gdb.console(f"klp-watch start --quiet --sample {self.hz:g} --report {tmp / 'report.json'}")
+        gdb.cont()
+
+    def finish(self, gdb, tmp):
+        gdb.console("klp-watch stop")  # ends the pauses; the guest keeps running
+        report = WatchReport.read_json(tmp / "report.json")
+        return report.samples, len(report.violations)
+
+
+MODES = {m.name: m for m in (Unwatched(), NaiveScript(), Precise(), Sampling(10), Sampling(100))}
+
+
+def run(guest, gdb, mode: Mode, command: str, protocol_log: Path | None = None) -> Run:
+    with tempfile.TemporaryDirectory() as tmp:
+        mode.start(gdb, Path(tmp))
+        if protocol_log:
+            gdb.console(f"set logging file {protocol_log}")
+            for setting in ("logging overwrite on", "logging debugredirect on", "logging enabled on",
+                            "debug remote 1"):
+                gdb.console(f"set {setting}")
+        start = time.monotonic()
+        output = guest.check(command, timeout=7200)
+        seconds = time.monotonic() - start
+        if protocol_log:
+            gdb.console("set debug remote 0")
+            gdb.console("set logging enabled off")
+        events, violations = mode.finish(gdb, Path(tmp))
+    redirections = sum(c.new for c in workload.parse_counts(output).values())
+    if mode.per_redirection and events != mode.per_redirection * redirections:
+        raise SystemExit(f"{mode.name}: {events} {mode.events} for {redirections} redirections")
+    result = Run(seconds, redirections, events, violations)
+    if protocol_log:
+        log = protocol_log.read_text(errors="replace")
+        result.stops, result.packets = len(STOP_REPLY.findall(log)), len(SENT.findall(log))
+    return result
+
+
+def ratio(numerator: float, denominator: float, fmt: str) -> str:
+    return format(numerator / denominator, fmt) if denominator else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--args", default="-t 2 -n 40 -b 1 -w 2000", help="klplab-run arguments")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"some of: {', '.join(MODES)}")
+    args = parser.parse_args()
+    modes = [MODES[name.strip()] for name in args.modes.split(",")]
+    command = f"klplab-run -r {args.args}"
+    images = build.build_all()
+    timed: dict[str, list[Run]] = {m.name: [] for m in modes}
+    counted: dict[str, Run] = {}
+    with session.booted(images) as guest, session.attached(guest, images.vmlinux) as gdb, \
+            tempfile.TemporaryDirectory() as tmp:
+        gdb.cont()
+        for _ in range(args.rounds):
+            for mode in modes:
+                timed[mode.name].append(run(guest, gdb, mode, command))
+        for mode in modes:
+            counted[mode.name] = run(guest, gdb, mode, command, Path(tmp) / "remote.log")
+    base = statistics.median(r.seconds for r in timed.get("unwatched", [])) if "unwatched" in timed else None
+    redirections = counted[modes[0].name].redirections
+    print(f"workload: klplab-run {args.args} = {redirections} redirections; one guest, modes in turn, "
+          f"median of {args.rounds} rounds")
+    print(f"  {'':<11} {'time':>8} {'slowdown':>9} {'stops/redir.':>13} {'packets/stop':>13} "
+          f"{'packets/redir.':>15} {'events/s':>9}  events (violations)")
+    for mode in modes:
+        runs, count = timed[mode.name], counted[mode.name]
+        seconds = statistics.median(r.seconds for r in runs)
+        assert all(r.redirections == redirections for r in [*runs, count]), "the workload changed size"
+        print(f"  {mode.name:<11} {seconds:>7.2f}s {ratio(seconds, base, '>8.2f') if base else '-':>8}x "
+              f"{ratio(count.stops, count.redirections, '>13.3f'):>13} {ratio(count.packets, count.stops, '>13.1f'):>13} "
+              f"{ratio(count.packets, count.redirections, '>15.1f'):>15} "
+              f"{statistics.median(r.events / r.seconds for r in runs):>9.1f}  "
+              f"{mode.events or '-'} ({sum(r.violations for r in runs)})")
+    if "gdb script" in timed and "precise" in timed:
+        naive = statistics.median(r.seconds for r in timed["gdb script"])
+        precise = statistics.median(r.seconds for r in timed["precise"])
+        print(f"  precise klp-watch is {naive / precise:.2f}x faster than the gdb script "
+              f"(watching cost {ratio(naive - base, precise - base, '.2f') if base else '-'}x less)")
+
+
+if __name__ == "__main__":
+    main()
