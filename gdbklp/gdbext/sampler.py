@@ -30,43 +30,16 @@ import threading
 import time
 
 import gdb
-from gdb.unwinder import Unwinder, register_unwinder
 
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
 from gdbklp.abi.invariants import SAMPLE, Violation, check_settled_task, check_switched_task, replaced_on_stack
 from gdbklp.abi.livepatch import read_livepatch_stack
 from gdbklp.gdbext import frames, target, transition
-from gdbklp.gdbext.unwinder import FrameId
+from gdbklp.gdbext.unwinder import stop_unwinder
 
 SLEEPERS_PER_SECOND = 40  # tasks not on a vCPU checked per second, spread over the samples
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
 KERNEL_BASE = 0xC000000000000000
-
-
-class PauseUnwinder(Unwinder):
-    """The innermost frame from registers alone, while a sample holds the guest.
-
-    gdb computes the innermost frame's id at each stop (to say where the
-    guest stopped) and again whenever a sample selects a vCPU and reads a
-    register; its own unwinders then analyse the function's prologue, some
-    twenty 4-byte reads of code per frame, most of a pause's packets. Nothing
-    unwinds during a sample, so the id is (r1, pc) and the caller is left
-    unknown; gdb forgets these frames when the guest resumes.
-    """
-
-    def __init__(self):
-        super().__init__("gdbklp-sample-pause")
-        self.enabled = False
-
-    def __call__(self, pending_frame):
-        if pending_frame.level() != 0:
-            return None
-        return pending_frame.create_unwind_info(FrameId(pending_frame.read_register("r1"),
-                                                        pending_frame.read_register("pc")))
-
-
-pause_unwinder = PauseUnwinder()
-register_unwinder(None, pause_unwinder, replace=True)  # first in line: gdb inserts at the front
 
 
 class Sampler:
@@ -100,7 +73,7 @@ class Sampler:
         self.paused = 0.0      # seconds the guest spent stopped for samples
         self.interrupted_at = 0.0
         # each pause prints where the guest was: no source line (a file read per
-        # pause), no arguments (read from a frame PauseUnwinder does not describe)
+        # pause), no arguments (read from a frame stop_unwinder does not describe)
         self.frame_info = gdb.parameter("print frame-info")
         self.frame_arguments = gdb.parameter("print frame-arguments")
         gdb.execute("set print frame-info short-location")
@@ -130,7 +103,7 @@ class Sampler:
         self.resumed.set()
         gdb.execute(f"set print frame-info {self.frame_info}")
         gdb.execute(f"set print frame-arguments {self.frame_arguments}")
-        pause_unwinder.enabled = False
+        stop_unwinder.enabled = False
         if not self.our_interrupt and not self.sampling:
             self._disconnect()
 
@@ -155,7 +128,7 @@ class Sampler:
             return
         self.our_interrupt = True
         self.interrupted_at = time.monotonic()
-        pause_unwinder.enabled = True
+        stop_unwinder.enabled = True
         gdb.execute("interrupt", to_string=True)
 
     def on_stop(self, event) -> None:
@@ -176,7 +149,7 @@ class Sampler:
         self._resume()
 
     def _resume(self) -> None:
-        pause_unwinder.enabled = False
+        stop_unwinder.enabled = False
         gdb.execute("continue &", to_string=True)
         if self.stopping.is_set():  # the pause that was in flight when the watch ended
             self._disconnect()

@@ -90,6 +90,36 @@ unwinder = LivepatchUnwinder()
 register_unwinder(None, unwinder, replace=True)
 
 
+class StopHandlingUnwinder(Unwinder):
+    """The innermost frame from registers alone, while gdbklp handles a stop itself.
+
+    gdb computes the innermost frame's id at each stop, whenever a handler
+    selects a vCPU and reads a register, and when it writes one; its own
+    unwinders then analyse the function's prologue, some twenty 4-byte reads
+    of code per frame, most of a stop's packets. klp-watch's probes and
+    samples never unwind, so the id is made of r1 alone and the caller is left
+    unknown. Enabled only while a handler runs; the frames are forgotten
+    when the guest resumes (or by the handler, if it leaves the guest
+    stopped for the user).
+    """
+
+    def __init__(self):
+        super().__init__("gdbklp-stop-handling")
+        self.enabled = False
+
+    def __call__(self, pending_frame):
+        if pending_frame.level() != 0:
+            return None
+        sp = pending_frame.read_register("r1")
+        # not (sp, pc): a probe moves pc past an instruction it executed for the
+        # guest, and gdb finds its selected frame again by id afterwards
+        return pending_frame.create_unwind_info(FrameId(sp, sp))
+
+
+stop_unwinder = StopHandlingUnwinder()
+register_unwinder(None, stop_unwinder, replace=True)  # gdb puts it first in line, before the one above
+
+
 class KlpUnwinder(Command):
     """Switch gdbklp's live-patch trampoline unwinder: on | off | status."""
 

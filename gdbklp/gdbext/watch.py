@@ -25,6 +25,7 @@ from gdbklp.abi.kernel import local_entry
 from gdbklp.abi.livepatch import find_unredirected_exits
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command, GdbklpError
+from gdbklp.gdbext.unwinder import stop_unwinder
 from gdbklp.report import Redirection, WatchReport
 
 TRACE_TRAMPOLINES = ("ftrace_caller", "ftrace_regs_caller")
@@ -51,11 +52,17 @@ class Probe(gdb.Breakpoint):
         self.handler = handler
 
     def stop(self) -> bool:
+        stop_unwinder.enabled = True
         try:
-            return self.handler()
+            stop = self.handler()
         except Exception as e:  # a probe must never break the guest's run
             _watch and _watch.record_error(f"{type(e).__name__}: {e}")
-            return False
+            stop = False
+        finally:
+            stop_unwinder.enabled = False
+        if stop:  # the user gets the guest: frames from gdb's own unwinders
+            gdb.invalidate_cached_frames()
+        return stop
 
 
 class Watch:
