@@ -14,7 +14,10 @@ import os
 import gdb
 
 out = os.environ.get("KLP_REPORT_DIR", ".")
-gdb.execute(f"klp-watch start --report {out}/klp-watch.json {os.environ.get('KLP_WATCH_OPTIONS', '')}")
+# --batch: when the guest goes away the watch writes both reports and ends gdb
+# itself (gdb 13.1 can crash when the connection drops while a probe runs)
+gdb.execute(f"klp-watch start --batch --report {out}/klp-watch.json --junit {out}/klp-watch.xml "
+            f"{os.environ.get('KLP_WATCH_OPTIONS', '')}")
 try:
     gdb.execute("continue")
 except gdb.error as e:  # the guest powered off: the connection closed

@@ -9,7 +9,8 @@ import pytest
 
 from gdbklp.abi import callsite, elf, ppc
 from gdbklp.abi.callsite import CallSite
-from gdbklp.abi.livepatch import LayoutError, decode_livepatch_handler, entries, find_unredirected_exits
+from gdbklp.abi.livepatch import (LayoutError, decode_livepatch_handler, entries, find_unredirected_exits,
+                                  paca_load_target)
 
 DATA = Path(__file__).parent / "data"
 
@@ -150,3 +151,14 @@ def test_symbol_table_lookup():
     assert table.describe(0x1180) == "b+0x80"   # size 0: open-ended; the typed function wins
     assert table.lookup(0xFFF) is None
     assert table.address("b") == 0x1100
+
+
+def test_paca_load_at_the_return_point():
+    """P3 begins with the handler's first instruction again, `ld r12,296(r13)`
+    (objdump of the lab vmlinux): klp-watch executes it for the guest."""
+    code, _ = handler_capture()
+    first, second = ppc.words(code)[:2]
+    assert paca_load_target(first, 296) == 12
+    assert paca_load_target(first, 288) is None         # another PACA slot: not the thread_info load
+    assert paca_load_target(second, 16) is None         # ld r11,16(r12): not from the PACA
+    assert paca_load_target(ppc.BCTR, 296) is None

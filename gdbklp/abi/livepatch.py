@@ -34,6 +34,15 @@ class LivepatchHandlerLayout:
         return self.call_to_c + 4
 
 
+def paca_load_target(word: int, paca_offset: int) -> int | None:
+    """rT if word is `ld rT, paca_offset(r13)` (what the handler does first at
+    P3: fetch thread_info from the PACA again), else None."""
+    if not ppc.is_ld(word):
+        return None
+    d = ppc.decode_dform(word)
+    return d.rt if d.ra == 13 and d.disp == paca_offset and d.rt != 13 else None
+
+
 def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> LivepatchHandlerLayout:
     """Decode the push half of livepatch_handler from its code bytes.
 

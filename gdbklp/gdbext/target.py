@@ -36,6 +36,11 @@ def register(name: str) -> int:
     return int(gdb.parse_and_eval(f"${name}")) & 0xFFFFFFFFFFFFFFFF
 
 
+def set_register(name: str, value: int) -> None:
+    """Write a register of the selected vCPU."""
+    gdb.parse_and_eval(f"${name} = {value:#x}")
+
+
 MSR_PR = 1 << 14  # the vCPU runs user code
 
 

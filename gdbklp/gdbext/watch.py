@@ -14,6 +14,7 @@ when the guest goes down they record what it did.
 
 import argparse
 import json
+import os
 import struct
 
 import gdb
@@ -22,7 +23,7 @@ from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, ReturnSample, 
                                    check_return)
 from gdbklp.abi import elf
 from gdbklp.abi.kernel import local_entry
-from gdbklp.abi.livepatch import find_unredirected_exits
+from gdbklp.abi.livepatch import find_unredirected_exits, paca_load_target
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.gdbext.unwinder import stop_unwinder
@@ -89,6 +90,9 @@ class Watch:
             self.report.notes.append("consistency model (invariant 12) not checked: the vmlinux has no "
                                      "DWARF for task_struct.patch_state")
         self.probes: list[Probe] = []
+        self.junit_path: str | None = None
+        self.p3_loads_into: int | None = None  # the register P3's instruction loads, when klp-watch executes it
+        self.exit_when_gone = False  # --batch
         self.sampler = None
         if sample_hz:
             # no breakpoint at all: gdb removes and reinserts breakpoints at every pause
@@ -111,6 +115,8 @@ class Watch:
 
     def design_probes(self) -> list[Probe]:
         self.report.probe = f"probing livepatch_handler's return point (P3) at {self.layout.return_point:#x}"
+        word = int.from_bytes(target.read_memory(self.layout.return_point, 4), "little")
+        self.p3_loads_into = paca_load_target(word, self.layout.paca_thread_info)
         return [Probe(f"*{self.layout.return_point:#x}", self.on_return)]
 
     def flush(self) -> None:
@@ -188,7 +194,19 @@ class Watch:
             return_address=entry.ra if entry else 0, toc=entry.toc if entry else 0, sp=s.sp,
             depth=check.depth, violations=tuple(v.invariant for v in violations), **names),
             violations, checked=entry is not None)
-        return self.reported(violations)
+        stop = self.reported(violations)
+        if not stop and self.p3_loads_into is not None:
+            self.execute_p3_load(s.task)
+        return stop
+
+    def execute_p3_load(self, task: int) -> None:
+        """Execute P3's `ld rT, OFF(r13)` for the guest: rT = the task pointer (read
+        for the checks from that PACA slot), pc past it. Resumed at a pc without
+        a breakpoint, gdb need not step the vCPU over one: that step would be a
+        second stop per redirection, and QEMU 7.2 flushes its whole translation
+        cache at every stop."""
+        target.set_register(f"r{self.p3_loads_into}", task)
+        target.set_register("pc", self.layout.return_point + 4)
 
     def reported(self, violations: list[Violation]) -> bool:
         """Print violations as they happen; True to stop the guest (--fail-fast, --max-events)."""
@@ -287,9 +305,16 @@ class Watch:
         self.probes = []
         if self.report_path:
             self.report.write_json(self.report_path)
+        if self.junit_path:
+            self.report.write_junit(self.junit_path)
 
 
 _watch: Watch | None = None
+
+
+def exit_status(report) -> int:
+    """klp-watch finish's exit status: 1 violations or the guest went down, 0 clean, 2 nothing seen."""
+    return 1 if report.violations or report.guest_events else 0 if report.redirections else 2
 
 
 def _on_exit(event) -> None:
@@ -301,6 +326,13 @@ def _on_exit(event) -> None:
         where = f" (report in {_watch.report_path})" if _watch.report_path else ""
         gdb.write(f"klp-watch: {_watch.report.end_reason}; {_watch.report.redirections} "
                   f"redirections, {len(_watch.report.violations)} violations{where}\n")
+        if _watch.exit_when_gone:
+            # gdb 13.1 aborts or crashes once a connection that dropped while a
+            # probe ran is torn down (thread.c:85 internal error, SIGSEGV); the
+            # reports are written: end here with the status finish would give
+            gdb.write(_watch.report.format_text() + "\n")
+            gdb.flush()
+            os._exit(exit_status(_watch.report))
 
 
 def _on_gdb_exiting(event) -> None:
@@ -341,6 +373,11 @@ class KlpWatch(Command):
         start.add_argument("--fail-fast", action="store_true", help="stop the guest at the first violation")
         start.add_argument("--report", metavar="FILE",
                            help="write the JSON report here when the watch ends, however it ends")
+        start.add_argument("--junit", metavar="FILE",
+                           help="write the report as JUnit XML here when the watch ends, however it ends")
+        start.add_argument("--batch", action="store_true",
+                           help="for scripts: when the guest goes away (power-off, crash, dropped connection), "
+                                "write the reports and end gdb with klp-watch finish's exit status")
         start.add_argument("--quiet", action="store_true",
                            help="one line per violation instead of a block; no other output")
         start.add_argument("--sample", type=float, metavar="HZ",
@@ -372,6 +409,7 @@ class KlpWatch(Command):
             kernel.check_matches_target()
             options = (args.max_events, args.report, args.quiet, args.fail_fast, args.sample)
             _watch = start_watch(kernel, args.design, options)
+            _watch.junit_path, _watch.exit_when_gone = args.junit, args.batch
             if not args.quiet:
                 gdb.write(f"klp-watch: {_watch.report.probe}; {len(_watch.probes)} breakpoints in all; "
                           "continue the guest to watch\n")
@@ -400,8 +438,7 @@ class KlpWatch(Command):
                 gdb.write(report.format_text() + "\n")
             if args.action == "finish":
                 gdb.write(report.format_text() + "\n")
-                status = 1 if report.violations or report.guest_events else 0 if report.redirections else 2
-                gdb.execute(f"quit {status}")
+                gdb.execute(f"quit {exit_status(report)}")
 
 
 KlpWatch()
