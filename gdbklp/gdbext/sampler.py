@@ -61,6 +61,7 @@ class Sampler:
         self.transition_patch = self.kernel.symbols.address("klp_transition_patch")
         self.transition: tuple[int, int, set[str]] | None = None  # (patch, target state, replaced functions)
         self._old_functions: tuple[list | None, set[str]] = (None, set())
+        self.patches_checked_in = -1  # the sample that last read the patch list
         self.patches_head = self.kernel.symbols.address("klp_patches")
         self.patch_list_offset = self._offset("list", "struct klp_patch")
         self.patch_enabled_offset = self._offset("enabled", "struct klp_patch")
@@ -231,7 +232,11 @@ class Sampler:
 
     def old_functions(self) -> set[str]:
         """The functions enabled patches replace, by name; read again when a patch
-        comes, goes, or is switched on or off (one read per patch tells)."""
+        comes, goes, or is switched on or off (one read per patch tells, once
+        per sample)."""
+        if self.patches_checked_in == self.samples:
+            return self._old_functions[1]
+        self.patches_checked_in = self.samples
         signature, head = [], self.patches_head
         node = target.read_u64(head)
         while node != head and len(signature) < 64:
