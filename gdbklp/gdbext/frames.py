@@ -69,14 +69,11 @@ def vcpu_threads() -> list:
     return sorted(gdb.selected_inferior().threads(), key=lambda t: t.num)
 
 
-def each_vcpu(threads: list | None = None):
-    """Select each vCPU in turn (yielding (label, state)); restore the selection after.
-
-    threads: the list from vcpu_threads(), for callers that keep it (each
-    call of it costs a round of thread-list packets)."""
+def each_vcpu():
+    """Select each vCPU in turn (yielding (label, state)); restore the selection after."""
     original = gdb.selected_thread()
     try:
-        for thread in threads or vcpu_threads():
+        for thread in vcpu_threads():
             thread.switch()
             yield f"vCPU {thread.num - 1}", vcpu_state()
     finally:
