@@ -52,23 +52,27 @@ class Run:
     packets: int = 0
 
 
-class Mode:
-    """How one way of watching starts and ends around the workload."""
+def paused(gdb, command: str) -> str:
+    """Run a gdb command with the guest paused; it runs again afterwards."""
+    gdb.interrupt()
+    output = gdb.console(command)
+    gdb.cont()
+    return output
 
-    name = ""
+
+class Mode:
+    """How one way of watching starts and ends around the workload (the guest running before and after)."""
+
+    name = "unwatched"
     events = ""  # what an event is, for the table's legend
     per_redirection = 0  # events each redirection must cause (a check that the mode saw them all)
 
     def start(self, gdb, tmp: Path) -> None:
-        """Set up with the guest running; leave it running."""
+        pass
 
     def finish(self, gdb, tmp: Path) -> tuple[int, int]:
-        """Tear down with the guest running; leave it running. (events, violations)"""
+        """(events, violations)"""
         return 0, 0
-
-
-class Unwatched(Mode):
-    name = "unwatched"
 
 
 class NaiveScript(Mode):
@@ -77,9 +81,7 @@ class NaiveScript(Mode):
     per_redirection = 2
 
     def start(self, gdb, tmp):
-        gdb.interrupt()
-        gdb.console(f"source {NAIVE_SCRIPT}")
-        gdb.cont()
+        paused(gdb, f"source {NAIVE_SCRIPT}")
 
     def finish(self, gdb, tmp):
         gdb.interrupt()
@@ -89,43 +91,28 @@ class NaiveScript(Mode):
         return entries + returns, violations
 
 
-class Precise(Mode):
-    name = "precise"
-    events = "redirections checked"
-    per_redirection = 1
+class KlpWatch(Mode):
+    def __init__(self, name: str, sample_hz: float | None = None):
+        self.name = name
+        self.options = f"--sample {sample_hz:g}" if sample_hz else ""
+        self.sampling = sample_hz is not None
+        self.events = "samples" if self.sampling else "redirections checked"
+        self.per_redirection = 0 if self.sampling else 1
 
     def start(self, gdb, tmp):
-        gdb.interrupt()
-        gdb.console(f"klp-watch start --quiet --report {tmp / 'report.json'}")
-        gdb.cont()
+        paused(gdb, f"klp-watch start --quiet {self.options} --report {tmp / 'report.json'}")
 
     def finish(self, gdb, tmp):
-        gdb.interrupt()
-        gdb.console("klp-watch stop")
-        gdb.cont()
+        if self.sampling:
+            gdb.console("klp-watch stop")  # ends the pauses; the guest keeps running
+        else:
+            paused(gdb, "klp-watch stop")
         report = WatchReport.read_json(tmp / "report.json")
-        return report.redirections, len(report.violations)
+        return report.samples if self.sampling else report.redirections, len(report.violations)
 
 
-class Sampling(Mode):
-    events = "samples"
-
-    def __init__(self, hz: float):
-        self.hz = hz
-        self.name = f"{hz:g} Hz"
-
-    def start(self, gdb, tmp):
-        gdb.interrupt()
-        gdb.console(f"klp-watch start --quiet --sample {self.hz:g} --report {tmp / 'report.json'}")
-        gdb.cont()
-
-    def finish(self, gdb, tmp):
-        gdb.console("klp-watch stop")  # ends the pauses; the guest keeps running
-        report = WatchReport.read_json(tmp / "report.json")
-        return report.samples, len(report.violations)
-
-
-MODES = {m.name: m for m in (Unwatched(), NaiveScript(), Precise(), Sampling(10), Sampling(100))}
+MODES = {m.name: m for m in (Mode(), NaiveScript(), KlpWatch("precise"),
+                             KlpWatch("10 Hz", sample_hz=10), KlpWatch("100 Hz", sample_hz=100))}
 
 
 def run(guest, gdb, mode: Mode, command: str, protocol_log: Path | None = None) -> Run:
@@ -186,7 +173,7 @@ def main() -> None:
         runs, count = timed[mode.name], counted[mode.name]
         seconds = statistics.median(r.seconds for r in runs)
         assert all(r.redirections == redirections for r in [*runs, count]), "the workload changed size"
-        print(f"  {mode.name:<11} {seconds:>7.2f}s {ratio(seconds, base, '>8.2f') if base else '-':>8}x "
+        print(f"  {mode.name:<11} {seconds:>7.2f}s {ratio(seconds, base, '>8.2f'):>8}x "
               f"{ratio(count.stops, count.redirections, '>13.3f'):>13} {ratio(count.packets, count.stops, '>13.1f'):>13} "
               f"{ratio(count.packets, count.redirections, '>15.1f'):>15} "
               f"{statistics.median(r.events / r.seconds for r in runs):>9.1f}  "

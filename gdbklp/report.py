@@ -12,6 +12,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from gdbklp.abi.invariants import Violation
+from gdbklp.abi.kernel import function_of_label
 
 FORMAT = "gdbklp-watch-report/3"
 
@@ -84,7 +85,7 @@ class WatchReport:
         tally.seen += 1
         tally.checked += checked
         tally.violations += len(violations)
-        self.by_caller[r.caller.split("+")[0].split(" ")[0]] += 1
+        self.by_caller[function_of_label(r.caller)] += 1
         self.by_patched[r.patched] += 1
         self.by_replacement[r.replacement] += 1
         task = self.tasks.get(r.task)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from gdbklp.abi import ppc
 from gdbklp.abi.callsite import CallSite
-from gdbklp.abi.kernel import KernelView
+from gdbklp.abi.kernel import KernelView, function_of_label
 
 FRAME_HEADER = 32
 NOT_REDIRECTED = "not redirected"  # Violation.call_site of a call that ftrace let run B
@@ -309,7 +309,7 @@ def check_consistency(redirected: bool, in_transition: bool, patch_state: int,
 
 def replaced_on_stack(frame_functions: list[str], replaced: set[str]) -> list[str]:
     """The frames' functions ("name+0x1c", "name+0x1c [module]") that are being replaced, sorted."""
-    return sorted({label for label in frame_functions if label.split("+")[0].split(" ")[0] in replaced})
+    return sorted({label for label in frame_functions if function_of_label(label) in replaced})
 
 
 def check_switched_task(patch_state: int, target_state: int, holders: list[str]) -> Violation | None:

@@ -44,6 +44,11 @@ def local_entry(code: bytes, address: int) -> int:
     return address + 8 if toc_from_global_entry(code, address) is not None else address
 
 
+def function_of_label(label: str) -> str:
+    """The function's name in a label made by KernelView.describe ("name+0x1c [module]" -> "name")."""
+    return label.split("+")[0].split(" ")[0]
+
+
 @dataclass
 class ObjectInfo:
     """vmlinux or one module: where its text is and which TOC its code runs with."""
@@ -73,6 +78,7 @@ class KernelView:
         return None
 
     def describe(self, address: int) -> str:
+        """"name+0x1c" in vmlinux, "name+0x1c [module]" in a module (see function_of_label)."""
         obj = self.object_at(address)
         if obj is None:
             return f"{address:#x}"

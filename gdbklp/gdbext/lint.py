@@ -31,13 +31,6 @@ DWARF_OFFSETS = (
 )
 
 
-def dwarf_offset(type_name: str, member: str) -> int | None:
-    try:
-        return int(gdb.parse_and_eval(f"(unsigned long)&(({type_name} *)0)->{member}"))
-    except gdb.error:
-        return None
-
-
 def lint_livepatch_handler(kernel: target.Kernel) -> list[rfc.Finding]:
     layout = kernel.livepatch_layout()
     out = [rfc.Finding(True, layout.address,
@@ -46,7 +39,7 @@ def lint_livepatch_handler(kernel: target.Kernel) -> list[rfc.Finding]:
                        f"thread_info(PACA+{layout.paca_thread_info})->livepatch_sp(+{layout.ti_livepatch_sp}); "
                        f"C returns to {layout.return_point:#x}")]
     for field_name, type_name, member in DWARF_OFFSETS:
-        expected = dwarf_offset(type_name, member) if kernel.has_dwarf else None
+        expected = target.dwarf_offset(type_name, member) if kernel.has_dwarf else None
         if expected is not None:
             used = getattr(layout, field_name)
             out.append(rfc.Finding(used == expected, layout.address,

@@ -56,15 +56,13 @@ class Sampler:
         self.skipped = 0       # pauses with no vCPU in the kernel (its memory is not readable then)
         self.tasks: list[int] = []
         self.next_task = 0
-        self.ksp_offset = self._offset("thread.ksp")  # where a sleeping task's r1 is
-        self.patch_state_offset = self._offset("patch_state")
-        self.transition_patch = self.kernel.symbols.address("klp_transition_patch")
+        self.ksp_offset = target.dwarf_offset("struct task_struct", "thread.ksp")  # a sleeping task's r1
         self.transition: tuple[int, int, set[str]] | None = None  # (patch, target state, replaced functions)
         self._old_functions: tuple[list | None, set[str]] = (None, set())
         self.patches_checked_in = -1  # the sample that last read the patch list
         self.patches_head = self.kernel.symbols.address("klp_patches")
-        self.patch_list_offset = self._offset("list", "struct klp_patch")
-        self.patch_enabled_offset = self._offset("enabled", "struct klp_patch")
+        self.patch_list_offset = target.dwarf_offset("struct klp_patch", "list")
+        self.patch_enabled_offset = target.dwarf_offset("struct klp_patch", "enabled")
         self.switch_pc = self.kernel.symbols.address("_switch") or 0  # where a sleeping task resumes
         self.vcpus = frames.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
         if self.ksp_offset is not None and gdb.selected_thread() is not None:
@@ -87,14 +85,6 @@ class Sampler:
         self.connected = True
         self.thread = threading.Thread(target=self._timer, name="klp-watch sampler", daemon=True)
         self.thread.start()
-
-    @staticmethod
-    def _offset(member: str, struct: str = "struct task_struct") -> int | None:
-        """A member's offset (None without DWARF)."""
-        try:
-            return int(gdb.parse_and_eval(f"(unsigned long)&(({struct} *)0)->{member}"))
-        except gdb.error:
-            return None
 
     def close(self) -> None:
         """No more pauses; a pause in progress still ends with the guest resumed."""
@@ -196,7 +186,7 @@ class Sampler:
 
     def read_transition(self) -> None:
         """The transition in progress, if any: its functions are read once per transition."""
-        patch = target.read_u64(self.transition_patch) if self.transition_patch and self.patch_state_offset else 0
+        patch = self.watch.transition_patch() if self.watch.consistency else 0
         if not patch:
             self.transition = None
         elif self.transition is None or self.transition[0] != patch:
@@ -208,7 +198,7 @@ class Sampler:
         between transitions for a sleeper."""
         if self.transition:
             _, goal, replaced = self.transition
-            state = int.from_bytes(target.read_memory(task + self.patch_state_offset, 4), "little", signed=True)
+            state = self.watch.patch_state(task)
             if state != goal:
                 return None  # pending: it may hold anything
             return check_switched_task(state, goal, replaced_on_stack(self.walk(base, sp, entries, vcpu_state),

@@ -36,6 +36,14 @@ def register(name: str) -> int:
     return int(gdb.parse_and_eval(f"${name}")) & 0xFFFFFFFFFFFFFFFF
 
 
+def dwarf_offset(type_name: str, member: str) -> int | None:
+    """A member's offset in a type, from DWARF (None without it)."""
+    try:
+        return int(gdb.parse_and_eval(f"(unsigned long)&(({type_name} *)0)->{member}"))
+    except gdb.error:
+        return None
+
+
 def set_register(name: str, value: int) -> None:
     """Write a register of the selected vCPU."""
     gdb.parse_and_eval(f"${name} = {value:#x}")

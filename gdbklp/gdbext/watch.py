@@ -230,16 +230,22 @@ class Watch:
             replacements = self.kernel.replacements()
         return replacements.get(patched)
 
+    def transition_patch(self) -> int:
+        """klp_transition_patch: the patch in transition, or 0 (needs self.consistency)."""
+        return target.read_u64(self.consistency[0])
+
+    def patch_state(self, task: int) -> int:
+        """task->patch_state (needs self.consistency)."""
+        return struct.unpack("<i", target.read_memory(task + self.consistency[1], 4))[0]
+
     def consistency_violation(self, task: int, redirected: bool, patched: int | None,
                               replacement: int | None) -> Violation | None:
         """Invariant 12 for this call: does the task's patch_state agree with what ftrace did?"""
         if self.consistency is None:
             return None
-        transition_ptr, state_offset = self.consistency
-        in_transition = target.read_u64(transition_ptr) != 0
+        in_transition = self.transition_patch() != 0
         # outside a transition a redirection is always right: spare the read
-        state = (struct.unpack("<i", target.read_memory(task + state_offset, 4))[0]
-                 if in_transition or not redirected else KLP_UNDEFINED)
+        state = self.patch_state(task) if in_transition or not redirected else KLP_UNDEFINED
         describe = lambda a: self.kernel.describe(a) if a else "?"
         return check_consistency(redirected, in_transition, state, describe(patched), describe(replacement))
 
