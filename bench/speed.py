@@ -92,9 +92,9 @@ class NaiveScript(Mode):
 
 
 class KlpWatch(Mode):
-    def __init__(self, name: str, sample_hz: float | None = None):
+    def __init__(self, name: str, sample_hz: float | None = None, park: bool = False):
         self.name = name
-        self.options = f"--sample {sample_hz:g}" if sample_hz else ""
+        self.options = f"--sample {sample_hz:g}" if sample_hz else "--park" if park else ""
         self.sampling = sample_hz is not None
         self.events = "samples" if self.sampling else "redirections checked"
         self.per_redirection = 0 if self.sampling else 1
@@ -103,15 +103,15 @@ class KlpWatch(Mode):
         paused(gdb, f"klp-watch start --quiet {self.options} --report {tmp / 'report.json'}")
 
     def finish(self, gdb, tmp):
-        if self.sampling:
-            gdb.console("klp-watch stop")  # ends the pauses; the guest keeps running
+        if self.options:  # a watch by pauses ends with the guest running
+            session.end_watch_running(gdb)
         else:
             paused(gdb, "klp-watch stop")
         report = WatchReport.read_json(tmp / "report.json")
         return report.samples if self.sampling else report.redirections, len(report.violations)
 
 
-MODES = {m.name: m for m in (Mode(), NaiveScript(), KlpWatch("precise"),
+MODES = {m.name: m for m in (Mode(), NaiveScript(), KlpWatch("precise"), KlpWatch("parking", park=True),
                              KlpWatch("10 Hz", sample_hz=10), KlpWatch("100 Hz", sample_hz=100))}
 
 

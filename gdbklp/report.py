@@ -14,7 +14,7 @@ from xml.sax.saxutils import escape, quoteattr
 from gdbklp.abi.invariants import Violation
 from gdbklp.abi.kernel import function_of_label
 
-FORMAT = "gdbklp-watch-report/3"
+FORMAT = "gdbklp-watch-report/4"
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class WatchReport:
     by_replacement: Counter = field(default_factory=Counter)
     old_code_calls: Counter = field(default_factory=Counter)  # replaced functions that ran unredirected
     samples: int = 0                                          # sampling mode: pauses that checked tasks
-    sample_pause_ms: float = 0.0                              # mean time the guest is held per pause
+    pauses: int = 0                                           # pauses by interrupt (sampling, parking)
+    pause_ms: float = 0.0                                     # mean time the guest is held per pause
     sampled_tasks: dict[int, int] = field(default_factory=dict)  # task -> samples that checked it
     tasks: dict[int, TaskSummary] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
@@ -139,7 +140,7 @@ class WatchReport:
             "by_call_site": {k: asdict(v) for k, v in self.by_call_site.items()},
             "by_caller": dict(self.by_caller), "by_patched": dict(self.by_patched),
             "by_replacement": dict(self.by_replacement), "old_code_calls": dict(self.old_code_calls),
-            "samples": self.samples, "sample_pause_ms": self.sample_pause_ms, "sampled_tasks": {f"{k:#x}": v for k, v in self.sampled_tasks.items()},
+            "samples": self.samples, "pauses": self.pauses, "pause_ms": self.pause_ms, "sampled_tasks": {f"{k:#x}": v for k, v in self.sampled_tasks.items()},
             "tasks": {f"{k:#x}": asdict(v) for k, v in self.tasks.items()},
             "violations": [asdict(v) for v in self.violations],
             "events": [{**asdict(e), "violations": list(e.violations)} for e in self.events],
@@ -158,7 +159,7 @@ class WatchReport:
             by_call_site={k: Tally(**v) for k, v in data["by_call_site"].items()},
             by_caller=Counter(data["by_caller"]), by_patched=Counter(data["by_patched"]),
             by_replacement=Counter(data["by_replacement"]), old_code_calls=Counter(data["old_code_calls"]),
-            samples=data["samples"], sample_pause_ms=data["sample_pause_ms"], sampled_tasks={int(k, 16): v for k, v in data["sampled_tasks"].items()},
+            samples=data["samples"], pauses=data["pauses"], pause_ms=data["pause_ms"], sampled_tasks={int(k, 16): v for k, v in data["sampled_tasks"].items()},
             tasks={int(k, 16): TaskSummary(**v) for k, v in data["tasks"].items()},
             violations=[Violation(**v) for v in data["violations"]],
             events=[Redirection(**{**e, "violations": tuple(e["violations"])}) for e in data["events"]],
@@ -201,7 +202,10 @@ class WatchReport:
         if self.samples:
             lines.append(f"  sampling: {self.samples} samples checked {len(self.sampled_tasks)} tasks' livepatch "
                          f"stacks ({sum(self.sampled_tasks.values())} task checks); the guest was held "
-                         f"{self.sample_pause_ms:.1f} ms per pause")
+                         f"{self.pause_ms:.1f} ms per pause")
+        elif self.pauses:
+            lines.append(f"  parking: {self.pauses} pauses let {self.redirections} redirections go on from P3; "
+                         f"the guest was held {self.pause_ms:.1f} ms per pause")
         if self.by_call_site:
             lines.append(f"  {'call site':<16} {'seen':>8} {'checked':>8} {'violations':>10}")
             for site, t in sorted(self.by_call_site.items()):

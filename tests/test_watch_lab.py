@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import GDB, REPO
-from gdbklp.lab import workload
+from gdbklp.lab import LabError, workload
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import WatchedGuest, attached, booted, watch_workload
 from gdbklp.report import WatchReport
@@ -44,6 +44,52 @@ def test_clean_workload_with_migration_and_patch_cycling(guest, gdb):
     assert sum(c.old for c in counts.values()) > 0
 
 
+def p3_word(gdb) -> str:
+    """The instruction word at livepatch_handler's return point, as the guest has it now."""
+    return gdb.console("x/wx $klp_p3").split()[-1]
+
+
+def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb, lab):
+    gdb.interrupt()
+    gdb.console("python gdb.set_convenience_variable('klp_p3', __import__('gdbklp.gdbext.target', "
+                "fromlist=['kernel']).kernel().livepatch_layout().return_point)")
+    original = p3_word(gdb)
+    gdb.cont()
+    watched = WatchedGuest(guest, gdb)
+    # 4 tasks sleeping inside C (they move between the vCPUs), then the patch
+    # cycled under tasks that call through it
+    for command, minimum in (("klplab-run -r -t 4 -n 30 -f sleep", 120),
+                             ("klplab-run -r -t 4 -n 20 -b 2 -p 2 -f yield", 0)):
+        report = watched.watch(command, options="--park")
+        counts = workload.parse_counts(watched.last_output)
+        WatchedGuest.assert_clean(report)
+        assert_counts_agree(report, counts, minimum)  # each redirection the guest made, checked once
+        assert report.probe.startswith("parking") and report.pauses > 0
+        assert all(t.checked == t.seen for t in report.by_call_site.values())
+    assert sum(c.old for c in counts.values()) > 0  # calls made while the patch was off
+    gdb.interrupt()
+    assert p3_word(gdb) == original  # the watch put P3's instruction back
+    assert "livepatch_handler" not in gdb.console("maint info breakpoints")
+    gdb.cont()
+
+
+def test_a_park_left_by_a_gdb_that_died_holds_tasks_until_a_gdb_undoes_it(lab, tmp_path):
+    with booted(lab, workdir=tmp_path) as guest:
+        with attached(guest, lab.vmlinux) as gdb:
+            gdb.console("klp-watch start --quiet --park")
+            gdb.cont()
+            gdb.ctrl.gdb_process.kill()  # gdb dies: nobody checks P3 or puts its instruction back
+        start = guest.send("klplab-run -r -t 2 -n 3 -k local")
+        with pytest.raises(LabError):
+            guest.wait_done(start, timeout=10)  # the tasks wait at P3
+        with attached(guest, lab.vmlinux) as gdb:
+            assert "P3 was still parked by a watch whose gdb went away" in gdb.console("klp-watch stop")
+            gdb.cont()
+            status, output = guest.wait_done(start, timeout=60)
+    assert status == 0
+    assert workload.parse_counts(output)["local"].new == 6  # every call reached the new code
+
+
 # fault flag -> (call kind, the invariant it breaks, whether the guest goes down)
 FAULTS = {
     "fault-magic": ("local", 8, True),
@@ -55,13 +101,15 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault):
+@pytest.mark.parametrize("fault,options", [(fault, "") for fault in FAULTS] +
+                         [("fault-magic", "--park"), ("fault-toc-slot", "--park")])
+def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault, options):
     kind, invariant, goes_down = FAULTS[fault]
     with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
         gdb.cont()
         watched = WatchedGuest(guest, gdb)
-        report = watched.watch(f"klplab-run -t 1 -n 5 -k {kind} && klplab-run -t 1 -n 1 -k {kind} -f {fault}")
+        report = watched.watch(f"klplab-run -t 1 -n 5 -k {kind} && klplab-run -t 1 -n 1 -k {kind} -f {fault}",
+                               options=options)
     faulty = [e for e in report.events if e.violations]
     assert len(faulty) == 1, report.format_text()
     assert faulty[0].seq == 5  # the five clean redirections before it have none

@@ -22,11 +22,10 @@ len(tasks) / SLEEPERS_PER_SECOND seconds:
 
 It catches corruption that persists until a sample looks, not each event;
 the redirection-time invariants (1, 3, 9, and 12 at each call) need the
-precise mode's breakpoints. Sampling needs background execution (`continue &`, gdb/MI,
-or the monitor): the pauses come from a timer thread through gdb's event loop.
+precise mode's breakpoints or parking. Sampling needs background execution
+(see gdbklp.gdbext.pauses).
 """
 
-import threading
 import time
 
 import gdb
@@ -35,25 +34,22 @@ from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
 from gdbklp.abi.invariants import SAMPLE, Violation, check_settled_task, check_switched_task, replaced_on_stack
 from gdbklp.abi.livepatch import read_livepatch_stack
 from gdbklp.gdbext import frames, target, transition
-from gdbklp.gdbext.unwinder import stop_unwinder
+from gdbklp.gdbext.pauses import PeriodicPauses
 
 SLEEPERS_PER_SECOND = 40  # tasks not on a vCPU checked per second, spread over the samples
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
 KERNEL_BASE = 0xC000000000000000
 
 
-class Sampler:
+class Sampler(PeriodicPauses):
     def __init__(self, watch, hz: float):
-        self.watch = watch
         self.kernel = watch.kernel
         self.layout = watch.layout
-        self.period = 1.0 / hz
         self.sleepers_per_sample = SLEEPERS_PER_SECOND / hz  # fractional: a credit that builds up
         self.sleeper_credit = 0.0
         self.modules_read_at = 0.0
         self.tasks_read_at = time.monotonic()
         self.samples = 0
-        self.skipped = 0       # pauses with no vCPU in the kernel (its memory is not readable then)
         self.tasks: list[int] = []
         self.next_task = 0
         self.ksp_offset = target.dwarf_offset("struct task_struct", "thread.ksp")  # a sleeping task's r1
@@ -68,88 +64,13 @@ class Sampler:
         if self.ksp_offset is not None and gdb.selected_thread() is not None:
             self.tasks = frames.all_tasks(self.kernel)  # the slow readings now, not in the first pause
             self.kernel.view()
-        self.our_interrupt = False
-        self.paused = 0.0      # seconds the guest spent stopped for samples
-        self.interrupted_at = 0.0
-        # each pause prints where the guest was: no source line (a file read per
-        # pause), no arguments (read from a frame stop_unwinder does not describe)
-        self.frame_info = gdb.parameter("print frame-info")
-        self.frame_arguments = gdb.parameter("print frame-arguments")
-        gdb.execute("set print frame-info short-location")
-        gdb.execute("set print frame-arguments presence")
-        self.stopping = threading.Event()
-        self.resumed = threading.Event()  # the next pause comes a period after a resume
-        self.resumed.set()
-        self.sampling = False  # a sample is posted, not run yet
-        gdb.events.stop.connect(self.on_stop)
-        self.connected = True
-        self.thread = threading.Thread(target=self._timer, name="klp-watch sampler", daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        """No more pauses; a pause in progress still ends with the guest resumed."""
-        if self.stopping.is_set():
-            return
-        self.stopping.set()
-        self.resumed.set()
-        gdb.execute(f"set print frame-info {self.frame_info}")
-        gdb.execute(f"set print frame-arguments {self.frame_arguments}")
-        stop_unwinder.enabled = False
-        if not self.our_interrupt and not self.sampling:
-            self._disconnect()
-
-    def _disconnect(self) -> None:
-        if self.connected:
-            self.connected = False
-            gdb.events.stop.disconnect(self.on_stop)
-
-    # ---- pausing and resuming ------------------------------------------------
-
-    def _timer(self) -> None:
-        # a fixed rate would pile pauses up when a sample takes longer than the
-        # period: the guest always runs a whole period between two samples
-        while self.resumed.wait() and not self.stopping.wait(self.period):
-            self.resumed.clear()
-            gdb.post_event(self._interrupt)
-
-    def _interrupt(self) -> None:
-        thread = gdb.selected_thread()
-        if self.stopping.is_set() or self.our_interrupt or thread is None or not thread.is_running():
-            self.resumed.set()  # stopped by someone else: try again a period later
-            return
-        self.our_interrupt = True
-        self.interrupted_at = time.monotonic()
-        stop_unwinder.enabled = True
-        gdb.execute("interrupt", to_string=True)
-
-    def on_stop(self, event) -> None:
-        if self.our_interrupt:
-            self.our_interrupt = False
-            self.sampling = True
-            # not in this observer: gdb is still inside its stop processing, and
-            # a sample switches threads (gdb dumped core once when it did)
-            gdb.post_event(self._sample_and_resume)
-
-    def _sample_and_resume(self) -> None:
-        self.sampling = False
-        if not self.stopping.is_set():
-            try:
-                self.sample()
-            except Exception as e:  # a sample must never keep the guest stopped
-                self.watch.record_error(f"sample: {type(e).__name__}: {e}")
-        self._resume()
-
-    def _resume(self) -> None:
-        stop_unwinder.enabled = False
-        gdb.execute("continue &", to_string=True)
-        if self.stopping.is_set():  # the pause that was in flight when the watch ended
-            self._disconnect()
-            return
-        self.paused += time.monotonic() - self.interrupted_at
-        self.watch.report.sample_pause_ms = 1000 * self.paused / max(self.samples + self.skipped, 1)
-        self.resumed.set()
+        super().__init__(watch, 1.0 / hz)
 
     # ---- one sample ------------------------------------------------------------
+
+    def on_pause(self) -> bool:
+        self.sample()
+        return False
 
     def sample(self) -> None:
         running = []
@@ -164,8 +85,7 @@ class Sampler:
                 kernel_vcpu = thread  # the read goes through this vCPU's MMU context
                 task = target.read_u64(state["r13"] + self.layout.paca_thread_info)
                 running.append((task, state, thread.num - 1))
-        if kernel_vcpu is None:
-            self.skipped += 1
+        if kernel_vcpu is None:  # no vCPU in the kernel: its memory is not readable now
             return
         if gdb.selected_thread().num != kernel_vcpu.num:
             kernel_vcpu.switch()

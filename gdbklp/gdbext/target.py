@@ -21,6 +21,10 @@ def read_memory(address: int, length: int) -> bytes:
     return gdb.selected_inferior().read_memory(address, length).tobytes()
 
 
+def write_memory(address: int, data: bytes) -> None:
+    gdb.selected_inferior().write_memory(address, data)
+
+
 def read_u64(address: int) -> int:
     return int.from_bytes(read_memory(address, 8), "little")
 

@@ -24,7 +24,7 @@ from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, ReturnSample, 
 from gdbklp.abi import elf
 from gdbklp.abi.kernel import local_entry
 from gdbklp.abi.livepatch import find_unredirected_exits, paca_load_target
-from gdbklp.gdbext import target
+from gdbklp.gdbext import parking, target
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.gdbext.unwinder import stop_unwinder
 from gdbklp.report import Redirection, WatchReport
@@ -75,7 +75,7 @@ class Watch:
     design = "livepatch-stack"
 
     def __init__(self, kernel: target.Kernel, max_events: int | None, report_path: str | None,
-                 quiet: bool, fail_fast: bool, sample_hz: float | None = None):
+                 quiet: bool, fail_fast: bool, sample_hz: float | None = None, park: bool = False):
         self.kernel = kernel
         self.layout = kernel.livepatch_layout()
         self.thread_size = kernel.thread_size
@@ -91,16 +91,19 @@ class Watch:
                                      "DWARF for task_struct.patch_state")
         self.probes: list[Probe] = []
         self.junit_path: str | None = None
-        self.p3_loads_into: int | None = None  # the register P3's instruction loads, when klp-watch executes it
+        # the register P3's instruction loads, when klp-watch executes it for the guest
+        self.p3_loads_into = paca_load_target(int.from_bytes(target.read_memory(self.layout.return_point, 4), "little"),
+                                              self.layout.paca_thread_info)
         self.exit_when_gone = False  # --batch
-        self.sampler = None
+        self.pauses = None  # sampling or parking
         if sample_hz:
             # no breakpoint at all: gdb removes and reinserts breakpoints at every pause
             from gdbklp.gdbext.sampler import Sampler
-            self.sampler = Sampler(self, sample_hz)
+            self.pauses = Sampler(self, sample_hz)
             self.report.probe = f"sampling at {sample_hz:g} Hz (pauses by interrupt, no breakpoints)"
             return
-        self.probes = self.design_probes()
+        if not park:
+            self.probes = self.design_probes()
         if self.consistency is not None:
             exits = self._unredirected_exits()
             self.probes += [Probe(f"*{address:#x}", self.on_unredirected) for address in exits]
@@ -112,11 +115,13 @@ class Watch:
             if address is not None:
                 address = local_entry(elf.read_loaded_bytes(kernel.vmlinux, address - 8, 16), address)
                 self.probes.append(Probe(f"*{address:#x}", lambda name=name: self.on_guest_down(name)))
+        if park:
+            self.pauses = parking.Parking(self)
+            self.report.probe = (f"parking at livepatch_handler's return point (P3) at {self.layout.return_point:#x} "
+                                 "(pauses by interrupt, no breakpoint there)")
 
     def design_probes(self) -> list[Probe]:
         self.report.probe = f"probing livepatch_handler's return point (P3) at {self.layout.return_point:#x}"
-        word = int.from_bytes(target.read_memory(self.layout.return_point, 4), "little")
-        self.p3_loads_into = paca_load_target(word, self.layout.paca_thread_info)
         return [Probe(f"*{self.layout.return_point:#x}", self.on_return)]
 
     def flush(self) -> None:
@@ -301,8 +306,8 @@ class Watch:
 
     def finish(self, reason: str) -> None:
         """Remove the probes and write the report (idempotent)."""
-        if self.sampler:
-            self.sampler.close()
+        if self.pauses:
+            self.pauses.close()
         self.flush()
         self.report.finish(reason)
         for probe in self.probes:
@@ -353,7 +358,8 @@ if hasattr(gdb.events, "gdb_exiting"):
 
 def start_watch(kernel: target.Kernel, design: str, options: tuple) -> Watch:
     """A watch of the design asked for, or of the one the running kernel uses."""
-    if design == "livepatch-stack" or options[-1]:  # sampling checks the livepatch stacks
+    sample_hz, park = options[-2:]
+    if design == "livepatch-stack" or sample_hz or park:  # both work on the livepatch stack
         return Watch(kernel, *options)
     from gdbklp.gdbext import rfcwatch  # the RFC model is optional: the merged one works without it
     handler = kernel.livepatch_layout().address
@@ -389,6 +395,10 @@ class KlpWatch(Command):
         start.add_argument("--sample", type=float, metavar="HZ",
                            help="no breakpoints: pause the guest HZ times a second and check every running "
                                 "task's livepatch stack and a few others' (needs background execution)")
+        start.add_argument("--park", action="store_true",
+                           help="every redirection checked without a breakpoint stop: a branch to itself at P3 "
+                                "holds each returning task until a pause by interrupt checks it (needs background "
+                                "execution)")
         start.add_argument("--design", choices=("auto", "livepatch-stack", "rfc"), default="auto",
                            help="the trampoline design to model; auto: where the running kernel's ftrace "
                                 "trampolines send redirected calls (livepatch_handler, or an RFC mini-frame path)")
@@ -413,7 +423,11 @@ class KlpWatch(Command):
             target.require_target()
             target.select_kernel_vcpu()
             kernel.check_matches_target()
-            options = (args.max_events, args.report, args.quiet, args.fail_fast, args.sample)
+            if args.sample and args.park:
+                raise GdbklpError("--sample and --park are two ways of watching: choose one")
+            if parking.unpark_leftover(kernel):
+                gdb.write("klp-watch: P3 was still parked by a watch whose gdb went away: its instruction is back\n")
+            options = (args.max_events, args.report, args.quiet, args.fail_fast, args.sample, args.park)
             _watch = start_watch(kernel, args.design, options)
             _watch.junit_path, _watch.exit_when_gone = args.junit, args.batch
             if not args.quiet:
@@ -421,9 +435,22 @@ class KlpWatch(Command):
                           "continue the guest to watch\n")
             return
         if _watch is None:
+            if args.action == "stop" and parking.unpark_leftover(target.kernel()):
+                gdb.write("klp-watch: no watch, but P3 was still parked by a watch whose gdb went away: "
+                          "its instruction is back\n")
+                return
             raise GdbklpError("no watch: use 'klp-watch start'")
         report = _watch.report
-        if args.action == "stop":
+        parked_and_running = isinstance(_watch.pauses, parking.Parking) and report.ended is None \
+            and not parking.guest_stopped()
+        if args.action == "stop" and parked_and_running:
+            _watch.pauses.end_at_next_pause("stopped by klp-watch stop")
+            gdb.write("klp-watch: the watch ends at the next pause, in a few milliseconds "
+                      "(klp-watch status says when)\n")
+        elif args.action == "finish" and parked_and_running:
+            raise GdbklpError("the guest is running: klp-watch stop ends a --park watch at its next pause; "
+                              "or interrupt the guest, then finish")
+        elif args.action == "stop":
             _watch.finish("stopped by klp-watch stop")
             gdb.write(f"klp-watch: stopped after {report.redirections} redirections, "
                       f"{len(report.violations)} violations\n")

@@ -32,6 +32,17 @@ def attached(guest: Guest, vmlinux: Path):
         yield gdb
 
 
+def end_watch_running(gdb: GdbSession, timeout: float = 30.0) -> None:
+    """klp-watch stop with the guest running, for a watch by pauses (--sample,
+    --park: that one ends at its next pause); wait until it has ended."""
+    gdb.console("klp-watch stop")
+    deadline = time.monotonic() + timeout
+    while "ended" not in gdb.console("klp-watch status"):
+        if time.monotonic() > deadline:
+            raise LabError(f"the watch did not end within {timeout:.0f} s of klp-watch stop")
+        time.sleep(0.05)
+
+
 class WatchedGuest:
     """A booted guest with gdb attached (and the guest running between watches)."""
 
@@ -57,10 +68,9 @@ class WatchedGuest:
             except LabError as e:  # the guest died or hung: the report so far still counts
                 output, outcome = "", f"guest command did not finish: {e}"
             finally:
-                if "--sample" in options:
-                    # end the pauses first, so that none resumes the guest after ours
-                    self.gdb.console("klp-watch stop")
-                    time.sleep(0.5)
+                if "--sample" in options or "--park" in options:
+                    # end the pauses first, so that none resumes the guest after our interrupt
+                    end_watch_running(self.gdb)
                 if self.gdb.running:
                     self.gdb.interrupt()
                 self.gdb.console("klp-watch stop")

@@ -1,0 +1,117 @@
+"""klp-watch start --park: every redirection checked at P3, without a breakpoint stop.
+
+On QEMU 7.2 every breakpoint stop flushes the whole translation cache, and
+the guest then re-translates its working set: that, not gdb, is most of what
+a breakpoint per redirection costs. A pause by interrupt flushes nothing.
+So parking writes a branch to itself (`b .`) over P3's instruction: a vCPU
+whose C has returned into livepatch_handler waits at P3 with everything the
+redirection did still in place, exactly as at the breakpoint. klp-watch
+pauses the guest by interrupt, checks each vCPU waiting there as the
+breakpoint probe would (Watch.on_return), executes P3's instruction for it
+(`ld rT, OFF(r13)`: rT = the task, pc past it) and resumes. No task gets past
+P3 unchecked, so no redirection is missed.
+
+What it costs: a task waits at P3 until the next pause. Pauses follow each
+other quickly while tasks keep arriving, and back off while none do (a pause
+costs the guest the same whatever it finds).
+
+What it risks: the branch is in the guest's memory, not in QEMU's breakpoint
+list. The watch puts the instruction back when it ends (klp-watch stop
+while the guest runs ends it at the next pause). If gdb dies first,
+tasks that reach P3 wait there until a gdb attaches and runs klp-watch start
+or stop, which put the instruction back from the vmlinux file.
+"""
+
+import gdb
+
+from gdbklp.abi import elf, ppc
+from gdbklp.gdbext import frames, target
+from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.gdbext.pauses import PeriodicPauses
+
+FASTEST = 0.0005  # seconds the guest runs between pauses while tasks keep arriving at P3
+SLOWEST = 0.008   # ... after pauses that found none: the longest a task can wait at P3
+PARKED = ppc.BRANCH_TO_SELF.to_bytes(4, "little")
+
+
+def guest_stopped() -> bool:
+    thread = gdb.selected_thread()
+    return thread is not None and thread.is_valid() and not thread.is_running()
+
+
+def unpark_leftover(kernel: target.Kernel) -> bool:
+    """Put P3's instruction back if an earlier park watch left it parked (its gdb
+    went away); the original comes from the vmlinux file. True if it did."""
+    address = kernel.livepatch_layout().return_point
+    if target.read_memory(address, 4) != PARKED:
+        return False
+    target.write_memory(address, elf.read_loaded_bytes(kernel.vmlinux, address, 4))
+    return True
+
+
+class Parking(PeriodicPauses):
+    def __init__(self, watch):
+        if watch.p3_loads_into is None:
+            raise GdbklpError("--park: P3's instruction is not the `ld rT, OFF(r13)` klp-watch can "
+                              "execute for the guest, so it cannot stand in for it")
+        self.address = watch.layout.return_point
+        self.original = target.read_memory(self.address, 4)
+        self.vcpus = frames.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
+        self.in_pause = False
+        self.end_reason: str | None = None  # the watch ends at the next pause (asked while the guest ran)
+        # a breakpoint taken out at each pause would be put back (and QEMU's
+        # translation cache flushed) at each resume: keep die/panic's inserted
+        self.always_inserted = gdb.parameter("breakpoint always-inserted")
+        gdb.execute("set breakpoint always-inserted on")
+        target.write_memory(self.address, PARKED)
+        super().__init__(watch, FASTEST)
+
+    def end_at_next_pause(self, reason: str) -> None:
+        """End the watch from the next pause (soon: the guest runs): P3's
+        instruction can only be put back while the guest is held, and an
+        interrupt from outside could land in one of our pauses and be lost
+        when it resumes."""
+        self.end_reason = reason
+        self.period = FASTEST
+
+    def on_pause(self) -> bool:
+        self.in_pause = True
+        try:
+            stop = self.check_parked()
+            if self.end_reason and not stop:
+                self.watch.finish(self.end_reason)
+            return stop
+        finally:
+            self.in_pause = False
+
+    def check_parked(self) -> bool:
+        """Check each vCPU waiting at P3 and let it go on; True when the watch
+        wants the guest stopped (that vCPU then stays at P3)."""
+        released = 0
+        selected = gdb.selected_thread()
+        # the vCPU gdb stopped on first: its registers came with the stop
+        for thread in sorted(self.vcpus, key=lambda t: t.num != selected.num):
+            if gdb.selected_thread().num != thread.num:
+                thread.switch()
+            if target.register("pc") == self.address:
+                if self.watch.on_return():
+                    return True
+                released += 1
+        # tasks arrive at P3 about as often as before: home in on that interval
+        self.period = max(self.period / 2, FASTEST) if released else min(2 * self.period, SLOWEST)
+        return False
+
+    def close(self) -> None:
+        """End the pauses; check the vCPUs waiting at P3 and put its instruction back."""
+        if self.stopping.is_set():
+            return
+        super().close()
+        gdb.execute(f"set breakpoint always-inserted {'on' if self.always_inserted else 'off'}")
+        if not guest_stopped():
+            if gdb.selected_thread() is not None:  # running (gdb is going away): nobody can unpark now
+                gdb.write("klp-watch: P3 stays parked while the guest runs: tasks that reach it wait "
+                          "until a gdb attaches and runs klp-watch stop\n")
+            return
+        if not self.in_pause:
+            self.check_parked()
+        target.write_memory(self.address, self.original)
