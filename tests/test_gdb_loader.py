@@ -26,9 +26,15 @@ def test_bad_arguments_are_one_line():
         "(choose from 'start', 'stop', 'status', 'report', 'finish')"]
 
 
-def test_status_without_a_watch():
-    proc = run_gdb_batch("klp-watch status")
+@pytest.mark.parametrize("command", ["status", "stop"])
+def test_without_a_watch(command):
+    proc = run_gdb_batch(f"klp-watch {command}")
     assert proc.stderr.strip() == "klp-watch: no watch: use 'klp-watch start'"
+
+
+def test_sampling_and_parking_exclude_each_other():
+    proc = run_gdb_batch("klp-watch start --park --sample 10")
+    assert proc.stderr.strip() == "klp-watch: --sample and --park are two ways of watching: choose one"
 
 
 def test_no_vmlinux():

@@ -295,11 +295,13 @@ def test_sampling_finds_a_task_switched_while_the_old_function_is_on_its_stack(l
         watched = WatchedGuest(guest, gdb)
         report = watched.watch("sleep 4", options="--sample 20")
         assert report.samples > 20 and not report.violations and not report.errors, report.format_text()
+        tasks = int(guest.check("ls -d /proc/[0-9]* | wc -l"))
         gdb.interrupt()
         (holder,) = [t for t in json.loads(gdb.console("klp-transition --json"))["pending"] if t["held_by"]]
         assert holder["patch_state"] == "KLP_UNPATCHED"
         gdb.console(f"set var ((struct task_struct *){holder['task']:#x})->patch_state = 1")  # KLP_PATCHED
-        report = watched.watch("sleep 4", options="--sample 20")
+        # long enough for the samples to visit every task (a few a second: sampler.SLEEPER_SHARE)
+        report = watched.watch(f"sleep {max(8, tasks // 3)}", options="--sample 20")
         assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "0"
         assert {v.invariant for v in report.violations} == {12} and not report.errors, report.format_text()
         v = report.violations[0]

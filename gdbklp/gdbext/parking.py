@@ -26,7 +26,6 @@ import gdb
 
 from gdbklp.abi import elf, ppc
 from gdbklp.gdbext import frames, target
-from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.pauses import PeriodicPauses
 
 FASTEST = 0.0005  # seconds the guest runs between pauses while tasks keep arriving at P3
@@ -42,6 +41,8 @@ def guest_stopped() -> bool:
 def unpark_leftover(kernel: target.Kernel) -> bool:
     """Put P3's instruction back if an earlier park watch left it parked (its gdb
     went away); the original comes from the vmlinux file. True if it did."""
+    if kernel.symbols.address("livepatch_handler") is None:
+        return False
     address = kernel.livepatch_layout().return_point
     if target.read_memory(address, 4) != PARKED:
         return False
@@ -51,16 +52,13 @@ def unpark_leftover(kernel: target.Kernel) -> bool:
 
 class Parking(PeriodicPauses):
     def __init__(self, watch):
-        if watch.p3_loads_into is None:
-            raise GdbklpError("--park: P3's instruction is not the `ld rT, OFF(r13)` klp-watch can "
-                              "execute for the guest, so it cannot stand in for it")
         self.address = watch.layout.return_point
         self.original = target.read_memory(self.address, 4)
         self.vcpus = frames.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
         self.in_pause = False
         self.end_reason: str | None = None  # the watch ends at the next pause (asked while the guest ran)
         # a breakpoint taken out at each pause would be put back (and QEMU's
-        # translation cache flushed) at each resume: keep die/panic's inserted
+        # translation cache flushed) at each resume: keep the probes inserted
         self.always_inserted = gdb.parameter("breakpoint always-inserted")
         gdb.execute("set breakpoint always-inserted on")
         target.write_memory(self.address, PARKED)

@@ -3,9 +3,9 @@
 A pause by interrupt does not flush QEMU 7.2's translation cache (a
 breakpoint stop does), so a sample costs the guest only the time gdb holds
 it. One sample checks the task on each vCPU that runs kernel code and
-more tasks taken in turn from the task list: SLEEPERS_PER_SECOND a second,
-spread over the samples, so every task is visited every
-len(tasks) / SLEEPERS_PER_SECOND seconds:
+more tasks taken in turn from the task list, with SLEEPER_SHARE of the
+guest's time (about 8 tasks a second on the lab), so that the cost of
+sampling stays what its rate makes it:
 
 - invariant 10: livepatch_sp between the stack's first slot and the task's
   r1, on an entry boundary; the stack-end magic intact;
@@ -36,7 +36,7 @@ from gdbklp.abi.livepatch import read_livepatch_stack
 from gdbklp.gdbext import frames, target, transition
 from gdbklp.gdbext.pauses import PeriodicPauses
 
-SLEEPERS_PER_SECOND = 40  # tasks not on a vCPU checked per second, spread over the samples
+SLEEPER_SHARE = 0.02  # of the guest's time, spent checking tasks that are not on a vCPU
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
 KERNEL_BASE = 0xC000000000000000
 
@@ -45,8 +45,7 @@ class Sampler(PeriodicPauses):
     def __init__(self, watch, hz: float):
         self.kernel = watch.kernel
         self.layout = watch.layout
-        self.sleepers_per_sample = SLEEPERS_PER_SECOND / hz  # fractional: a credit that builds up
-        self.sleeper_credit = 0.0
+        self.sleeper_budget = 0.0  # seconds: each sample adds SLEEPER_SHARE of its period, checks spend it
         self.modules_read_at = 0.0
         self.tasks_read_at = time.monotonic()
         self.samples = 0
@@ -101,8 +100,7 @@ class Sampler(PeriodicPauses):
             if not own <= sp < own + self.watch.thread_size:  # on an interrupt stack: no bound from r1
                 sp = own + self.watch.thread_size
             self.check(task, own, sp, cpu, state)
-        for task in self.sleepers({t for t, _, _ in running}):
-            self.check(task, self.kernel.task_stack(task), target.read_u64(task + self.ksp_offset), -1)
+        self.check_sleepers({t for t, _, _ in running})
 
     def read_transition(self) -> None:
         """The transition in progress, if any: its functions are read once per transition."""
@@ -165,20 +163,25 @@ class Sampler(PeriodicPauses):
             self.modules_read_at = now
         return self.kernel.view(read_modules=fresh)
 
-    def sleepers(self, running: set[int]) -> list[int]:
+    def check_sleepers(self, running: set[int]) -> None:
+        """Tasks not on a vCPU, in turn from the task list, while the budget
+        lasts: a check that overruns it is paid back by the next samples, so
+        sleepers cost the guest SLEEPER_SHARE of its time at any rate."""
         if self.ksp_offset is None:
-            return []
+            return
         if not self.tasks or time.monotonic() - self.tasks_read_at > TASK_LIST_SECONDS:
             self.tasks, self.tasks_read_at = frames.all_tasks(self.kernel), time.monotonic()
-        self.sleeper_credit += self.sleepers_per_sample
-        count = min(int(self.sleeper_credit), len(self.tasks))
-        self.sleeper_credit -= count
-        out = []
-        for _ in range(count):
+        share = SLEEPER_SHARE * self.period
+        self.sleeper_budget = min(self.sleeper_budget + share, share)
+        start = time.monotonic()
+        for _ in range(len(self.tasks)):
+            if time.monotonic() - start >= self.sleeper_budget:
+                break
             self.next_task = (self.next_task + 1) % len(self.tasks)
-            if self.tasks[self.next_task] not in running:
-                out.append(self.tasks[self.next_task])
-        return out
+            task = self.tasks[self.next_task]
+            if task not in running:
+                self.check(task, self.kernel.task_stack(task), target.read_u64(task + self.ksp_offset), -1)
+        self.sleeper_budget -= time.monotonic() - start
 
     def check(self, task: int, base: int, sp: int, cpu: int, vcpu_state: dict | None = None) -> None:
         """One task: its livepatch stack, and the consistency model's stack rule."""

@@ -94,6 +94,9 @@ class Watch:
         # the register P3's instruction loads, when klp-watch executes it for the guest
         self.p3_loads_into = paca_load_target(int.from_bytes(target.read_memory(self.layout.return_point, 4), "little"),
                                               self.layout.paca_thread_info)
+        if park and self.p3_loads_into is None:
+            raise GdbklpError("--park: P3's instruction is not the `ld rT, OFF(r13)` klp-watch can "
+                              "execute for the guest, so it cannot stand in for it")
         self.exit_when_gone = False  # --batch
         self.pauses = None  # sampling or parking
         if sample_hz:
@@ -359,12 +362,15 @@ if hasattr(gdb.events, "gdb_exiting"):
 def start_watch(kernel: target.Kernel, design: str, options: tuple) -> Watch:
     """A watch of the design asked for, or of the one the running kernel uses."""
     sample_hz, park = options[-2:]
-    if design == "livepatch-stack" or sample_hz or park:  # both work on the livepatch stack
+    if design == "livepatch-stack" or sample_hz:  # sampling checks the livepatch stacks
         return Watch(kernel, *options)
     from gdbklp.gdbext import rfcwatch  # the RFC model is optional: the merged one works without it
     handler = kernel.livepatch_layout().address
     entry = rfcwatch.live_redirect_entry(kernel, handler)
     if entry is not None:
+        if park:
+            raise GdbklpError("--park holds tasks where C returns into livepatch_handler, but the running "
+                              "kernel redirects through the RFC mini frame: watch it without --park")
         return rfcwatch.RfcWatch(kernel, entry, *options)
     if design == "rfc":
         raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
@@ -416,6 +422,8 @@ class KlpWatch(Command):
     def run(self, args: argparse.Namespace) -> None:
         global _watch
         if args.action == "start":
+            if args.sample and args.park:
+                raise GdbklpError("--sample and --park are two ways of watching: choose one")
             if _watch is not None and _watch.report.ended is None:
                 raise GdbklpError("a watch is already running (klp-watch stop first)")
             kernel = target.kernel()
@@ -423,8 +431,6 @@ class KlpWatch(Command):
             target.require_target()
             target.select_kernel_vcpu()
             kernel.check_matches_target()
-            if args.sample and args.park:
-                raise GdbklpError("--sample and --park are two ways of watching: choose one")
             if parking.unpark_leftover(kernel):
                 gdb.write("klp-watch: P3 was still parked by a watch whose gdb went away: its instruction is back\n")
             options = (args.max_events, args.report, args.quiet, args.fail_fast, args.sample, args.park)
@@ -435,7 +441,7 @@ class KlpWatch(Command):
                           "continue the guest to watch\n")
             return
         if _watch is None:
-            if args.action == "stop" and parking.unpark_leftover(target.kernel()):
+            if args.action == "stop" and parking.guest_stopped() and parking.unpark_leftover(target.kernel()):
                 gdb.write("klp-watch: no watch, but P3 was still parked by a watch whose gdb went away: "
                           "its instruction is back\n")
                 return
