@@ -68,8 +68,13 @@ def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb,
         assert all(t.checked == t.seen for t in report.by_call_site.values())
     assert sum(c.old for c in counts.values()) > 0  # calls made while the patch was off
     gdb.interrupt()
-    assert p3_word(gdb) == original  # the watch put P3's instruction back
-    assert "livepatch_handler" not in gdb.console("maint info breakpoints")
+    assert p3_word(gdb) == original  # each watch put P3's instruction back
+    gdb.console("klp-watch start --quiet --park")
+    assert p3_word(gdb) == "0x48000000"  # b . (a branch to itself)
+    p3 = gdb.console("output/x $klp_p3").strip()
+    assert p3 not in gdb.console("maint info breakpoints")  # and no breakpoint there
+    gdb.console("klp-watch stop")  # the guest is stopped: the watch ends at once
+    assert p3_word(gdb) == original
     gdb.cont()
 
 

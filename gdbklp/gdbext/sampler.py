@@ -51,6 +51,7 @@ class Sampler(PeriodicPauses):
         self.samples = 0
         self.tasks: list[int] = []
         self.next_task = 0
+        self.stacks: dict[int, int | None] = {}  # task -> task->stack, as last read
         self.ksp_offset = target.dwarf_offset("struct task_struct", "thread.ksp")  # a sleeping task's r1
         self.transition: tuple[int, int, set[str]] | None = None  # (patch, target state, replaced functions)
         self._old_functions: tuple[list | None, set[str]] = (None, set())
@@ -77,7 +78,8 @@ class Sampler(PeriodicPauses):
         # the vCPU gdb stopped on first: its registers came with the stop
         selected = gdb.selected_thread()
         for thread in sorted(self.vcpus, key=lambda t: t.num != selected.num):
-            thread.switch()
+            if gdb.selected_thread().num != thread.num:
+                thread.switch()
             state = frames.vcpu_state()
             # at an exception's first instructions r13 may not be the PACA yet
             if not state["msr"] & target.MSR_PR and state["r13"] >= KERNEL_BASE:
@@ -94,13 +96,22 @@ class Sampler(PeriodicPauses):
         self.read_transition()
         for task, state, cpu in running:
             sp = state["r1"]
-            own = self.kernel.task_stack(task)
+            own = self.stack_of(task, sp)
             if own is None:
                 own = sp & ~(self.watch.thread_size - 1)
             if not own <= sp < own + self.watch.thread_size:  # on an interrupt stack: no bound from r1
                 sp = own + self.watch.thread_size
             self.check(task, own, sp, cpu, state)
         self.check_sleepers({t for t, _, _ in running})
+
+    def stack_of(self, task: int, sp: int) -> int | None:
+        """task->stack, read again only when sp is not inside the stack read
+        last time (the task runs on an interrupt stack, or its task_struct now
+        belongs to a new task): a task keeps its stack for life."""
+        base = self.stacks.get(task)
+        if base is None or not base <= sp < base + self.watch.thread_size:
+            base = self.stacks[task] = self.kernel.task_stack(task)
+        return base
 
     def read_transition(self) -> None:
         """The transition in progress, if any: its functions are read once per transition."""
@@ -171,6 +182,7 @@ class Sampler(PeriodicPauses):
             return
         if not self.tasks or time.monotonic() - self.tasks_read_at > TASK_LIST_SECONDS:
             self.tasks, self.tasks_read_at = frames.all_tasks(self.kernel), time.monotonic()
+            self.stacks = {task: self.stacks[task] for task in self.tasks if task in self.stacks}
         share = SLEEPER_SHARE * self.period
         self.sleeper_budget = min(self.sleeper_budget + share, share)
         start = time.monotonic()
@@ -180,7 +192,8 @@ class Sampler(PeriodicPauses):
             self.next_task = (self.next_task + 1) % len(self.tasks)
             task = self.tasks[self.next_task]
             if task not in running:
-                self.check(task, self.kernel.task_stack(task), target.read_u64(task + self.ksp_offset), -1)
+                sp = target.read_u64(task + self.ksp_offset)
+                self.check(task, self.stack_of(task, sp), sp, -1)
         self.sleeper_budget -= time.monotonic() - start
 
     def check(self, task: int, base: int, sp: int, cpu: int, vcpu_state: dict | None = None) -> None:
