@@ -102,6 +102,7 @@ class KlpWatch(Mode):
         self.name = name
         self.options = f"--sample {sample_hz:g}" if sample_hz else "--park" if park else ""
         self.sampling = sample_hz is not None
+        self.by_pauses = self.sampling or park  # the watch ends with the guest running
         self.events = "samples" if self.sampling else "redirections checked"
         self.per_redirection = 0 if self.sampling else 1
 
@@ -109,7 +110,7 @@ class KlpWatch(Mode):
         paused(gdb, f"klp-watch start --quiet {self.options} --report {tmp / 'report.json'}")
 
     def finish(self, gdb, tmp):
-        if self.options:  # a watch by pauses ends with the guest running
+        if self.by_pauses:
             session.end_watch_running(gdb)
         else:
             paused(gdb, "klp-watch stop")

@@ -69,6 +69,16 @@ def vcpu_threads() -> list:
     return sorted(gdb.selected_inferior().threads(), key=lambda t: t.num)
 
 
+def select_each(vcpus: list):
+    """Select each of vcpus in turn (yielding it), the one gdb stopped on first:
+    its registers came with the stop; each other costs a switch and a fetch."""
+    selected = gdb.selected_thread()
+    for thread in sorted(vcpus, key=lambda t: t.num != selected.num):
+        if gdb.selected_thread().num != thread.num:
+            thread.switch()
+        yield thread
+
+
 def each_vcpu():
     """Select each vCPU in turn (yielding (label, state)); restore the selection after."""
     original = gdb.selected_thread()

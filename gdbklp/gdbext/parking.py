@@ -53,8 +53,7 @@ def unpark_leftover(kernel: target.Kernel) -> bool:
 class Parking(PeriodicPauses):
     def __init__(self, watch):
         self.address = watch.layout.return_point
-        self.original = target.read_memory(self.address, 4)
-        self.vcpus = frames.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
+        self.original = watch.p3_code
         self.in_pause = False
         self.end_reason: str | None = None  # the watch ends at the next pause (asked while the guest ran)
         # a breakpoint taken out at each pause would be put back (and QEMU's
@@ -86,11 +85,7 @@ class Parking(PeriodicPauses):
         """Check each vCPU waiting at P3 and let it go on; True when the watch
         wants the guest stopped (that vCPU then stays at P3)."""
         released = 0
-        selected = gdb.selected_thread()
-        # the vCPU gdb stopped on first: its registers came with the stop
-        for thread in sorted(self.vcpus, key=lambda t: t.num != selected.num):
-            if gdb.selected_thread().num != thread.num:
-                thread.switch()
+        for _ in frames.select_each(self.vcpus):
             if target.register("pc") == self.address:
                 if self.watch.on_return():
                     return True

@@ -60,7 +60,6 @@ class Sampler(PeriodicPauses):
         self.patch_list_offset = target.dwarf_offset("struct klp_patch", "list")
         self.patch_enabled_offset = target.dwarf_offset("struct klp_patch", "enabled")
         self.switch_pc = self.kernel.symbols.address("_switch") or 0  # where a sleeping task resumes
-        self.vcpus = frames.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
         if self.ksp_offset is not None and gdb.selected_thread() is not None:
             self.tasks = frames.all_tasks(self.kernel)  # the slow readings now, not in the first pause
             self.kernel.view()
@@ -75,11 +74,7 @@ class Sampler(PeriodicPauses):
     def sample(self) -> None:
         running = []
         kernel_vcpu = None
-        # the vCPU gdb stopped on first: its registers came with the stop
-        selected = gdb.selected_thread()
-        for thread in sorted(self.vcpus, key=lambda t: t.num != selected.num):
-            if gdb.selected_thread().num != thread.num:
-                thread.switch()
+        for thread in frames.select_each(self.vcpus):
             state = frames.vcpu_state()
             # at an exception's first instructions r13 may not be the PACA yet
             if not state["msr"] & target.MSR_PR and state["r13"] >= KERNEL_BASE:

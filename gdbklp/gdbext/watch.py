@@ -91,9 +91,9 @@ class Watch:
                                      "DWARF for task_struct.patch_state")
         self.probes: list[Probe] = []
         self.junit_path: str | None = None
-        # the register P3's instruction loads, when klp-watch executes it for the guest
-        self.p3_loads_into = paca_load_target(int.from_bytes(target.read_memory(self.layout.return_point, 4), "little"),
-                                              self.layout.paca_thread_info)
+        self.p3_code = target.read_memory(self.layout.return_point, 4)  # P3's instruction, as the guest has it
+        # the register it loads, when klp-watch executes it for the guest
+        self.p3_loads_into = paca_load_target(int.from_bytes(self.p3_code, "little"), self.layout.paca_thread_info)
         if park and self.p3_loads_into is None:
             raise GdbklpError("--park: P3's instruction is not the `ld rT, OFF(r13)` klp-watch can "
                               "execute for the guest, so it cannot stand in for it")
