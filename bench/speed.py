@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gdbklp.lab import build, session, workload  # noqa: E402
 from gdbklp.lab.config import REPO_ROOT  # noqa: E402
 from gdbklp.report import WatchReport  # noqa: E402
+from gdbklp.options import WatchOptions  # noqa: E402
 
 NAIVE_SCRIPT = REPO_ROOT / "bench" / "naive-watch.gdb"
 STOP_REPLY = re.compile(r"Packet received: [TS][0-9a-f]{2}")
@@ -100,14 +101,14 @@ class NaiveScript(Mode):
 class KlpWatch(Mode):
     def __init__(self, name: str, sample_hz: float | None = None, park: bool = False):
         self.name = name
-        self.options = f"--sample {sample_hz:g}" if sample_hz else "--park" if park else ""
+        self.options = WatchOptions(quiet=True, sample=sample_hz, park=park)
         self.sampling = sample_hz is not None
         self.by_pauses = self.sampling or park  # the watch ends with the guest running
         self.events = "samples" if self.sampling else "redirections checked"
         self.per_redirection = 0 if self.sampling else 1
 
     def start(self, gdb, tmp):
-        paused(gdb, f"klp-watch start --quiet {self.options} --report {tmp / 'report.json'}")
+        paused(gdb, dataclasses.replace(self.options, report=str(tmp / "report.json")).command())
 
     def finish(self, gdb, tmp):
         if self.by_pauses:

@@ -26,6 +26,7 @@ from pathlib import Path
 from gdbklp.lab import LabError
 from gdbklp.lab.gdbmi import GdbSession
 from gdbklp.lab.qemu import free_port, is_listening
+from gdbklp.options import WatchOptions
 
 POLL_SECONDS = 0.5
 GDBSTUB_OPTIONS = ("-s", "-gdb")  # QEMU's own gdbstub options: -s listens on every interface
@@ -278,9 +279,9 @@ def cmd_watch(args) -> int:
                 gdb.connect(port, host, timeout=30)
             except LabError as e:
                 raise LabError(f"cannot attach to the gdbstub: {str(e).strip().splitlines()[-1]}") from None
-            options = f" --sample {args.sample}" if args.sample else ""
+            options = WatchOptions(quiet=True, report=str(args.report), sample=args.sample)
             try:
-                gdb.console(f"klp-watch start --quiet --report {args.report}{options}")
+                gdb.console(options.command())
             except LabError as e:  # no live patching, another kernel: gdbklp's one line
                 raise LabError(str(e).strip().splitlines()[-1]) from None
             gdb.cont()

@@ -7,14 +7,14 @@ scripts read it back from JSON.
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from gdbklp.abi.invariants import Violation
-from gdbklp.abi.kernel import function_of_label
+from gdbklp.abi.kernel import TaskIdentity, function_of_label
 
-FORMAT = "gdbklp-watch-report/4"
+FORMAT = "gdbklp-watch-report/5"
 
 
 @dataclass(frozen=True)
@@ -22,19 +22,25 @@ class Redirection:
     """One redirection B -> C, seen when C returned into the trampoline."""
 
     seq: int
-    task: int            # task_struct (== thread_info) address: the per-task key
-    pid: int
+    task: int            # task_struct address
+    pid: int             # the task's pid and comm at this redirection
     comm: str
     cpu: int
     return_address: int  # RA, in the caller A
     caller: str          # A as function+offset
     call_site: str       # gdbklp.abi.callsite.CallSite value
-    patched: str         # B, or "?" where the call site does not tell (indirect)
+    patched: str         # B, or "?" where nothing certain names it
     replacement: str     # C, or "?"
     toc: int             # the TOC the handler will restore
     sp: int              # r1 at the return (A's stack pointer if all is well)
     depth: int           # livepatch stack depth of this redirection
     violations: tuple[int, ...] = ()
+    exec_id: int = 0     # the task's exec generation (task_struct.self_exec_id)
+    named_by: str = ""   # how B and C were found (gdbklp.abi.naming), "" if they were not
+
+    @property
+    def who(self) -> TaskIdentity:
+        return TaskIdentity(self.task, self.pid, self.comm, self.exec_id)
 
 
 @dataclass
@@ -46,11 +52,39 @@ class Tally:
 
 @dataclass
 class TaskSummary:
+    """One task incarnation: a task_struct with one pid and exec generation."""
+
+    task: int
     pid: int
     comm: str
+    exec_id: int = 0
     redirections: int = 0
     violations: int = 0
     cpus: list[int] = field(default_factory=list)
+
+
+def _hex_keys(mapping: dict) -> dict:
+    return {f"{k:#x}": v for k, v in mapping.items()}
+
+
+def _int_keys(mapping: dict) -> dict:
+    return {int(k, 16): v for k, v in mapping.items()}
+
+
+# fields whose JSON form is not the value itself: name -> (to JSON, from JSON)
+_CODECS = {
+    "by_call_site": (lambda d: {k: asdict(v) for k, v in d.items()}, lambda d: {k: Tally(**v) for k, v in d.items()}),
+    "by_caller": (dict, Counter), "by_patched": (dict, Counter), "by_replacement": (dict, Counter),
+    "old_code_calls": (dict, Counter),
+    "sampled_tasks": (_hex_keys, _int_keys),
+    "tasks": (lambda d: [asdict(t) for t in d.values()],
+              lambda rows: {(t.task, t.pid, t.exec_id): t for t in (TaskSummary(**row) for row in rows)}),
+    "violations": (lambda vs: [asdict(v) for v in vs], lambda vs: [Violation(**v) for v in vs]),
+    "events": (lambda es: [{**asdict(e), "violations": list(e.violations)} for e in es],
+               lambda es: [Redirection(**{**e, "violations": tuple(e["violations"])}) for e in es]),
+}
+# what a live view shows (klp-watch status --json, the monitor's feed)
+SUMMARY_FIELDS = ("design", "probe", "redirections", "by_call_site", "samples", "tasks")
 
 
 @dataclass
@@ -71,7 +105,7 @@ class WatchReport:
     pauses: int = 0                                           # pauses by interrupt (sampling, parking)
     pause_ms: float = 0.0                                     # mean time the guest is held per pause
     sampled_tasks: dict[int, int] = field(default_factory=dict)  # task -> samples that checked it
-    tasks: dict[int, TaskSummary] = field(default_factory=dict)
+    tasks: dict[tuple[int, int, int], TaskSummary] = field(default_factory=dict)  # by TaskIdentity.key
     violations: list[Violation] = field(default_factory=list)
     events: list[Redirection] = field(default_factory=list)
     guest_events: list[str] = field(default_factory=list)  # oopses, panics: what the guest did
@@ -79,6 +113,13 @@ class WatchReport:
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     keep_events: int = 10000
+
+    def task(self, who: TaskIdentity) -> TaskSummary:
+        """The row of one task incarnation (a new one after pid reuse or exec)."""
+        row = self.tasks.get(who.key)
+        if row is None:
+            row = self.tasks[who.key] = TaskSummary(who.task, who.pid, who.comm, who.exec_id)
+        return row
 
     def add(self, r: Redirection, violations: list[Violation], checked: bool) -> None:
         self.redirections += 1
@@ -89,37 +130,29 @@ class WatchReport:
         self.by_caller[function_of_label(r.caller)] += 1
         self.by_patched[r.patched] += 1
         self.by_replacement[r.replacement] += 1
-        task = self.tasks.get(r.task)
-        if task is None:
-            task = self.tasks[r.task] = TaskSummary(r.pid, r.comm)
-        task.redirections += 1
-        task.violations += len(violations)
-        if r.cpu not in task.cpus:
-            task.cpus.append(r.cpu)
+        row = self.task(r.who)
+        row.redirections += 1
+        row.violations += len(violations)
+        if r.cpu not in row.cpus:
+            row.cpus.append(r.cpu)
         self.violations.extend(violations)
         if len(self.events) < self.keep_events:
             self.events.append(r)
 
-    def add_violations(self, task: int, pid: int, comm: str, violations: list[Violation]) -> None:
+    def add_violations(self, who: TaskIdentity, violations: list[Violation]) -> None:
         """Violations not tied to one redirection: a call not redirected, a sample."""
         if violations:
-            summary = self.tasks.get(task)
-            if summary is None:
-                summary = self.tasks[task] = TaskSummary(pid, comm)
-            summary.violations += len(violations)
+            self.task(who).violations += len(violations)
             self.violations.extend(violations)
 
     def summary(self, latest: int = 3) -> dict:
         """What a live view shows: counters, tasks, the latest violations in full."""
-        return {
-            "design": self.design, "probe": self.probe, "ended": self.end_reason if self.ended else None,
-            "redirections": self.redirections, "violations": len(self.violations),
-            "by_call_site": {k: asdict(v) for k, v in self.by_call_site.items()},
-            "old_code_calls": sum(self.old_code_calls.values()), "samples": self.samples,
-            "tasks": [{"task": k, **asdict(v)} for k, v in self.tasks.items()],
-            "latest_violations": [v.format_text() for v in self.violations[-latest:]],
-            "guest_events": self.guest_events[-latest:], "errors": self.errors[-latest:],
-        }
+        data = self.to_dict()
+        return {**{name: data[name] for name in SUMMARY_FIELDS},
+                "ended": self.end_reason if self.ended else None, "violations": len(self.violations),
+                "old_code_calls": sum(self.old_code_calls.values()),
+                "latest_violations": [v.format_text() for v in self.violations[-latest:]],
+                "guest_events": self.guest_events[-latest:], "errors": self.errors[-latest:]}
 
     def finish(self, reason: str) -> None:
         if self.ended is None:
@@ -133,39 +166,18 @@ class WatchReport:
     # ---- serialisation ------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT, "design": self.design, "vmlinux": self.vmlinux, "probe": self.probe,
-            "started": self.started, "ended": self.ended, "end_reason": self.end_reason,
-            "redirections": self.redirections,
-            "by_call_site": {k: asdict(v) for k, v in self.by_call_site.items()},
-            "by_caller": dict(self.by_caller), "by_patched": dict(self.by_patched),
-            "by_replacement": dict(self.by_replacement), "old_code_calls": dict(self.old_code_calls),
-            "samples": self.samples, "pauses": self.pauses, "pause_ms": self.pause_ms, "sampled_tasks": {f"{k:#x}": v for k, v in self.sampled_tasks.items()},
-            "tasks": {f"{k:#x}": asdict(v) for k, v in self.tasks.items()},
-            "violations": [asdict(v) for v in self.violations],
-            "events": [{**asdict(e), "violations": list(e.violations)} for e in self.events],
-            "guest_events": self.guest_events, "hazards": self.hazards, "notes": self.notes, "errors": self.errors,
-            "keep_events": self.keep_events,
-        }
+        out = {"format": FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = _CODECS[f.name][0](value) if f.name in _CODECS else value
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "WatchReport":
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} report (format {data.get('format')!r})")
-        return cls(
-            design=data["design"], vmlinux=data["vmlinux"], probe=data["probe"],
-            started=data["started"], ended=data["ended"], end_reason=data["end_reason"],
-            redirections=data["redirections"],
-            by_call_site={k: Tally(**v) for k, v in data["by_call_site"].items()},
-            by_caller=Counter(data["by_caller"]), by_patched=Counter(data["by_patched"]),
-            by_replacement=Counter(data["by_replacement"]), old_code_calls=Counter(data["old_code_calls"]),
-            samples=data["samples"], pauses=data["pauses"], pause_ms=data["pause_ms"], sampled_tasks={int(k, 16): v for k, v in data["sampled_tasks"].items()},
-            tasks={int(k, 16): TaskSummary(**v) for k, v in data["tasks"].items()},
-            violations=[Violation(**v) for v in data["violations"]],
-            events=[Redirection(**{**e, "violations": tuple(e["violations"])}) for e in data["events"]],
-            guest_events=list(data["guest_events"]), hazards=list(data["hazards"]), notes=list(data["notes"]),
-            errors=list(data["errors"]), keep_events=data["keep_events"],
-        )
+        return cls(**{f.name: _CODECS[f.name][1](data[f.name]) if f.name in _CODECS else data[f.name]
+                      for f in fields(cls)})
 
     def write_json(self, path: Path) -> None:
         path = Path(path)
@@ -220,9 +232,9 @@ class WatchReport:
             lines += [f"    {name:<{width}}  {n:>8}" for name, n in sorted(self.old_code_calls.items())]
         if self.tasks:
             lines.append(f"  {'task':>20}  {'pid':>6}  {'comm':<16}  {'cpus':<6}  {'redirections':>12}  violations")
-            for addr, t in sorted(self.tasks.items(), key=lambda kv: kv[1].pid):
+            for t in sorted(self.tasks.values(), key=lambda t: (t.pid, t.exec_id)):
                 cpus = ",".join(map(str, sorted(t.cpus)))
-                lines.append(f"  {addr:#20x}  {t.pid:>6}  {t.comm:<16}  {cpus:<6}  {t.redirections:>12}  {t.violations}")
+                lines.append(f"  {t.task:#20x}  {t.pid:>6}  {t.comm:<16}  {cpus:<6}  {t.redirections:>12}  {t.violations}")
         if self.violations:
             lines.append(f"  invariants violated: {', '.join(map(str, self.violated_invariants))}")
         lines += [f"  design hazard (invariant 6): {h}" for h in self.hazards]

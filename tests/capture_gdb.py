@@ -17,16 +17,16 @@ from dataclasses import asdict
 import gdb
 
 from gdbklp.abi.frames import Registers
-from gdbklp.abi.invariants import ReturnSample, StaticKnowledge, check_return
+from gdbklp.abi.invariants import CodeFacts, ReturnSample, check_return
 from gdbklp.abi.taskstack import decode_task_stack
-from gdbklp.gdbext import frames as gframes
-from gdbklp.gdbext import target
+from gdbklp.gdbext import stacks, target, tasks, vcpus
 from gdbklp.gdbext.commands import Command
+from gdbklp.gdbext.kernel import kernel as current_kernel
 
 
 def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | None) -> dict:
     # a fresh view: its code caches must not hide reads from the recording reader
-    view = dataclasses.replace(kernel.view(refresh_modules=True), _call_sites={})
+    view = dataclasses.replace(kernel.view(), _call_sites={})
     base = stack_base if stack_base is not None else regs.sp & ~(view.thread_size - 1)
     reads = {}
 
@@ -37,7 +37,8 @@ def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | No
             reads[key] = data.hex()
         return data
 
-    pid, comm = kernel.task_identity(task)
+    who = tasks.identity(task)
+    pid, comm = who.pid, who.comm
     stack = decode_task_stack(label, regs, task, read, view, pid, comm, base)
     if stack.livepatch and stack.livepatch.entries:
         # at C's entry the state is what P3 sees when C returns cleanly: record
@@ -45,7 +46,7 @@ def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | No
         top = stack.livepatch.livepatch_sp + view.livepatch.entry_size
         sample = ReturnSample(task, 0, regs.sp, stack.livepatch.livepatch_sp, base,
                               read(base, top - base), read(regs.sp, 32))
-        check_return(sample, StaticKnowledge(view, read))
+        check_return(sample, CodeFacts(view, read))
     addresses = {f.pc for f in stack.walk.frames}
     if stack.livepatch:
         addresses |= {e.ra for e in stack.livepatch.entries}
@@ -77,16 +78,15 @@ class KlpCapture(Command):
         parser.add_argument("--task", metavar="PID")
 
     def run(self, args: argparse.Namespace) -> None:
-        kernel = target.kernel()
+        kernel = current_kernel()
         if args.task:
-            target.select_kernel_vcpu()
-            task = gframes.find_task(kernel, args.task)
-            regs, base = gframes.sleeping_context(kernel, task)
+            vcpus.select_kernel_vcpu()
+            task = tasks.find_task(kernel, args.task)
+            regs, base = stacks.sleeping_context(kernel, task)
             image = capture(kernel, f"pid {args.task}", regs, task, base)
         else:
-            state = gframes.vcpu_state()
-            regs = Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
-            image = capture(kernel, "vCPU", regs, gframes.running_task(kernel, state), None)
+            state = vcpus.vcpu_state()
+            image = capture(kernel, "vCPU", stacks.registers(state), tasks.running_task(kernel, state["r13"]), None)
         with open(args.output, "w") as f:
             json.dump(image, f, indent=1)
             f.write("\n")

@@ -97,7 +97,7 @@ def test_commands_without_a_target(tmp_path, command):
 
 
 def test_a_broken_part_does_not_stop_the_rest():
-    proc = run_gdb_batch("python import gdbklp.gdbext as g; g.load(('watch', 'no_such_part'))",
+    proc = run_gdb_batch("python import gdbklp.gdbext as g; g.load(('watchcmd', 'no_such_part'))",
                          "help klp-watch")
     assert_no_traceback(proc)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("gdbklp:")]

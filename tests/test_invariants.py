@@ -9,7 +9,7 @@ changing one value, as the fault flags of klp_lab_patch.ko do in the guest.
 import pytest
 
 from gdbklp.abi import ppc
-from gdbklp.abi.invariants import (KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, ReturnSample, StaticKnowledge,
+from gdbklp.abi.invariants import (KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, ReturnSample, CodeFacts,
                                    check_consistency, check_return, check_switched_task, frame_size_from_prologue,
                                    module_stub_target, replaced_on_stack)
 from gdbklp.lab.workload import CALLER_CALL_SITE, KINDS, caller_of
@@ -22,7 +22,7 @@ def check(image, sp=None, livepatch_sp=None):
     top = L + 24
     sample = ReturnSample(image.task, 0, sp, L, image.base,
                           image.read(image.base, top - image.base), image.read(sp, 32))
-    return check_return(sample, StaticKnowledge(image.view, image.read))
+    return check_return(sample, CodeFacts(image.view, image.read))
 
 
 @pytest.mark.parametrize("kind", KINDS)

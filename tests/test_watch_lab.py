@@ -12,6 +12,7 @@ from conftest import GDB, REPO
 from gdbklp.lab import LabError, workload
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import WatchedGuest, attached, booted, watch_workload
+from gdbklp.options import WatchOptions
 from gdbklp.report import WatchReport
 
 pytest_plugins = ["gdbklp.testing"]
@@ -51,7 +52,7 @@ def p3_word(gdb) -> str:
 
 def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb, lab):
     gdb.interrupt()
-    gdb.console("python gdb.set_convenience_variable('klp_p3', __import__('gdbklp.gdbext.target', "
+    gdb.console("python gdb.set_convenience_variable('klp_p3', __import__('gdbklp.gdbext.kernel', "
                 "fromlist=['kernel']).kernel().livepatch_layout().return_point)")
     original = p3_word(gdb)
     gdb.cont()
@@ -60,7 +61,7 @@ def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb,
     # cycled under tasks that call through it
     for command, minimum in (("klplab-run -r -t 4 -n 30 -f sleep", 120),
                              ("klplab-run -r -t 4 -n 20 -b 2 -p 2 -f yield", 0)):
-        report = watched.watch(command, options="--park")
+        report = watched.watch(command, options=WatchOptions(park=True))
         counts = workload.parse_counts(watched.last_output)
         WatchedGuest.assert_clean(report)
         assert_counts_agree(report, counts, minimum)  # each redirection the guest made, checked once
@@ -106,8 +107,9 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault,options", [(fault, "") for fault in FAULTS] +
-                         [("fault-magic", "--park"), ("fault-toc-slot", "--park")])
+@pytest.mark.parametrize("fault,options", [(fault, WatchOptions()) for fault in FAULTS] +
+                         [("fault-magic", WatchOptions(park=True)), ("fault-toc-slot", WatchOptions(park=True))],
+                         ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
 def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault, options):
     kind, invariant, goes_down = FAULTS[fault]
     with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
@@ -250,7 +252,7 @@ def test_sampling_finds_a_corrupted_entry_of_a_sleeping_task(lab, tmp_path):
     with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
         watched = WatchedGuest(guest, gdb)
         gdb.cont()
-        report = watched.watch("klplab-run -r -t 2 -n 20000 > /dev/null", options="--sample 20")
+        report = watched.watch("klplab-run -r -t 2 -n 20000 > /dev/null", options=WatchOptions(sample=20))
         assert report.samples > 0 and not report.violations and not report.errors, report.format_text()
         assert report.redirections == 0 and "no breakpoints" in report.probe
         # a task asleep in C for 20 s, its entry's magic overwritten, restored before it wakes
@@ -298,7 +300,7 @@ def test_sampling_finds_a_task_switched_while_the_old_function_is_on_its_stack(l
         guest.check("(echo 'local 1 4' > /proc/klp_lab/run &); sleep 0.5; "  # 4: hold, asleep in B
                     "insmod /lib/modules/klp_lab_patch.ko")
         watched = WatchedGuest(guest, gdb)
-        report = watched.watch("sleep 4", options="--sample 20")
+        report = watched.watch("sleep 4", options=WatchOptions(sample=20))
         assert report.samples > 20 and not report.violations and not report.errors, report.format_text()
         tasks = int(guest.check("ls -d /proc/[0-9]* | wc -l"))
         gdb.interrupt()
@@ -306,7 +308,7 @@ def test_sampling_finds_a_task_switched_while_the_old_function_is_on_its_stack(l
         assert holder["patch_state"] == "KLP_UNPATCHED"
         gdb.console(f"set var ((struct task_struct *){holder['task']:#x})->patch_state = 1")  # KLP_PATCHED
         # long enough for the samples to visit every task (a few a second: sampler.SLEEPER_SHARE)
-        report = watched.watch(f"sleep {max(8, tasks // 3)}", options="--sample 20")
+        report = watched.watch(f"sleep {max(8, tasks // 3)}", options=WatchOptions(sample=20))
         assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "0"
         assert {v.invariant for v in report.violations} == {12} and not report.errors, report.format_text()
         v = report.violations[0]

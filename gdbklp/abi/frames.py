@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from gdbklp.abi import ppc
 from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.livepatch import LivepatchEntry
 
@@ -28,7 +29,6 @@ REGS_MARKER_OFFSET = 96       # STACK_FRAME_MARKER (12 longs)
 REGS_MARKER = 0x53474552      # STACK_FRAME_REGS_MARKER, little-endian: "REGS"
 PT_REGS_OFFSET = 112          # STACK_FRAME_OVERHEAD
 PT_REGS_BYTES = 8 * 37        # gpr[32], nip, msr, orig_gpr3, ctr, link
-MSR_PR = 1 << 14              # problem state: the interrupt came from user space
 MAX_FRAMES = 256
 
 
@@ -182,7 +182,7 @@ class _Walker:
         except Exception as e:
             return f"cannot read pt_regs at {sp + PT_REGS_OFFSET:#x}: {e}"
         gpr1, toc, nip, msr, link = (u64(regs, off) for off in (8, 16, 256, 264, 288))
-        user = bool(msr & MSR_PR)
+        user = bool(msr & ppc.MSR_PR)
         f = Frame(len(self.frames), "interrupt", sp, nip,
                   f"user {nip:#x}" if user else self.view.describe(nip), toc=toc)
         f.notes.append(f"interrupt frame: pt_regs at {sp + PT_REGS_OFFSET:#x}, msr {msr:#x}, "

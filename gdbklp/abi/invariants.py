@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from gdbklp.abi import ppc
 from gdbklp.abi.callsite import CallSite
-from gdbklp.abi.kernel import KernelView, function_of_label
+from gdbklp.abi.kernel import KernelView, TaskIdentity, function_of_label
+from gdbklp.abi.livepatch import LivepatchEntry, entry_at
 
 FRAME_HEADER = 32
 NOT_REDIRECTED = "not redirected"  # Violation.call_site of a call that ftrace let run B
@@ -41,14 +42,6 @@ class ReturnSample:
     stack_base: int
     livepatch_block: bytes  # memory [stack_base, livepatch_sp + 24): the whole livepatch stack
     frame_header: bytes     # memory [sp, sp + 32): the header of (what must be) A's frame
-
-
-@dataclass(frozen=True)
-class Entry:
-    address: int
-    toc: int
-    ra: int
-    magic: int
 
 
 @dataclass
@@ -84,11 +77,35 @@ class Violation:
         ])
 
 
+@dataclass(frozen=True)
+class EventContext:
+    """Where, to whom and in which redirection something was seen: what every
+    violation of that event carries."""
+
+    seq: int
+    who: TaskIdentity
+    cpu: int
+    call_site: str = "?"
+    caller: str = "?"
+    patched: str = "?"
+    replacement: str = "?"
+
+
+def stamp(violations: list[Violation], context: EventContext) -> list[Violation]:
+    """Mark each violation with its event (in place); returns violations."""
+    for v in violations:
+        v.seq, v.task, v.pid, v.comm, v.cpu = (context.seq, context.who.task, context.who.pid,
+                                               context.who.comm, context.cpu)
+        v.call_site, v.caller, v.patched, v.replacement = (context.call_site, context.caller,
+                                                           context.patched, context.replacement)
+    return violations
+
+
 @dataclass
 class ReturnCheck:
     """The outcome for one redirection: the entry it used and what is wrong."""
 
-    entry: Entry | None
+    entry: LivepatchEntry | None
     call_site: CallSite
     caller: str
     patched: int | None
@@ -123,7 +140,7 @@ def module_stub_target(code: bytes) -> int | None:
     return None
 
 
-class StaticKnowledge:
+class CodeFacts:
     """Facts read from the kernel's code once and kept: frame sizes, stub targets."""
 
     PROLOGUE_BYTES = 64
@@ -133,6 +150,8 @@ class StaticKnowledge:
         self.read = read
         self._frame_sizes: dict[int, int | None] = {}
         self._callees: dict[int, int | None] = {}
+        self._ctr_neutral: dict[int, bool] = {}
+        self._instructions: dict[int, int] = {}
 
     def frame_size(self, address: int) -> int | None:
         """Frame size of the function containing address."""
@@ -145,6 +164,30 @@ class StaticKnowledge:
             except Exception:
                 return None
         return self._frame_sizes[start]
+
+    def instruction(self, address: int) -> int:
+        """The instruction word at address (code does not change while the view lasts)."""
+        if address not in self._instructions:
+            self._instructions[address] = ppc.words(self.read(address, 4))[0]
+        return self._instructions[address]
+
+    def leaves_ctr_alone(self, function: int) -> bool:
+        """Does the function starting at function return with CTR as it was at its
+        entry? Only when its code, to its symbol's end, neither writes CTR nor
+        calls or branches anywhere else (gdbklp.abi.ppc.may_change_ctr)."""
+        if function not in self._ctr_neutral:
+            symbol = self.view.symbol_at(function)
+            neutral = False
+            if symbol is not None and symbol.address == function and symbol.size:
+                try:
+                    code = self.read(function, symbol.size)
+                    end = function + symbol.size
+                    neutral = not any(ppc.may_change_ctr(word, function + 4 * i, function, end)
+                                      for i, word in enumerate(ppc.words(code)))
+                except Exception:
+                    neutral = False
+            self._ctr_neutral[function] = neutral
+        return self._ctr_neutral[function]
 
     def callee(self, ra: int, site: CallSite) -> int | None:
         """B: the function the call before ra branches to (through a module stub if any)."""
@@ -165,17 +208,9 @@ class StaticKnowledge:
         return self._callees[ra]
 
 
-def _entry(block: bytes, base: int, address: int) -> Entry | None:
-    off = address - base
-    if off < 8 or off + 24 > len(block):
-        return None
-    toc, ra, magic = struct.unpack_from("<QQQ", block, off)
-    return Entry(address, toc, ra, magic)
-
-
-def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
+def check_return(s: ReturnSample, facts: CodeFacts) -> ReturnCheck:
     """All checks for one redirection at P3; never raises."""
-    view = statics.view
+    view = facts.view
     layout = view.livepatch
     first = s.stack_base + 8
     out: list[Violation] = []
@@ -185,13 +220,13 @@ def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
 
     def frame_ok(ra: int) -> bool | None:
         """Does r1 look like the stack pointer of the function containing ra?"""
-        size = statics.frame_size(ra)
+        size = facts.frame_size(ra)
         if size is None:
             return None
         return struct.unpack_from("<Q", s.frame_header, 0)[0] == s.sp + size
 
-    def matches(e: Entry | None) -> bool:
-        return (e is not None and e.magic == layout.magic and view.call_site(statics.read, e.ra).is_call
+    def matches(e: LivepatchEntry | None) -> bool:
+        return (e is not None and e.magic == layout.magic and view.call_site(facts.read, e.ra).is_call
                 and frame_ok(e.ra) is not False)
 
     # invariant 10: where livepatch_sp may be
@@ -205,30 +240,34 @@ def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
         violation(10, "stack-end magic overwritten", f"{ppc.STACK_END_MAGIC:#x} at {s.stack_base:#x}",
                   f"{end_magic:#x}")
 
-    top = _entry(s.livepatch_block, s.stack_base, L - layout.entry_size)
-    entry = top
+    def record_at(record: int) -> LivepatchEntry | None:
+        return entry_at(s.livepatch_block, s.stack_base, record, layout) if record >= first else None
+
+    top = record_at(L - layout.entry_size)
+    found = top
     if not matches(top):
-        below = _entry(s.livepatch_block, s.stack_base, L - 2 * layout.entry_size)
-        above = _entry(s.livepatch_block, s.stack_base, L)
+        below = record_at(L - 2 * layout.entry_size)
+        above = record_at(L)
         if matches(below):
             violation(10, "livepatch_sp unbalanced: 24 bytes above the returning redirection's entry",
                       f"livepatch_sp {below.address + layout.entry_size:#x} (entry at {below.address:#x}, RA "
                       f"{view.describe(below.ra)})",
                       f"livepatch_sp {L:#x}: the handler will check and pop {top and top.address or 0:#x} "
                       f"(magic {top and top.magic or 0:#x})")
-            entry = below
+            found = below
         elif matches(above):
             violation(10, "livepatch_sp unbalanced: below the returning redirection's entry (popped early)",
                       f"livepatch_sp {above.address + layout.entry_size:#x} (entry at {above.address:#x}, RA "
                       f"{view.describe(above.ra)})",
                       f"livepatch_sp {L:#x}")
-            entry = above
-    if entry is None:
+            found = above
+    if found is None:
         return ReturnCheck(None, CallSite.NOT_A_CALL, "?", None, out)
+    entry = found
 
-    site = view.call_site(statics.read, entry.ra)
+    site = view.call_site(facts.read, entry.ra)
     caller = view.describe(entry.ra)
-    patched = statics.callee(entry.ra, site)
+    patched = facts.callee(entry.ra, site)
     # invariant 8: the magic the handler is about to check
     if entry.magic != layout.magic:
         violation(8, "livepatch stack magic overwritten while C ran (the handler's tdne will trap)",
@@ -237,7 +276,7 @@ def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
     # invariants 7 and 9: the return address the handler will branch to
     if not site.is_call:
         try:
-            before = ppc.disassemble(statics.read(entry.ra - 4, 4), entry.ra - 4)[0][1]
+            before = ppc.disassemble(facts.read(entry.ra - 4, 4), entry.ra - 4)[0][1]
         except Exception:
             before = "unreadable code"
         violation(9, "saved return address does not follow a call: A would resume elsewhere",
@@ -245,7 +284,7 @@ def check_return(s: ReturnSample, statics: StaticKnowledge) -> ReturnCheck:
                   f"{entry.ra:#x} ({caller}), preceded by `{before}`, not a call")
     # invariant 9: r1 must be A's stack pointer
     elif frame_ok(entry.ra) is False:
-        size = statics.frame_size(entry.ra)
+        size = facts.frame_size(entry.ra)
         back = struct.unpack_from("<Q", s.frame_header, 0)[0]
         violation(9, "r1 at the return from C is not A's stack pointer",
                   f"A ({caller}) has a {size}-byte frame: the back chain at r1 must be r1+{size} = "

@@ -44,6 +44,26 @@ def local_entry(code: bytes, address: int) -> int:
     return address + 8 if toc_from_global_entry(code, address) is not None else address
 
 
+@dataclass(frozen=True)
+class TaskIdentity:
+    """Who a task_struct was at one moment: its memory is reused by a new task
+    (another pid) after an exit, and a task that execs gets a new comm and
+    exec generation (task_struct.self_exec_id)."""
+
+    task: int            # task_struct address
+    pid: int = -1
+    comm: str = "?"
+    exec_id: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """One row per task incarnation: a reused task_struct or an exec is a new one."""
+        return (self.task, self.pid, self.exec_id)
+
+    def __str__(self) -> str:
+        return f"task {self.task:#x} (pid {self.pid} {self.comm})"
+
+
 def function_of_label(label: str) -> str:
     """The function's name in a label made by KernelView.describe ("name+0x1c [module]" -> "name")."""
     return label.split("+")[0].split(" ")[0]
@@ -63,7 +83,7 @@ class ObjectInfo:
         return self.base <= address < self.base + self.size
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one view per module list
 class KernelView:
     objects: list[ObjectInfo]
     livepatch: LivepatchHandlerLayout | None = None

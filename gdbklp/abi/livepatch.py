@@ -27,6 +27,7 @@ class LivepatchHandlerLayout:
     magic_slot: int
     magic: int
     call_to_c: int          # address of the bctrl that enters C (P1's branch)
+    pushed_before_call: bool = True  # livepatch_sp is stored back before the bctrl
 
     @property
     def return_point(self) -> int:
@@ -55,6 +56,7 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
     paca_off = ti_off = size = None
     slots: dict[str, int] = {}
     magic = None
+    stored_sp = False
     for i, word in enumerate(insns):
         here = address + 4 * i
         d = ppc.decode_dform(word)
@@ -72,6 +74,8 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
             holds[(word >> 21) & 31] = (word & 0xFFFF) << 16
         elif word >> 26 == 24 and isinstance(holds.get((word >> 21) & 31), int):  # ori rA,rS,imm
             holds[(word >> 16) & 31] = holds[(word >> 21) & 31] | (word & 0xFFFF)
+        elif ppc.is_std(word) and holds.get(d.ra) == "ti" and d.disp == ti_off and holds.get(d.rt) == "sp":
+            stored_sp = True
         elif ppc.is_std(word) and holds.get(d.ra) == "sp" and size is not None:
             value = holds.get(d.rt)
             if value in ("toc", "ra"):
@@ -89,7 +93,7 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
             return LivepatchHandlerLayout(
                 address=address, paca_thread_info=paca_off, ti_livepatch_sp=ti_off,
                 entry_size=size, toc_slot=slots["toc"], ra_slot=slots["ra"],
-                magic_slot=slots["magic"], magic=magic, call_to_c=here)
+                magic_slot=slots["magic"], magic=magic, call_to_c=here, pushed_before_call=stored_sp)
     raise LayoutError(f"livepatch_handler at {address:#x}: no bctrl in its first "
                       f"{len(insns)} instructions")
 
@@ -119,18 +123,30 @@ class LivepatchEntry:
     magic: int
 
 
+def entry_at(stack: bytes, base: int, record: int, layout: LivepatchHandlerLayout) -> LivepatchEntry | None:
+    """The record whose first slot is at address record, from memory stack read
+    at base; None where the record is not inside stack. The slots are the
+    handler's, decoded (offsets from livepatch_sp after the push)."""
+    top = record + layout.entry_size
+    slots = (layout.toc_slot, layout.ra_slot, layout.magic_slot)
+    if record < base or any(not 0 <= top + slot - base <= len(stack) - 8 for slot in slots):
+        return None
+    toc, ra, magic = (int.from_bytes(stack[top + slot - base:top + slot - base + 8], "little") for slot in slots)
+    return LivepatchEntry(record, toc, ra, magic)
+
+
 def entries(stack: bytes, base: int, livepatch_sp: int, layout: LivepatchHandlerLayout) -> list[LivepatchEntry]:
     """Records between the stack's base and livepatch_sp, oldest first.
 
     stack holds memory from address base upward, at least to livepatch_sp.
     """
     out = []
-    top = livepatch_sp
-    while top - layout.entry_size >= base:
-        rec = top - layout.entry_size
-        get = lambda slot: int.from_bytes(stack[top + slot - base: top + slot - base + 8], "little")
-        out.append(LivepatchEntry(rec, get(layout.toc_slot), get(layout.ra_slot), get(layout.magic_slot)))
-        top = rec
+    record = livepatch_sp - layout.entry_size
+    while record >= base:
+        entry = entry_at(stack, base, record, layout)
+        if entry is not None:
+            out.append(entry)
+        record -= layout.entry_size
     out.reverse()
     return out
 

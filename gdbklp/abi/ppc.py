@@ -15,6 +15,7 @@ BCTR = 0x4E800420
 BRANCH_TO_SELF = 0x48000000  # b . (I-form, LI 0): a vCPU that reaches it stays there
 MFLR_R0 = 0x7C0802A6
 STACK_END_MAGIC = 0x57AC6E9D
+MSR_PR = 1 << 14  # problem state: the vCPU (or the interrupted context) runs user code
 
 
 def is_bl(word: int) -> bool:
@@ -38,6 +39,31 @@ def conditional_branch_target(word: int, address: int) -> int | None:
     if offset & 0x8000:
         offset -= 0x10000
     return (address + offset) & 0xFFFFFFFFFFFFFFFF
+
+
+def is_mtctr(word: int) -> bool:
+    """mtctr rS (mtspr 9, rS)."""
+    return word & 0xFC1FFFFF == 0x7C0903A6
+
+
+def may_change_ctr(word: int, address: int, start: int, end: int) -> bool:
+    """Can executing word at address, in a function occupying [start, end),
+    leave CTR changed when the function returns? True for mtctr, for any
+    call (bl, bcl, bctrl, blrl: the callee may write CTR), for a branch out of
+    the function (a tail call) and for a branch through CTR (bctr, whose
+    target is not known from the code)."""
+    opcode = word >> 26
+    if is_mtctr(word):
+        return True
+    if opcode == 18:  # b, bl, ba, bla
+        return bool(word & 3) or not start <= branch_target(word, address) < end
+    if opcode == 16:  # bc, bcl, bca, bcla
+        target = conditional_branch_target(word, address)
+        return target is None or not start <= target < end
+    if opcode == 19:
+        xo = (word >> 1) & 0x3FF
+        return xo == 528 or (xo == 16 and bool(word & 1))  # bcctr[l], bclrl
+    return False
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from gdbklp.abi import ppc
 from gdbklp.abi.callsite import CallSite
-from gdbklp.abi.invariants import Violation
+from gdbklp.abi.invariants import EventContext, Violation
 from gdbklp.abi.livepatch import LayoutError
 
 TOC_RESTORE = ppc.LD_R2_24_R1  # what the instruction at RA must be compared with
@@ -296,7 +296,7 @@ class Pending:
     call_site: CallSite
     a_toc: int | None   # the TOC A must resume with
     violations: list[Violation] = field(default_factory=list)  # found at P1
-    names: dict[str, str] = field(default_factory=dict)         # caller, B, C as the report names them
+    context: EventContext | None = None  # the event P1 saw: caller, B, C as the report names them
 
 
 def stack_argument_accesses(code: bytes) -> list[tuple[int, str]]:

@@ -6,7 +6,7 @@ a part that fails to load prints one line and the others still load.
 
 import importlib
 
-PARTS = ("symbols", "watch", "frames", "unwinder", "transition", "lint")
+PARTS = ("symbols", "watchcmd", "frames", "unwinder", "transition", "lint")
 loaded: dict[str, object] = {}
 failed: dict[str, str] = {}
 

@@ -18,12 +18,13 @@ import json
 
 import gdb
 
-from gdbklp.abi import elf, rfc
+from gdbklp.abi import rfc
 from gdbklp.abi.livepatch import LayoutError
-from gdbklp.gdbext import target
+from gdbklp.gdbext import target, vcpus
 from gdbklp.gdbext.commands import Command, GdbklpError
+from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
+from gdbklp.gdbext.probes import redirect_branches
 from gdbklp.gdbext.rfcwatch import live_redirect_entry
-from gdbklp.gdbext.watch import redirect_branches
 
 DWARF_OFFSETS = (
     ("paca_thread_info", "struct paca_struct", "__current"),
@@ -31,7 +32,7 @@ DWARF_OFFSETS = (
 )
 
 
-def lint_livepatch_handler(kernel: target.Kernel) -> list[rfc.Finding]:
+def lint_livepatch_handler(kernel: Kernel) -> list[rfc.Finding]:
     layout = kernel.livepatch_layout()
     out = [rfc.Finding(True, layout.address,
                        f"livepatch_handler pushes {layout.entry_size} bytes [TOC at {layout.toc_slot}, RA at "
@@ -47,7 +48,7 @@ def lint_livepatch_handler(kernel: target.Kernel) -> list[rfc.Finding]:
     return out
 
 
-def rfc_path(kernel: target.Kernel, spec: str | None, live: int | None) -> tuple[int, object] | None:
+def rfc_path(kernel: Kernel, spec: str | None, live: int | None) -> tuple[int, object] | None:
     """(entry, read_code) of the RFC path to lint: the one named, else the one in use."""
     if spec is None:
         return (live, target.read_memory) if live is not None else None
@@ -57,7 +58,7 @@ def rfc_path(kernel: target.Kernel, spec: str | None, live: int | None) -> tuple
             entry = int(spec, 0)
         except ValueError:
             raise GdbklpError(f"no symbol {spec} in {kernel.vmlinux}") from None
-    return entry, lambda address, length: elf.read_loaded_bytes(kernel.vmlinux, address, length)
+    return entry, kernel.code
 
 
 class KlpLint(Command):
@@ -71,12 +72,12 @@ class KlpLint(Command):
         parser.add_argument("--json", action="store_true", help="print the verdicts as JSON")
 
     def run(self, args: argparse.Namespace) -> None:
-        kernel = target.kernel()
+        kernel = current_kernel()
         handler = kernel.require_livepatch()
         findings = lint_livepatch_handler(kernel)
         live = None
         if gdb.selected_thread() is not None:
-            target.select_kernel_vcpu()  # the branches are read from kernel memory
+            vcpus.select_kernel_vcpu()  # the branches are read from kernel memory
             live = live_redirect_entry(kernel, handler)
         branches = redirect_branches(kernel, handler)
         if live is None:

@@ -24,8 +24,9 @@ or stop, which put the instruction back from the vmlinux file.
 
 import gdb
 
-from gdbklp.abi import elf, ppc
-from gdbklp.gdbext import frames, target
+from gdbklp.abi import ppc
+from gdbklp.gdbext import target, vcpus
+from gdbklp.gdbext.kernel import Kernel
 from gdbklp.gdbext.pauses import PeriodicPauses
 
 FASTEST = 0.0005  # seconds the guest runs between pauses while tasks keep arriving at P3
@@ -38,29 +39,46 @@ def guest_stopped() -> bool:
     return thread is not None and thread.is_valid() and not thread.is_running()
 
 
-def unpark_leftover(kernel: target.Kernel) -> bool:
-    """Put P3's instruction back if an earlier park watch left it parked (its gdb
-    went away); the original comes from the vmlinux file. True if it did."""
+def parking_points(kernel: Kernel) -> list[int]:
+    """Where a park watch may hold tasks: P3, and P1 (the bctrl into C) with --resolve-indirect."""
+    layout = kernel.livepatch_layout()
+    return [layout.return_point, layout.call_to_c]
+
+
+def unpark_leftover(kernel: Kernel) -> bool:
+    """Put the instructions back where an earlier park watch left them parked (its
+    gdb went away); the originals come from the vmlinux file. True if it did."""
     if kernel.symbols.address("livepatch_handler") is None:
         return False
-    address = kernel.livepatch_layout().return_point
-    if target.read_memory(address, 4) != PARKED:
-        return False
-    target.write_memory(address, elf.read_loaded_bytes(kernel.vmlinux, address, 4))
-    return True
+    unparked = False
+    for address in parking_points(kernel):
+        if target.read_memory(address, 4) == PARKED:
+            target.write_memory(address, kernel.code(address, 4))
+            unparked = True
+    return unparked
 
 
 class Parking(PeriodicPauses):
+    """The park mode of a watch (see the module's docstring)."""
+
     def __init__(self, watch):
-        self.address = watch.layout.return_point
-        self.original = watch.p3_code
+        # P3, where each redirection is checked; P1 too where C is taken from CTR
+        self.handlers = {watch.layout.return_point: watch.on_return}
+        if watch.options.resolve_indirect:
+            self.handlers[watch.layout.call_to_c] = watch.on_enter_replacement
+        self.originals = {address: target.read_memory(address, 4) for address in self.handlers}
         self.in_pause = False
         self.end_reason: str | None = None  # the watch ends at the next pause (asked while the guest ran)
         # a breakpoint taken out at each pause would be put back (and QEMU's
         # translation cache flushed) at each resume: keep the probes inserted
         self.always_inserted = gdb.parameter("breakpoint always-inserted")
         gdb.execute("set breakpoint always-inserted on")
-        target.write_memory(self.address, PARKED)
+        watch.probes += watch.guard_probes()
+        for address in self.handlers:
+            target.write_memory(address, PARKED)
+        watch.report.probe = (f"parking at livepatch_handler's return point (P3) at {watch.layout.return_point:#x}"
+                              + (f" and its bctrl into C (P1) at {watch.layout.call_to_c:#x}"
+                                 if len(self.handlers) > 1 else "") + " (pauses by interrupt, no breakpoint there)")
         super().__init__(watch, FASTEST)
 
     def end_at_next_pause(self, reason: str) -> None:
@@ -82,12 +100,13 @@ class Parking(PeriodicPauses):
             self.in_pause = False
 
     def check_parked(self) -> bool:
-        """Check each vCPU waiting at P3 and let it go on; True when the watch
-        wants the guest stopped (that vCPU then stays at P3)."""
+        """Handle each vCPU waiting at a parking point and let it go on; True when
+        the watch wants the guest stopped (that vCPU then stays where it waits)."""
         released = 0
-        for _ in frames.select_each(self.vcpus):
-            if target.register("pc") == self.address:
-                if self.watch.on_return():
+        for _ in vcpus.select_each(self.vcpus):
+            handler = self.handlers.get(target.register("pc"))
+            if handler is not None:
+                if handler():
                     return True
                 released += 1
         # tasks arrive at P3 about as often as before: home in on that interval
@@ -95,7 +114,7 @@ class Parking(PeriodicPauses):
         return False
 
     def close(self) -> None:
-        """End the pauses; check the vCPUs waiting at P3 and put its instruction back."""
+        """End the pauses; release the vCPUs waiting and put the instructions back."""
         if self.stopping.is_set():
             return
         super().close()
@@ -107,4 +126,5 @@ class Parking(PeriodicPauses):
             return
         if not self.in_pause:
             self.check_parked()
-        target.write_memory(self.address, self.original)
+        for address, original in self.originals.items():
+            target.write_memory(address, original)

@@ -12,7 +12,7 @@ import time
 
 import gdb
 
-from gdbklp.gdbext import frames
+from gdbklp.gdbext import vcpus
 from gdbklp.gdbext.unwinder import stop_unwinder
 
 LOST_INTERRUPT_SECONDS = 0.5  # no stop this long after our interrupt: it was lost, send another
@@ -32,7 +32,7 @@ class PeriodicPauses:
         self.interrupted_at = 0.0
         self.our_interrupt = False
         self.pausing = False   # a pause's work is posted, not run yet
-        self.vcpus = frames.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
+        self.vcpus = vcpus.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
         # each pause prints where the guest was: no source line (a file read per
         # pause), no arguments (read from a frame stop_unwinder does not describe)
         self.frame_info = gdb.parameter("print frame-info")

@@ -7,20 +7,25 @@ on the mini-frame path is kept per task until its helper runs. Violations
 found at P1 print at once: the guest may not live to P3.
 """
 
+import dataclasses
+
 import gdb
 
-from gdbklp.abi import ppc, rfc
-from gdbklp.abi.invariants import Violation
+from gdbklp.abi import naming, ppc, rfc
+from gdbklp.abi.invariants import Violation, stamp
 from gdbklp.abi.livepatch import LayoutError
-from gdbklp.gdbext import target
+from gdbklp.gdbext import patches, target, tasks, vcpus
 from gdbklp.gdbext.commands import GdbklpError
-from gdbklp.gdbext.watch import Probe, Watch, redirect_branches
+from gdbklp.gdbext.kernel import Kernel
+from gdbklp.gdbext.probes import Probe, redirect_branches
+from gdbklp.gdbext.watch import Watch, code_facts
+from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection
 
 C_CODE_BYTES = 512  # a replacement's code when its symbol has no size
 
 
-def live_redirect_entry(kernel: target.Kernel, handler: int) -> int | None:
+def live_redirect_entry(kernel: Kernel, handler: int) -> int | None:
     """Where the running kernel's ftrace trampolines send a redirected call, when
     that is not livepatch_handler (their branch is read from memory, not the file:
     a kernel may retarget it at boot). None when it is livepatch_handler, or the
@@ -36,7 +41,7 @@ def live_redirect_entry(kernel: target.Kernel, handler: int) -> int | None:
     return None
 
 
-def decode_trampoline(kernel: target.Kernel, entry: int) -> rfc.RfcTrampoline:
+def decode_trampoline(kernel: Kernel, entry: int) -> rfc.RfcTrampoline:
     try:
         return rfc.decode_rfc_trampoline(target.read_memory(entry, 4 * rfc.MAX_INSNS), entry,
                                          target.read_memory)
@@ -48,27 +53,25 @@ def decode_trampoline(kernel: target.Kernel, entry: int) -> rfc.RfcTrampoline:
 class RfcWatch(Watch):
     design = "rfc-mini-frame"
 
-    def __init__(self, kernel: target.Kernel, entry: int, *options):
+    def __init__(self, kernel: Kernel, entry: int, options: WatchOptions):
         self.trampoline = decode_trampoline(kernel, entry)
         self.state = rfc.RfcState()
         self.hazards: dict[int, str | None] = {}   # C -> why it is unsafe in a mini frame
-        self.insns: dict[int, int] = {}            # RA -> the instruction there, per view
-        self.insns_view = None
         self.reentered: set[int] = set()
-        super().__init__(kernel, *options)
-        for c in sorted(set(kernel.replacements().values())):
+        super().__init__(kernel, options)
+        for c in sorted(set(patches.replacements(kernel).values())):
             self.hazard(c)
 
     def design_probes(self) -> list[Probe]:
         t, describe = self.trampoline, self.kernel.describe
         self.report.probe = (f"probing the RFC redirect path (P1) at {describe(t.address)} and "
                              f"its return helper (P3) at {describe(t.helper.address)}")
-        return [Probe(f"*{t.address:#x}", self.on_redirect), Probe(f"*{t.helper.address:#x}", self.on_helper)]
+        return [self.probe(t.address, self.on_redirect), self.probe(t.helper.address, self.on_helper)]
 
     def hazard(self, c: int) -> str | None:
         """Invariant 6, read from C's code once: does C use its caller's parameter save area?"""
         if c not in self.hazards:
-            symbol = self.statics_covering(c).view.symbol_at(c)
+            symbol = self.kernel.view().symbol_at(c)
             length = symbol.size if symbol and symbol.size else C_CODE_BYTES  # not into the next function
             reason = rfc.hazard_reason(rfc.stack_argument_accesses(target.read_memory(c, length)),
                                        self.trampoline.mini_frame)
@@ -76,61 +79,58 @@ class RfcWatch(Watch):
             if reason:
                 text = f"{self.kernel.describe(c)} cannot run in a mini frame: {reason}"
                 self.report.hazards.append(text)
-                if not self.quiet:
+                if not self.options.quiet:
                     gdb.write(f"klp-watch: design hazard (invariant 6): {text}\n")
         return self.hazards[c]
-
-    def insn_at(self, ra: int) -> int:
-        if self.insns_view is not self.statics.view:
-            self.insns, self.insns_view = {}, self.statics.view
-        if ra not in self.insns:
-            self.insns[ra] = int.from_bytes(target.read_memory(ra, 4), "little")
-        return self.insns[ra]
 
     # ---- P1 ------------------------------------------------------------------
 
     def on_redirect(self) -> bool:
         reg = target.register
         ra, sp = reg("lr"), reg("r1")
-        task = target.read_u64(reg("r13") + self.layout.paca_thread_info)
-        statics = self.statics_covering(ra)
-        s = rfc.RedirectSample(task, target.current_cpu(), ra, reg("r0"), sp, reg("r2"), reg("ctr"),
-                               self.insn_at(ra), target.read_memory(sp, rfc.HEADER_BYTES))
-        site = statics.view.call_site(statics.read, ra)
+        task = tasks.current_task(self.kernel)
+        facts = code_facts(self.kernel)
+        s = rfc.RedirectSample(task, vcpus.current_cpu(), ra, reg("r0"), sp, reg("r2"), reg("ctr"),
+                               facts.instruction(ra), target.read_memory(sp, rfc.HEADER_BYTES))
+        site = facts.view.call_site(facts.read, ra)
         direct, violations = rfc.check_redirect(s, self.trampoline, site)
         hazard = self.hazard(s.c)
         if hazard and not direct:
             violations.append(Violation(6, "a replacement that uses stack-passed arguments runs in a mini frame",
                                         "C takes no stack-passed arguments and keeps out of its caller's frame",
                                         hazard))
-        patched = statics.callee(ra, site)
-        names = dict(call_site=site.value, caller=statics.view.describe(ra),
-                     patched=self.kernel.describe(patched) if patched else "?",
-                     replacement=self.kernel.describe(s.c))
-        self.label(violations, s.task, s.cpu, names)
+        # B from the call site, else as the one function C replaces (C is CTR at P1)
+        patched = facts.callee(ra, site)
+        if patched is None:
+            patched = naming.patched_by(s.c, patches.replacements(self.kernel))
+        context = self.context(tasks.identity(task), s.cpu, call_site=site.value, caller=facts.view.describe(ra),
+                               patched=self.describe(patched), replacement=self.describe(s.c))
+        stamp(violations, context)
         if direct:
-            self.record(s, names, violations, checked=True)
+            self.record(s, context, violations, checked=True)
         else:
-            owner = statics.view.object_at(ra)
-            self.state.push(task, rfc.Pending(s, site, owner.toc if owner else None, violations, names))
-        return self.reported(violations)
+            owner = facts.view.object_at(ra)
+            self.state.push(task, rfc.Pending(s, site, owner.toc if owner else None, violations, context))
+        self.publish(violations)
+        return self.stop_wanted(violations)
 
     # ---- P3 ------------------------------------------------------------------
 
     def on_helper(self) -> bool:
-        reg = target.register
-        sp = reg("r1")
-        task = target.read_u64(reg("r13") + self.layout.paca_thread_info)
+        sp = target.register("r1")
+        task = tasks.current_task(self.kernel)
         t = self.trampoline
         pending = self.state.pop(task, sp, t.mini_frame)
         if pending is None:
             self.helper_without_frame(task, sp)
             return False
         frames = target.read_memory(sp, t.mini_frame + rfc.HEADER_BYTES)
-        violations = rfc.check_helper(pending, sp, frames, t)
-        self.label(violations, task, pending.at_p1.cpu, pending.names)
-        self.record(pending.at_p1, pending.names, pending.violations + violations, checked=True)
-        return self.reported(violations)
+        # stamped as the redirection P1 saw, with the task as it is now
+        context = dataclasses.replace(pending.context, who=tasks.identity(task), seq=self.report.redirections)
+        violations = stamp(rfc.check_helper(pending, sp, frames, t), context)
+        self.record(pending.at_p1, context, pending.violations + violations, checked=True)
+        self.publish(violations)
+        return self.stop_wanted(violations)
 
     def helper_without_frame(self, task: int, sp: int) -> None:
         """The helper entered with no mini frame of this task at r1: it returned into
@@ -138,32 +138,26 @@ class RfcWatch(Watch):
         if task in self.reentered:
             return
         self.reentered.add(task)
-        pid, comm = self.kernel.task_identity(task)
-        event = (f"{self.kernel.describe(self.trampoline.helper.address)} entered again by task {task:#x} "
-                 f"(pid {pid} {comm}) on CPU {target.current_cpu()} with r1 {sp:#x} and no mini frame "
+        event = (f"{self.kernel.describe(self.trampoline.helper.address)} entered again by "
+                 f"{tasks.identity(task)} on CPU {vcpus.current_cpu()} with r1 {sp:#x} and no mini frame "
                  "there: it returned into itself and pops A's frame")
         self.report.guest_events.append(event)
         gdb.write(f"klp-watch: {event}\n")
 
     # ---- the report ----------------------------------------------------------
 
-    def label(self, violations: list[Violation], task: int, cpu: int, names: dict) -> None:
-        pid, comm = self.kernel.task_identity(task)
-        for v in violations:
-            v.seq, v.task, v.pid, v.comm, v.cpu = self.report.redirections, task, pid, comm, cpu
-            for key, value in names.items():
-                setattr(v, key, value)
-
-    def record(self, s: rfc.RedirectSample, names: dict, violations: list[Violation], checked: bool) -> None:
-        pid, comm = self.kernel.task_identity(s.task)
+    def record(self, s: rfc.RedirectSample, context, violations: list[Violation], checked: bool) -> None:
+        who = context.who
         self.report.add(Redirection(
-            seq=self.report.redirections, task=s.task, pid=pid, comm=comm, cpu=s.cpu, return_address=s.ra,
-            toc=s.toc, sp=s.sp, depth=len(self.state.pending.get(s.task, ())),
-            violations=tuple(v.invariant for v in violations), **names), violations, checked=checked)
+            seq=self.report.redirections, task=who.task, pid=who.pid, comm=who.comm, exec_id=who.exec_id,
+            cpu=s.cpu, return_address=s.ra, toc=s.toc, sp=s.sp, depth=len(self.state.pending.get(s.task, ())),
+            call_site=context.call_site, caller=context.caller, patched=context.patched,
+            replacement=context.replacement, named_by=naming.BY_P1 if context.patched != "?" else "",
+            violations=tuple(v.invariant for v in violations)), violations, checked=checked)
 
     def flush(self) -> None:
         """Mini-frame redirections whose helper never ran go into the report as unchecked."""
         for stack in self.state.pending.values():
             for p in stack:
-                self.record(p.at_p1, p.names, p.violations, checked=False)
+                self.record(p.at_p1, p.context, p.violations, checked=False)
         self.state.pending.clear()

@@ -31,9 +31,10 @@ import time
 import gdb
 
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
-from gdbklp.abi.invariants import SAMPLE, Violation, check_settled_task, check_switched_task, replaced_on_stack
+from gdbklp.abi.invariants import (SAMPLE, EventContext, Violation, check_settled_task, check_switched_task,
+                                   replaced_on_stack, stamp)
 from gdbklp.abi.livepatch import read_livepatch_stack
-from gdbklp.gdbext import frames, target, transition
+from gdbklp.gdbext import patches, stacks, target, tasks, vcpus
 from gdbklp.gdbext.pauses import PeriodicPauses
 
 SLEEPER_SHARE = 0.02  # of the guest's time, spent checking tasks that are not on a vCPU
@@ -42,17 +43,22 @@ KERNEL_BASE = 0xC000000000000000
 
 
 class Sampler(PeriodicPauses):
-    def __init__(self, watch, hz: float):
+    """The sampling mode of a watch (see the module's docstring)."""
+
+    def __init__(self, watch):
+        hz = watch.options.sample
+        watch.report.probe = f"sampling at {hz:g} Hz (pauses by interrupt, no breakpoints)"
         self.kernel = watch.kernel
         self.layout = watch.layout
         self.sleeper_budget = 0.0  # seconds: each sample adds SLEEPER_SHARE of its period, checks spend it
         self.modules_read_at = 0.0
         self.tasks_read_at = time.monotonic()
         self.samples = 0
+        self.keep_stopped = False  # --fail-fast: a sample found a violation
         self.tasks: list[int] = []
         self.next_task = 0
         self.stacks: dict[int, int | None] = {}  # task -> task->stack, as last read
-        self.ksp_offset = target.dwarf_offset("struct task_struct", "thread.ksp")  # a sleeping task's r1
+        self.can_check_sleepers = target.dwarf_offset(tasks.TASK, "thread.ksp") is not None
         self.transition: tuple[int, int, set[str]] | None = None  # (patch, target state, replaced functions)
         self._old_functions: tuple[list | None, set[str]] = (None, set())
         self.patches_checked_in = -1  # the sample that last read the patch list
@@ -60,26 +66,27 @@ class Sampler(PeriodicPauses):
         self.patch_list_offset = target.dwarf_offset("struct klp_patch", "list")
         self.patch_enabled_offset = target.dwarf_offset("struct klp_patch", "enabled")
         self.switch_pc = self.kernel.symbols.address("_switch") or 0  # where a sleeping task resumes
-        if self.ksp_offset is not None and gdb.selected_thread() is not None:
-            self.tasks = frames.all_tasks(self.kernel)  # the slow readings now, not in the first pause
+        if self.can_check_sleepers and gdb.selected_thread() is not None:
+            self.tasks = tasks.all_tasks()  # the slow readings now, not in the first pause
             self.kernel.view()
         super().__init__(watch, 1.0 / hz)
 
     # ---- one sample ------------------------------------------------------------
 
     def on_pause(self) -> bool:
+        self.keep_stopped = False
         self.sample()
-        return False
+        return self.keep_stopped
 
     def sample(self) -> None:
         running = []
         kernel_vcpu = None
-        for thread in frames.select_each(self.vcpus):
-            state = frames.vcpu_state()
+        for thread in vcpus.select_each(self.vcpus):
+            state = vcpus.vcpu_state()
             # at an exception's first instructions r13 may not be the PACA yet
-            if not state["msr"] & target.MSR_PR and state["r13"] >= KERNEL_BASE:
+            if not vcpus.in_user_mode(state) and state["r13"] >= KERNEL_BASE:
                 kernel_vcpu = thread  # the read goes through this vCPU's MMU context
-                task = target.read_u64(state["r13"] + self.layout.paca_thread_info)
+                task = tasks.running_task(self.kernel, state["r13"])
                 running.append((task, state, thread.num - 1))
         if kernel_vcpu is None:  # no vCPU in the kernel: its memory is not readable now
             return
@@ -105,16 +112,16 @@ class Sampler(PeriodicPauses):
         belongs to a new task): a task keeps its stack for life."""
         base = self.stacks.get(task)
         if base is None or not base <= sp < base + self.watch.thread_size:
-            base = self.stacks[task] = self.kernel.task_stack(task)
+            base = self.stacks[task] = tasks.task_stack(task)
         return base
 
     def read_transition(self) -> None:
         """The transition in progress, if any: its functions are read once per transition."""
-        patch = self.watch.transition_patch() if self.watch.consistency else 0
+        patch = patches.transition_patch() if self.watch.consistency else 0
         if not patch:
             self.transition = None
         elif self.transition is None or self.transition[0] != patch:
-            _, goal, replaced = transition.transition_in_progress(self.kernel)
+            _, goal, replaced = patches.transition_in_progress(self.kernel)
             self.transition = (patch, goal, replaced)
 
     def check_stack_rule(self, task: int, base: int, sp: int, entries, vcpu_state: dict | None) -> Violation | None:
@@ -122,7 +129,7 @@ class Sampler(PeriodicPauses):
         between transitions for a sleeper."""
         if self.transition:
             _, goal, replaced = self.transition
-            state = self.watch.patch_state(task)
+            state = patches.patch_state(task)
             if state != goal:
                 return None  # pending: it may hold anything
             return check_switched_task(state, goal, replaced_on_stack(self.walk(base, sp, entries, vcpu_state),
@@ -135,7 +142,7 @@ class Sampler(PeriodicPauses):
     def walk(self, base: int, sp: int, entries, vcpu_state: dict | None) -> list[str]:
         """The functions on a task's stack: a running task's from its vCPU, a sleeper's from _switch."""
         if vcpu_state:
-            regs = Registers(pc=vcpu_state["pc"], sp=vcpu_state["r1"], lr=vcpu_state["lr"], toc=vcpu_state["r2"])
+            regs = stacks.registers(vcpu_state)
         else:
             regs = Registers(pc=self.switch_pc, sp=sp)
         top = base + self.watch.thread_size
@@ -158,7 +165,7 @@ class Sampler(PeriodicPauses):
             signature.append((patch, target.read_memory(patch + self.patch_enabled_offset, 1)))
             node = target.read_u64(node)
         if self._old_functions[0] != signature:
-            self._old_functions = (signature, transition.enabled_old_functions(self.kernel))
+            self._old_functions = (signature, patches.enabled_old_functions(self.kernel))
         return self._old_functions[1]
 
     def view(self):
@@ -173,10 +180,10 @@ class Sampler(PeriodicPauses):
         """Tasks not on a vCPU, in turn from the task list, while the budget
         lasts: a check that overruns it is paid back by the next samples, so
         sleepers cost the guest SLEEPER_SHARE of its time at any rate."""
-        if self.ksp_offset is None:
+        if not self.can_check_sleepers:
             return
         if not self.tasks or time.monotonic() - self.tasks_read_at > TASK_LIST_SECONDS:
-            self.tasks, self.tasks_read_at = frames.all_tasks(self.kernel), time.monotonic()
+            self.tasks, self.tasks_read_at = tasks.all_tasks(), time.monotonic()
             self.stacks = {task: self.stacks[task] for task in self.tasks if task in self.stacks}
         share = SLEEPER_SHARE * self.period
         self.sleeper_budget = min(self.sleeper_budget + share, share)
@@ -187,7 +194,7 @@ class Sampler(PeriodicPauses):
             self.next_task = (self.next_task + 1) % len(self.tasks)
             task = self.tasks[self.next_task]
             if task not in running:
-                sp = target.read_u64(task + self.ksp_offset)
+                sp = tasks.saved_sp(task)
                 self.check(task, self.stack_of(task, sp), sp, -1)
         self.sleeper_budget -= time.monotonic() - start
 
@@ -208,9 +215,8 @@ class Sampler(PeriodicPauses):
         if violation:
             violations.append(violation)
         if violations:
-            pid, comm = self.kernel.task_identity(task)
-            for v in violations:
-                v.seq, v.task, v.pid, v.comm, v.cpu = self.watch.report.redirections, task, pid, comm, cpu
-                v.call_site = SAMPLE
-            self.watch.report.add_violations(task, pid, comm, violations)
-            self.watch.reported(violations)
+            who = tasks.identity(task)
+            stamp(violations, EventContext(self.watch.report.redirections, who, cpu, call_site=SAMPLE))
+            self.watch.report.add_violations(who, violations)
+            self.watch.publish(violations)
+            self.keep_stopped |= self.watch.stop_wanted(violations)

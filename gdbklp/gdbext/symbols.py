@@ -10,8 +10,9 @@ stops in a live-patch replacement without loading any .ko file.
 
 import gdb
 
-from gdbklp.gdbext import target
+from gdbklp.gdbext import vcpus
 from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.gdbext.kernel import kernel as current_kernel
 
 
 class KlpAddr(gdb.Function):
@@ -22,17 +23,16 @@ class KlpAddr(gdb.Function):
 
     def invoke(self, name):
         wanted = name.string()
-        kernel = target.kernel()
+        kernel = current_kernel()
         if gdb.selected_thread() is not None:
             try:
-                target.select_kernel_vcpu()  # module lists are read from kernel memory
+                vcpus.select_kernel_vcpu()  # module lists are read from kernel memory
             except GdbklpError as e:
                 raise gdb.GdbError(f"$klp_addr: {e}") from None
-        for refresh in (False, True):
-            for obj in kernel.view(refresh_modules=refresh).objects:
-                address = obj.symbols.address(wanted)
-                if address is not None:
-                    return gdb.Value(address).cast(gdb.lookup_type("unsigned long"))
+        for obj in kernel.view().objects:
+            address = obj.symbols.address(wanted)
+            if address is not None:
+                return gdb.Value(address).cast(gdb.lookup_type("unsigned long"))
         raise gdb.GdbError(f"$klp_addr: no function '{wanted}' in vmlinux or a loaded module")
 
 

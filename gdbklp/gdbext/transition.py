@@ -14,52 +14,23 @@ import json
 import gdb
 
 from gdbklp.abi.invariants import PATCH_STATE_NAMES, check_switched_task, replaced_on_stack
-from gdbklp.gdbext import frames, target
-from gdbklp.gdbext.commands import Command, GdbklpError
+from gdbklp.gdbext import patches, stacks, tasks, target, vcpus
+from gdbklp.gdbext.commands import Command
+from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
 
 
-def transition_in_progress(kernel: target.Kernel) -> tuple[gdb.Value, int, set[str]] | None:
-    """(the patch in transition, the state its tasks go to, the functions that
-    must leave a task's stack before it switches), or None between transitions."""
-    if not kernel.has_dwarf:
-        raise GdbklpError("the consistency model needs DWARF (task_struct.patch_state): "
-                          "this vmlinux has none")
-    patch = gdb.parse_and_eval("klp_transition_patch")
-    if int(patch) == 0:
-        return None
-    goal = int(gdb.parse_and_eval("klp_target_state"))
-    # what must leave the stacks: the old functions when patching, the new ones when unpatching
-    replaced = set()
-    for obj in kernel.kernel_list(patch["obj_list"].address, "struct klp_object", "node"):
-        for func in kernel.kernel_list(obj["func_list"].address, "struct klp_func", "node"):
-            replaced.add(kernel.function_name(int(func["old_func"] if goal == 1 else func["new_func"])))
-    return patch, goal, replaced
-
-
-def enabled_old_functions(kernel: target.Kernel) -> set[str]:
-    """The functions that enabled patches replace, by name (needs DWARF)."""
-    return {kernel.function_name(int(func["old_func"]))
-            for patch in kernel.kernel_list("&klp_patches", "struct klp_patch", "list") if patch["enabled"]
-            for obj in kernel.kernel_list(patch["obj_list"].address, "struct klp_object", "node")
-            for func in kernel.kernel_list(obj["func_list"].address, "struct klp_func", "node")}
-
-
-def task_patch_state(task: int) -> int:
-    return int(gdb.parse_and_eval(f"((struct task_struct *){task:#x})->patch_state"))
-
-
-def transition_state(kernel: target.Kernel) -> dict:
+def transition_state(kernel: Kernel) -> dict:
     """The transition in progress (or none), its tasks, and what holds them."""
-    transition = transition_in_progress(kernel)
+    transition = patches.transition_in_progress(kernel)
     if transition is None:
         return {"in_transition": False}
     patch, goal, replaced = transition
     pending, violations = [], []
-    for task in frames.all_tasks(kernel):
-        pid, comm = kernel.task_identity(task)
-        state = task_patch_state(task)
-        holders = replaced_on_stack([f.function for f in frames.stack_of_task(kernel, task).walk.frames], replaced)
-        record = {"task": task, "pid": pid, "comm": comm, "patch_state": PATCH_STATE_NAMES.get(state, str(state)),
+    for task in tasks.all_tasks():
+        who = tasks.identity(task)
+        state = patches.patch_state(task)
+        holders = replaced_on_stack([f.function for f in stacks.stack_of_task(kernel, task).walk.frames], replaced)
+        record = {"task": task, "pid": who.pid, "comm": who.comm, "patch_state": PATCH_STATE_NAMES.get(state, str(state)),
                   "held_by": holders}
         if state != goal:
             pending.append(record)
@@ -92,9 +63,9 @@ class KlpTransition(Command):
         parser.add_argument("--json", action="store_true", help="print the same as JSON")
 
     def run(self, args: argparse.Namespace) -> None:
-        kernel = target.kernel()
+        kernel = current_kernel()
         target.require_target()
-        target.select_kernel_vcpu()
+        vcpus.select_kernel_vcpu()
         data = transition_state(kernel)
         gdb.write((json.dumps(data, indent=1) if args.json else format_state(data)) + "\n")
 

@@ -16,8 +16,9 @@ import argparse
 import gdb
 from gdb.unwinder import Unwinder, register_unwinder
 
-from gdbklp.gdbext import frames, target
+from gdbklp.gdbext import stacks, vcpus
 from gdbklp.gdbext.commands import Command
+from gdbklp.gdbext.kernel import kernel as current_kernel
 
 NAME = "gdbklp-livepatch"
 NONVOLATILE = ("r13", *(f"r{n}" for n in range(14, 32)), "cr")
@@ -46,14 +47,14 @@ class LivepatchUnwinder(Unwinder):
             return None
 
     def _unwind(self, pending_frame):
-        kernel = target.kernel()
+        kernel = current_kernel()
         view = kernel.view(read_modules=False)
         if view.livepatch is None:
             return None
         if pending_frame.level() == 0:
             # a new backtrace: remember the innermost registers, decode only if needed
             self.innermost = {name: int(pending_frame.read_register(name))
-                              for name in ("pc", "r1", "lr", "r2", "r13", "msr")}
+                              for name in vcpus.STATE_REGISTERS}
             self.callers = None
         pc = int(pending_frame.read_register("pc"))
         if not view.is_livepatch_return(pc):
@@ -79,9 +80,9 @@ class LivepatchUnwinder(Unwinder):
     def _decode(self, view) -> dict[int, tuple[int, int]]:
         """Walk the innermost frame's stack; each trampoline's sp -> (RA, saved TOC)."""
         regs = self.innermost
-        if regs is None or regs["msr"] & (1 << 14):
+        if regs is None or vcpus.in_user_mode(regs):
             return {}  # user mode: no kernel stack
-        walked = frames.decode_running(target.kernel(), regs, view).walk.frames
+        walked = stacks.decode_running(current_kernel(), regs, view).walk.frames
         return {t.sp: (c.pc, c.toc) for t, c in zip(walked, walked[1:])
                 if t.kind == "trampoline" and c.kind == "livepatch-caller"}
 

@@ -1,208 +1,205 @@
-"""klp-watch: check every live-patch redirection, per task, while the guest runs.
+"""klp-watch's model of the merged design: every redirection checked at P3.
 
-One non-stopping breakpoint at P3, where C returns into livepatch_handler
-(the instruction after its bctrl), sees each redirection exactly once with
-everything it did still in place; gdbklp.abi.invariants says what is checked
-there and why one stop is enough. A stop reads r1 and r13 directly and five
-small memory blocks (the task pointer, livepatch_sp, the livepatch stack,
-A's frame header, klp_transition_patch); code-derived facts are read once
-and kept.
+P3 is where C returns into livepatch_handler (the instruction after its
+bctrl): each redirection passes there once, with everything it did still in
+place; gdbklp.abi.invariants says what is checked there and why one look is
+enough. A look reads r1 and r13 from gdb's register cache and a few small
+memory blocks (the task pointer, livepatch_sp, the livepatch stack, A's
+frame header, the task's identity, klp_transition_patch); facts derived from
+code are kept until the module list changes.
 
-Two more breakpoints, on die() and panic(), are never hit while all is well;
-when the guest goes down they record what it did.
+How the guest is held at P3 is the watch's mode: a breakpoint there
+(BreakpointMode, here), a branch to itself that pauses by interrupt release
+(gdbklp.gdbext.parking), or no holding at all, only periodic samples of the
+tasks' livepatch stacks (gdbklp.gdbext.sampler). Breakpoints on die() and
+panic(), never hit while all is well, record what the guest did when it
+goes down.
 """
-
-import argparse
-import json
-import os
-import struct
 
 import gdb
 
-from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, ReturnSample, StaticKnowledge, Violation, check_consistency,
-                                   check_return)
-from gdbklp.abi import elf
-from gdbklp.abi.kernel import local_entry
-from gdbklp.abi.livepatch import find_unredirected_exits, paca_load_target
-from gdbklp.gdbext import parking, target
-from gdbklp.gdbext.commands import Command, GdbklpError
-from gdbklp.gdbext.unwinder import stop_unwinder
+from gdbklp.abi.callsite import CallSite
+from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, EventContext, ReturnSample,
+                                   Violation, check_consistency, check_return, stamp)
+from gdbklp.abi.kernel import TaskIdentity, local_entry
+from gdbklp.abi.livepatch import paca_load_target
+from gdbklp.abi.naming import Names, ReturnRegisters, name_redirection
+from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
+from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.gdbext.events import cache_until
+from gdbklp.gdbext.kernel import Kernel
+from gdbklp.gdbext.probes import TRACE_TRAMPOLINES, Probe, redirect_branches
+from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection, WatchReport
 
-TRACE_TRAMPOLINES = ("ftrace_caller", "ftrace_regs_caller")
-TRAMPOLINE_BYTES = 1024
+GUEST_DOWN = ("die", "panic")
 
 
-def redirect_branches(kernel: target.Kernel, handler: int) -> list[int]:
-    """The `bne- livepatch_handler` of each ftrace trampoline, as the vmlinux file has them."""
-    branches = set()
-    for name in TRACE_TRAMPOLINES:
-        address = kernel.symbols.address(name)
-        if address is not None:
-            code = elf.read_loaded_bytes(kernel.vmlinux, address, TRAMPOLINE_BYTES)
-            branches.update(exit_ - 4 for exit_ in find_unredirected_exits(code, address, handler))
-    return sorted(branches)
+@cache_until("modules", "objfile")
+def code_facts(kernel: Kernel) -> CodeFacts:
+    """Facts read from the running kernel's code (frame sizes, stub targets, ...),
+    kept while the module list stays the same."""
+    return CodeFacts(kernel.view(), target.read_memory)
 
 
-class Probe(gdb.Breakpoint):
-    """A breakpoint whose handler never lets an exception reach gdb."""
+class BreakpointMode:
+    """A breakpoint at each of the design's probe points: one stop per redirection
+    (two for an RFC local call), every check made before A resumes."""
 
-    def __init__(self, spec: str, handler):
-        super().__init__(spec, internal=True)
-        self.silent = True
-        self.handler = handler
+    def __init__(self, watch: "Watch"):
+        watch.probes += watch.design_probes() + watch.guard_probes()
 
-    def stop(self) -> bool:
-        stop_unwinder.enabled = True
-        try:
-            stop = self.handler()
-        except Exception as e:  # a probe must never break the guest's run
-            _watch and _watch.record_error(f"{type(e).__name__}: {e}")
-            stop = False
-        finally:
-            stop_unwinder.enabled = False
-        if stop:  # the user gets the guest: frames from gdb's own unwinders
-            gdb.invalidate_cached_frames()
-        return stop
+    def close(self) -> None:
+        pass
+
+
+MODES = {"breakpoint": BreakpointMode, "park": parking.Parking, "sample": sampler.Sampler}
 
 
 class Watch:
-    """The merged design's model: one stop per redirection, at P3.
-
-    Subclasses model other designs through design_probes() and flush().
-    """
+    """A watch of the merged design's redirections: the checks at its probe points,
+    and the report. Subclasses model other designs (design_probes, flush)."""
 
     design = "livepatch-stack"
 
-    def __init__(self, kernel: target.Kernel, max_events: int | None, report_path: str | None,
-                 quiet: bool, fail_fast: bool, sample_hz: float | None = None, park: bool = False):
+    def __init__(self, kernel: Kernel, options: WatchOptions):
         self.kernel = kernel
+        self.options = options
         self.layout = kernel.livepatch_layout()
         self.thread_size = kernel.thread_size
-        self.statics = StaticKnowledge(kernel.view(), target.read_memory)
-        self.max_events = max_events
-        self.report_path = report_path
-        self.quiet = quiet
-        self.fail_fast = fail_fast
         self.report = WatchReport(design=self.design, vmlinux=kernel.vmlinux)
-        self.consistency = self._consistency_offsets()
-        if self.consistency is None:
+        self.consistency = patches.consistency_available(kernel)
+        if not self.consistency:
             self.report.notes.append("consistency model (invariant 12) not checked: the vmlinux has no "
-                                     "DWARF for task_struct.patch_state")
+                                     "DWARF for klp_transition_patch and task_struct.patch_state")
         self.probes: list[Probe] = []
-        self.junit_path: str | None = None
         self.p3_code = target.read_memory(self.layout.return_point, 4)  # P3's instruction, as the guest has it
         # the register it loads, when klp-watch executes it for the guest
         self.p3_loads_into = paca_load_target(int.from_bytes(self.p3_code, "little"), self.layout.paca_thread_info)
-        if park and self.p3_loads_into is None:
+        self.p1_replacements: dict[int, dict[int, int]] = {}  # task -> livepatch entry address -> C
+        if options.park and self.p3_loads_into is None:
             raise GdbklpError("--park: P3's instruction is not the `ld rT, OFF(r13)` klp-watch can "
                               "execute for the guest, so it cannot stand in for it")
-        self.exit_when_gone = False  # --batch
-        self.pauses = None  # sampling or parking
-        if sample_hz:
-            # no breakpoint at all: gdb removes and reinserts breakpoints at every pause
-            from gdbklp.gdbext.sampler import Sampler
-            self.pauses = Sampler(self, sample_hz)
-            self.report.probe = f"sampling at {sample_hz:g} Hz (pauses by interrupt, no breakpoints)"
-            return
-        if not park:
-            self.probes = self.design_probes()
-        if self.consistency is not None:
-            exits = self._unredirected_exits()
-            self.probes += [Probe(f"*{address:#x}", self.on_unredirected) for address in exits]
+        if options.resolve_indirect and not self.layout.pushed_before_call:
+            raise GdbklpError(f"--resolve-indirect: livepatch_handler at {self.layout.address:#x} does not "
+                              f"store livepatch_sp before its bctrl at {self.layout.call_to_c:#x}, so P1 "
+                              "cannot tell which redirection it enters")
+        self.mode = None
+
+    def start(self) -> None:
+        """Insert the probes (or start the pauses) of the mode the options ask for."""
+        self.mode = MODES[self.options.mode](self)
+
+    def probe(self, address: int, handler) -> Probe:
+        return Probe(address, handler, self.record_error)
+
+    def design_probes(self) -> list[Probe]:
+        """Breakpoints at the design's probe points (breakpoint mode)."""
+        self.report.probe = f"probing livepatch_handler's return point (P3) at {self.layout.return_point:#x}"
+        probes = [self.probe(self.layout.return_point, self.on_return)]
+        if self.options.resolve_indirect:
+            self.report.probe += f" and its bctrl into C (P1) at {self.layout.call_to_c:#x}"
+            probes.append(self.probe(self.layout.call_to_c, self.on_enter_replacement))
+        return probes
+
+    def guard_probes(self) -> list[Probe]:
+        """Breakpoints that cost nothing while all is well: the trampolines' exits for
+        calls ftrace did not redirect (invariant 12), die() and panic()."""
+        probes = []
+        if self.consistency:
+            exits = [branch + 4 for branch in redirect_branches(self.kernel, self.layout.address)]
+            probes += [self.probe(address, self.on_unredirected) for address in exits]
             if not exits:
                 self.report.notes.append("calls that are not redirected are not checked: no `bne "
                                          f"livepatch_handler; bctr` found in {' or '.join(TRACE_TRAMPOLINES)}")
-        for name in ("die", "panic"):
-            address = kernel.symbols.address(name)
+        for name in GUEST_DOWN:
+            address = self.kernel.symbols.address(name)
             if address is not None:
-                address = local_entry(elf.read_loaded_bytes(kernel.vmlinux, address - 8, 16), address)
-                self.probes.append(Probe(f"*{address:#x}", lambda name=name: self.on_guest_down(name)))
-        if park:
-            self.pauses = parking.Parking(self)
-            self.report.probe = (f"parking at livepatch_handler's return point (P3) at {self.layout.return_point:#x} "
-                                 "(pauses by interrupt, no breakpoint there)")
-
-    def design_probes(self) -> list[Probe]:
-        self.report.probe = f"probing livepatch_handler's return point (P3) at {self.layout.return_point:#x}"
-        return [Probe(f"*{self.layout.return_point:#x}", self.on_return)]
+                address = local_entry(self.kernel.code(address - 8, 16), address)
+                probes.append(self.probe(address, lambda name=name: self.on_guest_down(name)))
+        return probes
 
     def flush(self) -> None:
         """Put redirections still in flight into the report (the watch is ending)."""
 
-    def _consistency_offsets(self) -> tuple[int, int] | None:
-        """(address of klp_transition_patch, offset of task_struct.patch_state), with DWARF."""
-        if not self.kernel.has_dwarf:
+    def context(self, who: TaskIdentity, cpu: int, **names) -> EventContext:
+        """The event being handled now (its sequence number: redirections so far)."""
+        return EventContext(self.report.redirections, who, cpu, **names)
+
+    def describe(self, address: int | None) -> str:
+        return self.kernel.describe(address) if address is not None else "?"
+
+    # ---- P1: the bctrl into C (--resolve-indirect) ------------------------------
+
+    def on_enter_replacement(self) -> bool:
+        """At P1, CTR is C: keep it for this redirection's P3 (by task and the
+        livepatch-stack entry just pushed), then execute the bctrl for the guest
+        (LR = P3, pc = C): resumed where no breakpoint is, gdb need not step."""
+        task = tasks.current_task(self.kernel)
+        entry = target.read_u64(task + self.layout.ti_livepatch_sp) - self.layout.entry_size
+        c = target.register("ctr")
+        self.p1_replacements.setdefault(task, {})[entry] = c
+        target.set_register("lr", self.layout.return_point)
+        target.set_register("pc", c)
+        return False
+
+    def p1_replacement(self, task: int, entry: int) -> int | None:
+        """C as P1 saw it for the redirection whose entry is at entry; forgets it
+        and any deeper one left by a redirection that never returned."""
+        held = self.p1_replacements.get(task)
+        if not held:
             return None
-        try:
-            return (int(gdb.parse_and_eval("(unsigned long)&klp_transition_patch")),
-                    int(gdb.parse_and_eval("(unsigned long)&((struct task_struct *)0)->patch_state")))
-        except gdb.error:
-            return None
+        c = held.pop(entry, None)
+        for deeper in [address for address in held if address > entry]:
+            del held[deeper]
+        return c
 
-    def _unredirected_exits(self) -> list[int]:
-        """The bctr of each ftrace trampoline that continues into B when ftrace did not redirect."""
-        return [branch + 4 for branch in redirect_branches(self.kernel, self.layout.address)]
+    # ---- P3: C returns into the trampoline --------------------------------------
 
-    def statics_covering(self, address: int) -> StaticKnowledge:
-        """Static knowledge from a view that knows address's object (a module loaded since?)."""
-        for refresh in (False, True):
-            statics = self.statics_of_view(refresh)
-            if statics.view.object_at(address) is not None:
-                break
-        return statics
-
-    def statics_of_view(self, refresh_modules: bool) -> StaticKnowledge:
-        """Static knowledge of the current kernel view, kept while the view stays the same."""
-        view = self.kernel.view(refresh_modules=refresh_modules)
-        if view is not self.statics.view:
-            self.statics = StaticKnowledge(view, target.read_memory)
-        return self.statics
-
-    # ---- the probe at P3 ---------------------------------------------------
-
-    def sample(self) -> ReturnSample:
-        sp, r13 = target.register("r1"), target.register("r13")
-        task = target.read_u64(r13 + self.layout.paca_thread_info)
+    def read_return_state(self) -> ReturnSample:
+        """r1, the task, its livepatch stack and A's frame header, at P3."""
+        sp = target.register("r1")
+        task = tasks.current_task(self.kernel)
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
         base = sp & ~(self.thread_size - 1)
         top = livepatch_sp + self.layout.entry_size
         length = top - base if base < top <= base + self.thread_size else 8
-        return ReturnSample(task, target.current_cpu(), sp, livepatch_sp, base,
+        return ReturnSample(task, vcpus.current_cpu(), sp, livepatch_sp, base,
                             target.read_memory(base, length), target.read_memory(sp, 32))
 
-    def checked(self, s: ReturnSample):
-        """check_return with a view that knows the caller's module (loaded after start?)."""
-        for refresh in (False, True):
-            statics = self.statics_of_view(refresh)
-            check = check_return(s, statics)
-            if check.entry is None or statics.view.object_at(check.entry.ra) is not None:
-                break
-        return check
+    def names_of(self, s: ReturnSample, site: CallSite, callee: int | None, entry) -> Names:
+        """B and C of the redirection returning now, as far as they are certain."""
+        if entry is None:
+            return Names()
+        facts = code_facts(self.kernel)
+        p1 = self.p1_replacement(s.task, entry.address)
+        regs = (ReturnRegisters(target.register("r2"), target.register("ctr"), entry.toc)
+                if site is CallSite.INDIRECT else None)
+        names = name_redirection(site, callee, regs, patches.replacements(self.kernel), facts, p1)
+        if names.replacement is None and (callee is not None or regs is not None):
+            # a patch registered since its module appeared?
+            names = name_redirection(site, callee, regs, patches.fresh_replacements(self.kernel), facts, p1)
+        return names
 
     def on_return(self) -> bool:
-        s = self.sample()
-        check = self.checked(s)
-        pid, comm = self.kernel.task_identity(s.task)
-        patched = check.patched
-        replacement = self.replacement_of(patched)
-        consistency = self.consistency_violation(s.task, True, patched, replacement)
+        s = self.read_return_state()
+        check = check_return(s, code_facts(self.kernel))
+        who = tasks.identity(s.task)
+        names = self.names_of(s, check.call_site, check.patched, check.entry)
+        consistency = self.consistency_violation(s.task, True, names.patched, names.replacement)
         violations = check.violations + ([consistency] if consistency else [])
-        seq = self.report.redirections
-        names = dict(call_site=check.call_site.value, caller=check.caller,
-                     patched=self.kernel.describe(patched) if patched else "?",
-                     replacement=self.kernel.describe(replacement) if replacement else "?")
-        for v in violations:
-            v.seq, v.task, v.pid, v.comm, v.cpu = seq, s.task, pid, comm, s.cpu
-            for key, value in names.items():
-                setattr(v, key, value)
+        context = self.context(who, s.cpu, call_site=check.call_site.value, caller=check.caller,
+                               patched=self.describe(names.patched), replacement=self.describe(names.replacement))
+        stamp(violations, context)
         entry = check.entry
         self.report.add(Redirection(
-            seq=seq, task=s.task, pid=pid, comm=comm, cpu=s.cpu,
-            return_address=entry.ra if entry else 0, toc=entry.toc if entry else 0, sp=s.sp,
-            depth=check.depth, violations=tuple(v.invariant for v in violations), **names),
-            violations, checked=entry is not None)
-        stop = self.reported(violations)
+            seq=context.seq, task=who.task, pid=who.pid, comm=who.comm, exec_id=who.exec_id, cpu=s.cpu,
+            return_address=entry.ra if entry else 0, toc=entry.toc if entry else 0, sp=s.sp, depth=check.depth,
+            call_site=context.call_site, caller=context.caller, patched=context.patched,
+            replacement=context.replacement, named_by=names.method,
+            violations=tuple(v.invariant for v in violations)), violations, checked=entry is not None)
+        self.publish(violations)
+        stop = self.stop_wanted(violations)
         if not stop and self.p3_loads_into is not None:
             self.execute_p3_load(s.task)
         return stop
@@ -216,66 +213,51 @@ class Watch:
         target.set_register(f"r{self.p3_loads_into}", task)
         target.set_register("pc", self.layout.return_point + 4)
 
-    def reported(self, violations: list[Violation]) -> bool:
-        """Print violations as they happen; True to stop the guest (--fail-fast, --max-events)."""
+    def publish(self, violations: list[Violation]) -> None:
+        """Print violations as they happen."""
         for v in violations:
             gdb.write((f"klp-watch: invariant {v.invariant} violated: {v.title} ({v.event})"
-                       if self.quiet else v.format_text()) + "\n")
-        if violations and self.fail_fast:
+                       if self.options.quiet else v.format_text()) + "\n")
+
+    def stop_wanted(self, violations: list[Violation]) -> bool:
+        """Must the guest stop for the user now (--fail-fast, --max-events)? Ends the watch if so."""
+        if violations and self.options.fail_fast:
             self.finish(f"--fail-fast: invariant {violations[0].invariant} violated")
             return True
-        if self.max_events and self.report.redirections >= self.max_events:
-            self.finish(f"--max-events {self.max_events} reached")
+        if self.options.max_events and self.report.redirections >= self.options.max_events:
+            self.finish(f"--max-events {self.options.max_events} reached")
             return True
         return False
-
-    def replacement_of(self, patched: int | None) -> int | None:
-        if patched is None:
-            return None
-        replacements = self.kernel.replacements()
-        if patched not in replacements:
-            self.kernel.modules()  # a patch module may have been loaded since (one read per module)
-            replacements = self.kernel.replacements()
-        return replacements.get(patched)
-
-    def transition_patch(self) -> int:
-        """klp_transition_patch: the patch in transition, or 0 (needs self.consistency)."""
-        return target.read_u64(self.consistency[0])
-
-    def patch_state(self, task: int) -> int:
-        """task->patch_state (needs self.consistency)."""
-        return struct.unpack("<i", target.read_memory(task + self.consistency[1], 4))[0]
 
     def consistency_violation(self, task: int, redirected: bool, patched: int | None,
                               replacement: int | None) -> Violation | None:
         """Invariant 12 for this call: does the task's patch_state agree with what ftrace did?"""
-        if self.consistency is None:
+        if not self.consistency:
             return None
-        in_transition = self.transition_patch() != 0
+        in_transition = patches.transition_patch() != 0
         # outside a transition a redirection is always right: spare the read
-        state = self.patch_state(task) if in_transition or not redirected else KLP_UNDEFINED
-        describe = lambda a: self.kernel.describe(a) if a else "?"
-        return check_consistency(redirected, in_transition, state, describe(patched), describe(replacement))
+        state = patches.patch_state(task) if in_transition or not redirected else KLP_UNDEFINED
+        return check_consistency(redirected, in_transition, state, self.describe(patched), self.describe(replacement))
 
     # ---- calls that ftrace did not redirect ----------------------------------
 
     def on_unredirected(self) -> bool:
         """At a trampoline's bctr into B: a live-patched B running its own code must be right."""
         patched = self.kernel.function_start(target.register("ctr"))
-        replacement = self.replacement_of(patched)
+        replacement = patches.replacement_of(self.kernel, patched)
         if replacement is None or replacement == patched:  # not live-patched, or an atomic-replace nop
             return False
-        task = target.read_u64(target.register("r13") + self.layout.paca_thread_info)
-        pid, comm = self.kernel.task_identity(task)
+        task = tasks.current_task(self.kernel)
         v = self.consistency_violation(task, False, patched, replacement)
         violations = [v] if v else []
-        for v in violations:
-            v.seq, v.task, v.pid, v.comm, v.cpu = self.report.redirections, task, pid, comm, target.current_cpu()
-            v.call_site, v.caller = NOT_REDIRECTED, self.kernel.describe(target.register("lr"))
-            v.patched, v.replacement = self.kernel.describe(patched), self.kernel.describe(replacement)
-        self.report.old_code_calls[self.kernel.describe(patched)] += 1
-        self.report.add_violations(task, pid, comm, violations)
-        return self.reported(violations)
+        who = tasks.identity(task)
+        stamp(violations, self.context(who, vcpus.current_cpu(), call_site=NOT_REDIRECTED,
+                                       caller=self.kernel.describe(target.register("lr")),
+                                       patched=self.describe(patched), replacement=self.describe(replacement)))
+        self.report.old_code_calls[self.describe(patched)] += 1
+        self.report.add_violations(who, violations)
+        self.publish(violations)
+        return self.stop_wanted(violations)
 
     # ---- the guest going down ----------------------------------------------
 
@@ -290,194 +272,32 @@ class Watch:
                 what += f" at {self.kernel.describe(nip)}"
         except (gdb.error, gdb.MemoryError):
             pass
-        task = target.read_u64(target.register("r13") + self.layout.paca_thread_info)
-        pid, comm = self.kernel.task_identity(task)
-        event = f"{what} in task {task:#x} (pid {pid} {comm}) on CPU {target.current_cpu()}, " \
-                f"after {self.report.redirections} redirections"
+        who = tasks.identity(tasks.current_task(self.kernel))
+        event = f"{what} in {who} on CPU {vcpus.current_cpu()}, after {self.report.redirections} redirections"
         self.report.guest_events.append(event)
         gdb.write(f"klp-watch: the guest is going down: {event}\n")
         self.flush()
-        if self.report_path:
-            self.report.write_json(self.report_path)
+        if self.options.report:
+            self.report.write_json(self.options.report)
         return False
 
     def record_error(self, message: str) -> None:
         if len(self.report.errors) < 100:
             self.report.errors.append(message)
-            if not self.quiet:
+            if not self.options.quiet:
                 gdb.write(f"klp-watch: probe error: {message}\n")
 
     def finish(self, reason: str) -> None:
         """Remove the probes and write the report (idempotent)."""
-        if self.pauses:
-            self.pauses.close()
+        if self.mode is not None:
+            self.mode.close()
         self.flush()
         self.report.finish(reason)
         for probe in self.probes:
             if probe.is_valid():
                 probe.delete()
         self.probes = []
-        if self.report_path:
-            self.report.write_json(self.report_path)
-        if self.junit_path:
-            self.report.write_junit(self.junit_path)
-
-
-_watch: Watch | None = None
-
-
-def exit_status(report) -> int:
-    """klp-watch finish's exit status: 1 violations or the guest went down, 0 clean, 2 nothing seen."""
-    return 1 if report.violations or report.guest_events else 0 if report.redirections else 2
-
-
-def _on_exit(event) -> None:
-    """The guest died or the connection dropped: keep what was seen."""
-    if _watch is not None and _watch.report.ended is None:
-        code = getattr(event, "exit_code", None)
-        _watch.finish(f"the guest exited (status {code})" if code is not None
-                      else "the gdbstub connection dropped (the guest died or QEMU was killed)")
-        where = f" (report in {_watch.report_path})" if _watch.report_path else ""
-        gdb.write(f"klp-watch: {_watch.report.end_reason}; {_watch.report.redirections} "
-                  f"redirections, {len(_watch.report.violations)} violations{where}\n")
-        if _watch.exit_when_gone:
-            # gdb 13.1 aborts or crashes once a connection that dropped while a
-            # probe ran is torn down (thread.c:85 internal error, SIGSEGV); the
-            # reports are written: end here with the status finish would give
-            gdb.write(_watch.report.format_text() + "\n")
-            gdb.flush()
-            os._exit(exit_status(_watch.report))
-
-
-def _on_gdb_exiting(event) -> None:
-    if _watch is not None and _watch.report.ended is None:
-        _watch.finish("gdb exited")
-
-
-gdb.events.exited.connect(_on_exit)
-if hasattr(gdb.events, "gdb_exiting"):
-    gdb.events.gdb_exiting.connect(_on_gdb_exiting)
-
-
-def start_watch(kernel: target.Kernel, design: str, options: tuple) -> Watch:
-    """A watch of the design asked for, or of the one the running kernel uses."""
-    sample_hz, park = options[-2:]
-    if design == "livepatch-stack" or sample_hz:  # sampling checks the livepatch stacks
-        return Watch(kernel, *options)
-    from gdbklp.gdbext import rfcwatch  # the RFC model is optional: the merged one works without it
-    handler = kernel.livepatch_layout().address
-    entry = rfcwatch.live_redirect_entry(kernel, handler)
-    if entry is not None:
-        if park:
-            raise GdbklpError("--park holds tasks where C returns into livepatch_handler, but the running "
-                              "kernel redirects through the RFC mini frame: watch it without --park")
-        return rfcwatch.RfcWatch(kernel, entry, *options)
-    if design == "rfc":
-        raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
-                          "(the merged design), or its text is not readable yet: no RFC redirect path to watch")
-    return Watch(kernel, *options)
-
-
-class KlpWatch(Command):
-    """Watch live-patch redirections per task: start | stop | status | report | finish."""
-
-    name = "klp-watch"
-
-    def configure(self, parser: argparse.ArgumentParser) -> None:
-        sub = parser.add_subparsers(dest="action", required=True)
-        start = sub.add_parser("start", help="insert the probes; the guest keeps running")
-        start.add_argument("--max-events", type=int, metavar="N",
-                           help="stop the guest after N redirections")
-        start.add_argument("--fail-fast", action="store_true", help="stop the guest at the first violation")
-        start.add_argument("--report", metavar="FILE",
-                           help="write the JSON report here when the watch ends, however it ends")
-        start.add_argument("--junit", metavar="FILE",
-                           help="write the report as JUnit XML here when the watch ends, however it ends")
-        start.add_argument("--batch", action="store_true",
-                           help="for scripts: when the guest goes away (power-off, crash, dropped connection), "
-                                "write the reports and end gdb with klp-watch finish's exit status")
-        start.add_argument("--quiet", action="store_true",
-                           help="one line per violation instead of a block; no other output")
-        start.add_argument("--sample", type=float, metavar="HZ",
-                           help="no breakpoints: pause the guest HZ times a second and check every running "
-                                "task's livepatch stack and a few others' (needs background execution)")
-        start.add_argument("--park", action="store_true",
-                           help="every redirection checked without a breakpoint stop: a branch to itself at P3 "
-                                "holds each returning task until a pause by interrupt checks it (needs background "
-                                "execution)")
-        start.add_argument("--design", choices=("auto", "livepatch-stack", "rfc"), default="auto",
-                           help="the trampoline design to model; auto: where the running kernel's ftrace "
-                                "trampolines send redirected calls (livepatch_handler, or an RFC mini-frame path)")
-        sub.add_parser("stop", help="remove the probes, keep the report")
-        status = sub.add_parser("status", help="one line: running or not, redirections and violations so far")
-        status.add_argument("--json", action="store_true",
-                            help="the counters, the tasks and the latest violations as one JSON line (the monitor's feed)")
-        for name, text in (("report", "print the report, or write it as JSON and/or JUnit XML"),
-                           ("finish", "end the watch, write the reports, and quit gdb with status "
-                                      "0 (clean), 1 (violations or the guest went down) or 2 (nothing seen)")):
-            p = sub.add_parser(name, help=text)
-            p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-            p.add_argument("--junit", metavar="FILE", help="write the report as JUnit XML")
-
-    def run(self, args: argparse.Namespace) -> None:
-        global _watch
-        if args.action == "start":
-            if args.sample and args.park:
-                raise GdbklpError("--sample and --park are two ways of watching: choose one")
-            if _watch is not None and _watch.report.ended is None:
-                raise GdbklpError("a watch is already running (klp-watch stop first)")
-            kernel = target.kernel()
-            kernel.require_livepatch()
-            target.require_target()
-            target.select_kernel_vcpu()
-            kernel.check_matches_target()
-            if parking.unpark_leftover(kernel):
-                gdb.write("klp-watch: P3 was still parked by a watch whose gdb went away: its instruction is back\n")
-            options = (args.max_events, args.report, args.quiet, args.fail_fast, args.sample, args.park)
-            _watch = start_watch(kernel, args.design, options)
-            _watch.junit_path, _watch.exit_when_gone = args.junit, args.batch
-            if not args.quiet:
-                gdb.write(f"klp-watch: {_watch.report.probe}; {len(_watch.probes)} breakpoints in all; "
-                          "continue the guest to watch\n")
-            return
-        if _watch is None:
-            if args.action == "stop" and parking.guest_stopped() and parking.unpark_leftover(target.kernel()):
-                gdb.write("klp-watch: no watch, but P3 was still parked by a watch whose gdb went away: "
-                          "its instruction is back\n")
-                return
-            raise GdbklpError("no watch: use 'klp-watch start'")
-        report = _watch.report
-        parked_and_running = isinstance(_watch.pauses, parking.Parking) and report.ended is None \
-            and not parking.guest_stopped()
-        if args.action == "stop" and parked_and_running:
-            _watch.pauses.end_at_next_pause("stopped by klp-watch stop")
-            gdb.write("klp-watch: the watch ends at the next pause, in a few milliseconds "
-                      "(klp-watch status says when)\n")
-        elif args.action == "finish" and parked_and_running:
-            raise GdbklpError("the guest is running: klp-watch stop ends a --park watch at its next pause; "
-                              "or interrupt the guest, then finish")
-        elif args.action == "stop":
-            _watch.finish("stopped by klp-watch stop")
-            gdb.write(f"klp-watch: stopped after {report.redirections} redirections, "
-                      f"{len(report.violations)} violations\n")
-        elif args.action == "status" and args.json:
-            gdb.write(json.dumps(report.summary()) + "\n")
-        elif args.action == "status":
-            state = "ended: " + report.end_reason if report.ended else "running"
-            gdb.write(f"klp-watch: {state}; {report.redirections} redirections, "
-                      f"{len(report.violations)} violations, {len(report.tasks)} tasks\n")
-        else:
-            if args.action == "finish":
-                _watch.finish("klp-watch finish")
-            if args.json:
-                report.write_json(args.json)
-            if args.junit:
-                report.write_junit(args.junit)
-            if args.action == "report" and not (args.json or args.junit):
-                gdb.write(report.format_text() + "\n")
-            if args.action == "finish":
-                gdb.write(report.format_text() + "\n")
-                gdb.execute(f"quit {exit_status(report)}")
-
-
-KlpWatch()
+        if self.options.report:
+            self.report.write_json(self.options.report)
+        if self.options.junit:
+            self.report.write_junit(self.options.junit)

@@ -1,6 +1,7 @@
 """Boot the lab and attach gdb: the building blocks of the demo and the tests."""
 
 import contextlib
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from gdbklp.lab import LabError, build, workload
 from gdbklp.lab.config import DEFAULT_TRAMPOLINE
 from gdbklp.lab.gdbmi import GdbSession
 from gdbklp.lab.qemu import Guest, kernel_cmdline
+from gdbklp.options import WatchOptions
 from gdbklp.report import WatchReport
 
 
@@ -54,13 +56,14 @@ class WatchedGuest:
         """Run a shell command in the guest, unwatched."""
         return self.guest.run(command, timeout)
 
-    def watch(self, command: str, timeout: float = 1800.0, options: str = "") -> WatchReport:
+    def watch(self, command: str, timeout: float = 1800.0, options: WatchOptions | None = None) -> WatchReport:
         """Run a shell command in the guest under klp-watch; return the watch's report."""
         if self.gdb.running:
             self.gdb.interrupt()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "report.json"
-            self.gdb.console(f"klp-watch start --quiet --report {path} {options}")
+            options = dataclasses.replace(options or WatchOptions(), quiet=True, report=str(path))
+            self.gdb.console(options.command())
             self.gdb.cont()
             try:
                 status, output = self.guest.run(command, timeout)
@@ -68,7 +71,7 @@ class WatchedGuest:
             except LabError as e:  # the guest died or hung: the report so far still counts
                 output, outcome = "", f"guest command did not finish: {e}"
             finally:
-                if "--sample" in options or "--park" in options:
+                if options.mode != "breakpoint":
                     # end the pauses first, so that none resumes the guest after our interrupt
                     end_watch_running(self.gdb)
                 if self.gdb.running:
@@ -89,8 +92,8 @@ class WatchedGuest:
 
 
 
-def watch_workload(guest: Guest, gdb: GdbSession, workload_args: str,
-                   timeout: float = 1800.0) -> tuple[WatchReport, dict[str, workload.KindCounts]]:
+def watch_workload(guest: Guest, gdb: GdbSession, workload_args: str, timeout: float = 1800.0,
+                   options: WatchOptions | None = None) -> tuple[WatchReport, dict[str, workload.KindCounts]]:
     """Run klplab-run under klp-watch; return gdb's report and the guest's counts
     (none when the workload did not finish: the report says why).
 
@@ -98,7 +101,7 @@ def watch_workload(guest: Guest, gdb: GdbSession, workload_args: str,
     """
     was_running = gdb.running
     watched = WatchedGuest(guest, gdb)
-    report = watched.watch(f"klplab-run -r {workload_args}", timeout)
+    report = watched.watch(f"klplab-run -r {workload_args}", timeout, options)
     if not was_running and gdb.running:
         gdb.interrupt()
     try:

@@ -1,0 +1,127 @@
+"""The kernel under gdb: the vmlinux gdb has loaded, and a view of the running
+kernel's objects (vmlinux and its modules) for the pure-Python walker and checks.
+
+Facts from the vmlinux file (symbols, the trampoline layout) are kept until
+gdb loads another objfile; the view until the module list changes.
+"""
+
+import gdb
+
+from gdbklp.abi import elf
+from gdbklp.abi.kernel import THREAD_SIZE_DEFAULT, VMLINUX, KernelView, ObjectInfo
+from gdbklp.abi.livepatch import LivepatchHandlerLayout, decode_livepatch_handler
+from gdbklp.gdbext import events, target
+from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.gdbext.modules import ModuleList
+
+HANDLER_BYTES = 128
+BANNER_BYTES = 256
+
+
+class Kernel:
+    """The vmlinux gdb has loaded, and the running kernel's modules."""
+
+    def __init__(self):
+        arch = gdb.selected_inferior().architecture().name() if gdb.selected_inferior().pid else None
+        progspace = gdb.current_progspace()
+        if not progspace.filename:
+            raise GdbklpError("no vmlinux loaded: use 'file vmlinux' first")
+        if arch is not None and "powerpc" not in arch:
+            raise GdbklpError(f"the target is not ppc64le (gdb architecture '{arch}')")
+        self.vmlinux = progspace.filename
+        self.symbols = elf.read_elf_symbols(self.vmlinux)
+        stext = self.symbols.address("_stext")
+        if stext is None:
+            raise GdbklpError(f"{self.vmlinux} has no kernel symbols (_stext not found)")
+        end = self.symbols.address("_end") or self.symbols.symbols[-1].address
+        self.vmlinux_object = ObjectInfo(VMLINUX, stext, end - stext, self.symbols,
+                                         self.symbols.address(".TOC."))
+        self.has_dwarf = target.has_dwarf_type("struct task_struct")
+        self.thread_size = self._thread_size()
+        self.modules = ModuleList(self.has_dwarf)
+        self._layout: LivepatchHandlerLayout | None = None
+        self._view: KernelView | None = None
+        self._view_objects: list[ObjectInfo] | None = None
+
+    def _thread_size(self) -> int:
+        if self.has_dwarf:
+            try:
+                return gdb.lookup_type("union thread_union").sizeof
+            except gdb.error:
+                pass
+        return THREAD_SIZE_DEFAULT
+
+    def code(self, address: int, length: int) -> bytes:
+        """Code as the vmlinux file has it (readable before the guest boots)."""
+        return elf.read_loaded_bytes(self.vmlinux, address, length)
+
+    # ---- the trampoline --------------------------------------------------
+
+    def require_livepatch(self) -> int:
+        """livepatch_handler's address; a one-line error for a kernel without it."""
+        address = self.symbols.address("livepatch_handler")
+        if address is None:
+            raise GdbklpError(f"kernel without live patching: no livepatch_handler in {self.vmlinux}")
+        return address
+
+    def livepatch_layout(self) -> LivepatchHandlerLayout:
+        if self._layout is None:
+            address = self.require_livepatch()
+            # from the file: the handler is never patched, and the guest may not run yet
+            self._layout = decode_livepatch_handler(self.code(address, HANDLER_BYTES), address)
+        return self._layout
+
+    def check_matches_target(self) -> None:
+        """One-line error when the running kernel is not this vmlinux (their linux_banner
+        differ); nothing to say before the guest has booted (its memory is not readable)."""
+        address = self.symbols.address("linux_banner")
+        if address is None:
+            return
+        ours = self.code(address, BANNER_BYTES).split(b"\0")[0]
+        try:
+            theirs = target.read_memory(address, len(ours))
+        except gdb.MemoryError:
+            return
+        if theirs != ours and theirs.strip(b"\0"):
+            raise GdbklpError(f"{self.vmlinux} does not match the running kernel: its linux_banner is "
+                              f"{ours.decode(errors='replace').strip()!r}, the guest has "
+                              f"{theirs.decode(errors='replace').strip()!r} there")
+
+    # ---- the view ----------------------------------------------------------
+
+    def view(self, read_modules: bool = True) -> KernelView:
+        """The pure-Python view of this kernel that the walker and checks use, as of this stop.
+
+        read_modules=False uses only modules already read: an unwinder must not
+        evaluate expressions (that needs frames) while gdb builds frames.
+        """
+        modules = self.modules.current() if read_modules else self.modules.objects
+        if self._view is None or modules is not self._view_objects:
+            layout = self.livepatch_layout() if self.symbols.address("livepatch_handler") else None
+            self._view_objects = modules
+            self._view = KernelView([self.vmlinux_object, *modules], layout,
+                                    klp_return_helper=self.symbols.address("KLP_return_helper"),
+                                    thread_size=self.thread_size)
+        return self._view
+
+    def describe(self, address: int) -> str:
+        """function+off for vmlinux or module text."""
+        return _describe(self, address)
+
+    def function_name(self, address: int) -> str:
+        """Bare function name (no offset, no module), or the address."""
+        return self.view().function(address) or f"{address:#x}"
+
+    def function_start(self, address: int) -> int | None:
+        return self.view().function_start(address)
+
+
+@events.cache_until("modules", "objfile")
+def _describe(kernel: Kernel, address: int) -> str:
+    return kernel.view().describe(address)
+
+
+@events.cache_until("objfile")
+def kernel() -> Kernel:
+    """The Kernel of the vmlinux gdb has loaded."""
+    return Kernel()

@@ -1,0 +1,89 @@
+"""The running kernel's modules, read from guest memory (needs DWARF for struct module).
+
+The list is checked at most once per stop (one small read per module) and
+read in full, symbols and TOC, only when it changed; a change fires the
+"modules" event, which ends every cache that depends on the loaded modules.
+"""
+
+import gdb
+
+from gdbklp.abi import elf
+from gdbklp.abi.kernel import ObjectInfo, toc_from_global_entry
+from gdbklp.gdbext import events, target
+
+MODULE_NAME_BYTES = 56
+
+
+class ModuleList:
+    def __init__(self, has_dwarf: bool):
+        self.has_dwarf = has_dwarf
+        self.signature: list[tuple[int, bytes]] | None = None
+        self.objects: list[ObjectInfo] = []
+
+    def current(self) -> list[ObjectInfo]:
+        """The loaded modules, as of this stop."""
+        if not self.has_dwarf:
+            return []
+        try:
+            signature = self._signature()
+        except (gdb.MemoryError, OverflowError):  # not booted yet: look again at the next stop
+            return self.objects
+        if signature != self.signature:
+            self.objects = self._read(signature)
+            self.signature = signature
+            events.fire("modules")
+        return self.objects
+
+    @events.cache_until("stop")
+    def _signature(self) -> list[tuple[int, bytes]]:
+        """(struct module address, name bytes) of each loaded module, one read each."""
+        head = target.dwarf_address("modules")
+        list_off = target.dwarf_offset("struct module", "list")
+        name_off = target.dwarf_offset("struct module", "name")
+        out = []
+        node = target.read_u64(head)
+        for _ in range(4096):  # a corrupt list must not loop forever
+            if node == head or node < list_off:
+                break
+            block = target.read_memory(node - list_off, name_off + MODULE_NAME_BYTES)
+            out.append((node - list_off, block[name_off:].split(b"\0")[0]))
+            node = int.from_bytes(block[list_off:list_off + 8], "little")
+        return out
+
+    def _read(self, signature: list[tuple[int, bytes]]) -> list[ObjectInfo]:
+        module_ptr = gdb.lookup_type("struct module").pointer()
+        out = []
+        for address, _ in signature:
+            mod = gdb.Value(address).cast(module_ptr).dereference()
+            layout = mod["core_layout"]
+            kallsyms = mod["kallsyms"].dereference()
+            count = int(kallsyms["num_symtab"])
+            symtab = target.read_memory(int(kallsyms["symtab"]), count * elf.SYM_SIZE) if count else b""
+            name_offsets = [int.from_bytes(symtab[i:i + 4], "little")
+                            for i in range(0, len(symtab), elf.SYM_SIZE)]
+            strtab = target.read_memory(int(kallsyms["strtab"]), max(name_offsets, default=0) + 256)
+            name = mod["name"].string()
+            symbols = elf.SymbolTable(elf.parse_symbols(symtab, strtab), owner=name)
+            base, size = int(layout["base"]), int(layout["size"])
+            out.append(ObjectInfo(name, base, size, symbols, module_toc(symbols, base, int(layout["text_size"]))))
+        return out
+
+
+def module_toc(symbols: elf.SymbolTable, base: int, text_size: int) -> int | None:
+    """A module's TOC, as the global entry point of its functions computes it.
+
+    Reads the module's core text once; functions that never use the TOC
+    (the linker's register save helpers, leaf functions) have no global
+    entry code and are skipped.
+    """
+    try:
+        text = target.read_memory(base, text_size)
+    except gdb.MemoryError:
+        return None
+    for sym in symbols.symbols:
+        offset = sym.address - base
+        if sym.is_function and 8 <= offset <= text_size - 8:
+            toc = toc_from_global_entry(text[offset - 8:offset + 8], sym.address)
+            if toc is not None:
+                return toc
+    return None

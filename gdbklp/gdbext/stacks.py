@@ -1,0 +1,60 @@
+"""Any task's kernel stack, decoded: a running task's from its vCPU's registers,
+a sleeping one's as _switch left it. klp-frames, the unwinder (bt),
+klp-transition and the captures share these; decoded stacks are kept
+until the guest runs again.
+"""
+
+import dataclasses
+
+import gdb
+
+from gdbklp.abi.frames import Registers
+from gdbklp.abi.kernel import KernelView
+from gdbklp.abi.taskstack import TaskStack, decode_task_stack
+from gdbklp.gdbext import target, tasks, vcpus
+from gdbklp.gdbext.events import cache_until
+from gdbklp.gdbext.kernel import Kernel
+
+
+def registers(state: dict) -> Registers:
+    return Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
+
+
+@cache_until("stop", "modules")
+def _decode_running(kernel: Kernel, pc: int, r1: int, lr: int, r2: int, r13: int, view: KernelView) -> TaskStack:
+    task = tasks.running_task(kernel, r13)
+    who = tasks.identity(task)
+    return decode_task_stack("", Registers(pc=pc, sp=r1, lr=lr, toc=r2), task, target.read_memory, view,
+                             who.pid, who.comm, tasks.task_stack(task))
+
+
+def decode_running(kernel: Kernel, state: dict, view: KernelView) -> TaskStack:
+    """The stack of the task running on a vCPU in the kernel (state: its registers)."""
+    return _decode_running(kernel, *(state[name] for name in ("pc", "r1", "lr", "r2", "r13")), view)
+
+
+def running_stack(kernel: Kernel, label: str, state: dict) -> TaskStack:
+    return dataclasses.replace(decode_running(kernel, state, kernel.view()), label=label)
+
+
+def sleeping_context(kernel: Kernel, task: int) -> tuple[Registers, int]:
+    """Registers a task that is not on a vCPU resumes with (in _switch, r1 =
+    thread.ksp), and its stack base."""
+    t = gdb.Value(task).cast(gdb.lookup_type(tasks.TASK).pointer()).dereference()
+    return Registers(pc=kernel.symbols.address("_switch") or 0, sp=int(t["thread"]["ksp"])), int(t["stack"])
+
+
+def sleeping_stack(kernel: Kernel, task: int) -> TaskStack:
+    regs, base = sleeping_context(kernel, task)
+    who = tasks.identity(task)
+    return decode_task_stack(f"pid {who.pid}", regs, task, target.read_memory, kernel.view(), who.pid, who.comm,
+                             stack_base=base)
+
+
+def stack_of_task(kernel: Kernel, task: int) -> TaskStack:
+    """Any task's stack: from its vCPU's registers if it runs, else as _switch left it."""
+    for label, state in vcpus.each_vcpu():
+        if not vcpus.in_user_mode(state) and tasks.running_task(kernel, state["r13"]) == task:
+            return running_stack(kernel, f"{label} pid {tasks.identity(task).pid}", state)
+    vcpus.select_kernel_vcpu()
+    return sleeping_stack(kernel, task)

@@ -1,0 +1,108 @@
+"""Tasks: which one runs on a vCPU, who a task_struct is now, every task, a task's stack.
+
+A task_struct is freed when its task exits and its memory is soon reused
+by a new task with another pid; a task that execs keeps its task_struct and
+pid but gets a new comm. So identity is read again at every stop, never
+kept across one: each event is reported with the task as it was then.
+"""
+
+import gdb
+
+from gdbklp.abi.kernel import TaskIdentity
+from gdbklp.gdbext import target
+from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.gdbext.events import cache_until
+from gdbklp.gdbext.kernel import Kernel
+
+TASK = "struct task_struct"
+IDENTITY_FIELDS = ("pid", "comm", "self_exec_id")
+
+
+@cache_until("objfile")
+def identity_layout() -> dict[str, tuple[int, int]] | None:
+    """field -> (offset, size) in task_struct of what identifies a task, with DWARF."""
+    layout = {}
+    for name in IDENTITY_FIELDS:
+        offset, size = target.dwarf_offset(TASK, name), target.dwarf_size(TASK, name)
+        if offset is None or size is None:
+            return None
+        layout[name] = (offset, size)
+    return layout
+
+
+@cache_until("stop")
+def identity(task: int) -> TaskIdentity:
+    """Who the task_struct at task is now: pid, comm and exec generation, in one
+    read; (pid -1, comm '?') without DWARF or when it cannot be read."""
+    layout = identity_layout()
+    if layout is None:
+        return TaskIdentity(task)
+    start = min(offset for offset, _ in layout.values())
+    end = max(offset + size for offset, size in layout.values())
+    try:
+        block = target.read_memory(task + start, end - start)
+    except gdb.MemoryError:
+        return TaskIdentity(task)
+    field = lambda name: block[layout[name][0] - start:sum(layout[name]) - start]
+    return TaskIdentity(task, int.from_bytes(field("pid"), "little", signed=True),
+                        field("comm").split(b"\0")[0].decode(errors="replace"),
+                        int.from_bytes(field("self_exec_id"), "little"))
+
+
+@cache_until("objfile")
+def paca_current_offset(kernel: Kernel) -> int:
+    """Where the PACA (r13) keeps the running task: decoded from livepatch_handler's
+    first load where the kernel has it, else from DWARF."""
+    if kernel.symbols.address("livepatch_handler") is not None:
+        return kernel.livepatch_layout().paca_thread_info
+    offset = target.dwarf_offset("struct paca_struct", "__current")
+    if offset is None:
+        raise GdbklpError("finding the running task needs livepatch_handler or DWARF")
+    return offset
+
+
+def running_task(kernel: Kernel, r13: int) -> int:
+    """The task_struct a vCPU in kernel mode runs, from its PACA (r13)."""
+    return target.read_u64(r13 + paca_current_offset(kernel))
+
+
+def current_task(kernel: Kernel) -> int:
+    """The task the selected vCPU runs (in kernel mode)."""
+    return running_task(kernel, target.register("r13"))
+
+
+def all_tasks() -> list[int]:
+    """Every task_struct (threads included), from init_task's lists (needs DWARF)."""
+    out = []
+    for proc in [gdb.parse_and_eval("init_task"), *target.kernel_list("&init_task.tasks", TASK, "tasks")]:
+        out.append(int(proc.address))
+        out += [int(t.address) for t in target.kernel_list(proc["thread_group"].address, TASK, "thread_group")]
+    return out
+
+
+def find_task(kernel: Kernel, spec: str) -> int:
+    """task_struct address of the task that has pid spec now (or an address given as 0x...)."""
+    if spec.startswith("0x"):
+        return int(spec, 16)
+    if not kernel.has_dwarf:
+        raise GdbklpError("--task PID needs DWARF (a vmlinux built with debug info)")
+    try:
+        pid = int(spec)
+    except ValueError:
+        raise GdbklpError(f"--task takes a pid or a task_struct address, not '{spec}'") from None
+    for task in all_tasks():
+        if identity(task).pid == pid:
+            return task
+    raise GdbklpError(f"no task with pid {pid}")
+
+
+def task_stack(task: int) -> int | None:
+    """task->stack, the bottom of the task's own kernel stack (needs DWARF)."""
+    offset = target.dwarf_offset(TASK, "stack")
+    return target.read_u64(task + offset) if offset is not None else None
+
+
+def saved_sp(task: int) -> int | None:
+    """task->thread.ksp: r1 of a task that is not running, as _switch left it (needs DWARF)."""
+    offset = target.dwarf_offset(TASK, "thread.ksp")
+    return target.read_u64(task + offset) if offset is not None else None

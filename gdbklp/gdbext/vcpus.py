@@ -1,0 +1,68 @@
+"""The guest's vCPUs as gdb sees them: one thread per vCPU (QEMU's gdbstub
+numbers threads 1..N for vCPUs 0..N-1)."""
+
+import gdb
+
+from gdbklp.abi.ppc import MSR_PR
+from gdbklp.gdbext import target
+from gdbklp.gdbext.commands import GdbklpError
+
+STATE_REGISTERS = ("pc", "lr", "r1", "r2", "r13", "msr")
+
+
+def current_cpu() -> int:
+    thread = gdb.selected_thread()
+    return thread.num - 1 if thread else -1
+
+
+def label(thread=None) -> str:
+    return f"vCPU {(thread or gdb.selected_thread()).num - 1}"
+
+
+def vcpu_state() -> dict:
+    """pc, lr, r1, r2, r13 and msr of the selected vCPU."""
+    return {name: target.register(name) for name in STATE_REGISTERS}
+
+
+def in_user_mode(state: dict) -> bool:
+    return bool(state["msr"] & MSR_PR)
+
+
+def vcpu_threads() -> list:
+    """gdb's threads, one per vCPU, in vCPU order (asks the stub for its thread list)."""
+    return sorted(gdb.selected_inferior().threads(), key=lambda t: t.num)
+
+
+def select_each(vcpus: list):
+    """Select each of vcpus in turn (yielding it), the one gdb stopped on first:
+    its registers came with the stop; each other costs a switch and a fetch."""
+    selected = gdb.selected_thread()
+    for thread in sorted(vcpus, key=lambda t: t.num != selected.num):
+        if gdb.selected_thread().num != thread.num:
+            thread.switch()
+        yield thread
+
+
+def each_vcpu():
+    """Select each vCPU in turn (yielding (label, state)); restore the selection after."""
+    original = gdb.selected_thread()
+    try:
+        for thread in vcpu_threads():
+            thread.switch()
+            yield label(thread), vcpu_state()
+    finally:
+        if original is not None and original.is_valid():
+            original.switch()
+
+
+def select_kernel_vcpu() -> None:
+    """QEMU reads kernel memory through the selected vCPU's MMU context:
+    select one that runs kernel code."""
+    if not target.register("msr") & MSR_PR:
+        return
+    for thread in gdb.selected_inferior().threads():
+        thread.switch()
+        if not target.register("msr") & MSR_PR:
+            return
+    raise GdbklpError("every vCPU runs user code, so kernel memory cannot be read through "
+                      "the gdbstub now; stop the guest in the kernel (a breakpoint) and retry")

@@ -1,0 +1,80 @@
+"""klp-watch start's options, as data: parsed inside gdb, written as a command
+line by the lab and the monitor outside it (pure Python, no gdb)."""
+
+import argparse
+import shlex
+from dataclasses import dataclass, fields
+
+DESIGNS = ("auto", "livepatch-stack", "rfc")
+
+
+@dataclass
+class WatchOptions:
+    max_events: int | None = None
+    fail_fast: bool = False
+    report: str | None = None
+    junit: str | None = None
+    batch: bool = False
+    quiet: bool = False
+    sample: float | None = None
+    park: bool = False
+    resolve_indirect: bool = False
+    design: str = "auto"
+
+    @property
+    def mode(self) -> str:
+        """How the guest is held at the probe points: breakpoint, park or sample."""
+        return "sample" if self.sample else "park" if self.park else "breakpoint"
+
+    def command(self) -> str:
+        """The klp-watch start command line that gives these options."""
+        words = ["klp-watch", "start"]
+        defaults = WatchOptions()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(defaults, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            words += [flag] if value is True else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+        return shlex.join(words)
+
+    def problem(self) -> str | None:
+        """What makes these options contradict each other, in one line; None if nothing."""
+        if self.sample and self.park:
+            return "--sample and --park are two ways of watching: choose one"
+        if self.sample and self.resolve_indirect:
+            return "--resolve-indirect holds redirections at P1: sampling holds none"
+        return None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "WatchOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def add_start_arguments(start: argparse.ArgumentParser) -> None:
+    """klp-watch start's arguments (one per WatchOptions field)."""
+    start.add_argument("--max-events", type=int, metavar="N", help="stop the guest after N redirections")
+    start.add_argument("--fail-fast", action="store_true", help="stop the guest at the first violation")
+    start.add_argument("--report", metavar="FILE",
+                       help="write the JSON report here when the watch ends, however it ends")
+    start.add_argument("--junit", metavar="FILE",
+                       help="write the report as JUnit XML here when the watch ends, however it ends")
+    start.add_argument("--batch", action="store_true",
+                       help="for scripts: when the guest goes away (power-off, crash, dropped connection), "
+                            "write the reports and end gdb with klp-watch finish's exit status")
+    start.add_argument("--quiet", action="store_true",
+                       help="one line per violation instead of a block; no other output")
+    start.add_argument("--sample", type=float, metavar="HZ",
+                     help="no breakpoints: pause the guest HZ times a second and check every running "
+                          "task's livepatch stack and a few others' (needs background execution)")
+    start.add_argument("--park", action="store_true",
+                     help="every redirection checked without a breakpoint stop: a branch to itself at P3 "
+                          "holds each returning task until a pause by interrupt checks it (needs background "
+                          "execution)")
+    start.add_argument("--resolve-indirect", action="store_true",
+                       help="name B and C of every indirect call: also hold each redirection at P1 (the "
+                            "trampoline's bctrl, C in CTR), a breakpoint stop or a park there; without it "
+                            "they are named where the patch's functions or C's code tell, else '?'")
+    start.add_argument("--design", choices=DESIGNS, default="auto",
+                       help="the trampoline design to model; auto: where the running kernel's ftrace "
+                            "trampolines send redirected calls (livepatch_handler, or an RFC mini-frame path)")
