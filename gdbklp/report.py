@@ -75,6 +75,7 @@ def _int_keys(mapping: dict) -> dict:
 _CODECS = {
     "by_call_site": (lambda d: {k: asdict(v) for k, v in d.items()}, lambda d: {k: Tally(**v) for k, v in d.items()}),
     "by_caller": (dict, Counter), "by_patched": (dict, Counter), "by_replacement": (dict, Counter),
+    "by_redirect": (dict, Counter),
     "old_code_calls": (dict, Counter),
     "sampled_tasks": (_hex_keys, _int_keys),
     "tasks": (lambda d: [asdict(t) for t in d.values()],
@@ -100,6 +101,7 @@ class WatchReport:
     by_caller: Counter = field(default_factory=Counter)
     by_patched: Counter = field(default_factory=Counter)
     by_replacement: Counter = field(default_factory=Counter)
+    by_redirect: Counter = field(default_factory=Counter)     # "call site: B -> C (named by)"
     old_code_calls: Counter = field(default_factory=Counter)  # replaced functions that ran unredirected
     samples: int = 0                                          # sampling mode: pauses that checked tasks
     pauses: int = 0                                           # pauses by interrupt (sampling, parking)
@@ -130,6 +132,8 @@ class WatchReport:
         self.by_caller[function_of_label(r.caller)] += 1
         self.by_patched[r.patched] += 1
         self.by_replacement[r.replacement] += 1
+        self.by_redirect[f"{r.call_site}: {r.patched} -> {r.replacement}"
+                         + (f" ({r.named_by})" if r.named_by else "")] += 1
         row = self.task(r.who)
         row.redirections += 1
         row.violations += len(violations)
@@ -226,6 +230,10 @@ class WatchReport:
             lines.append("  by caller A:")
             width = max(map(len, self.by_caller))
             lines += [f"    {name:<{width}}  {n:>8}" for name, n in sorted(self.by_caller.items())]
+        if self.by_redirect:
+            lines.append("  by call site, patched B -> replacement C (how they were named):")
+            width = max(map(len, self.by_redirect))
+            lines += [f"    {name:<{width}}  {n:>8}" for name, n in sorted(self.by_redirect.items())]
         if self.old_code_calls:
             lines.append("  calls of replaced functions that ran the old code (not redirected):")
             width = max(map(len, self.old_code_calls))

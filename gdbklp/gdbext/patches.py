@@ -41,6 +41,7 @@ def fresh_replacements(kernel: Kernel) -> dict[int, int]:
 
 def replacements(kernel: Kernel) -> dict[int, int]:
     """old function (B) -> new function (C) of every registered klp_func."""
+    kernel.modules.current()  # a module came or went since the map was read: read it again
     return _replacements(kernel)
 
 

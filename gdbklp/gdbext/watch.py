@@ -21,7 +21,7 @@ import gdb
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, EventContext, ReturnSample,
                                    Violation, check_consistency, check_return, stamp)
-from gdbklp.abi.kernel import TaskIdentity, local_entry
+from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
 from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.naming import Names, ReturnRegisters, name_redirection
 from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
@@ -35,11 +35,15 @@ from gdbklp.report import Redirection, WatchReport
 GUEST_DOWN = ("die", "panic")
 
 
-@cache_until("modules", "objfile")
 def code_facts(kernel: Kernel) -> CodeFacts:
     """Facts read from the running kernel's code (frame sizes, stub targets, ...),
-    kept while the module list stays the same."""
-    return CodeFacts(kernel.view(), target.read_memory)
+    kept while the module list stays the same (checked once per stop)."""
+    return _code_facts(kernel.view())
+
+
+@cache_until("modules", "objfile")
+def _code_facts(view: KernelView) -> CodeFacts:
+    return CodeFacts(view, target.read_memory)
 
 
 class BreakpointMode:

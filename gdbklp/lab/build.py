@@ -243,7 +243,7 @@ def files_digest(paths) -> dict[str, str]:
 
 def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES) -> StepResult:
     sources = [p for p in modules.source_dir.iterdir() if p.is_file()]
-    parts = {"kernel": kernel.key, "sources": files_digest(sources)}
+    parts = {"kernel": kernel.key, "sources": files_digest(sources), "from_kernel": modules.from_kernel}
     outputs = tuple(f"{name}.ko" for name in modules.names)
 
     def build(out: Path) -> None:
@@ -255,8 +255,10 @@ def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES) 
             log_file=out / "build.log")
         for name in outputs:
             os.link(src / name, out / name)
+        for path in modules.from_kernel:
+            shutil.copy2(kernel / "build" / path, out / Path(path).name)
 
-    return cached_step("modules", parts, outputs, build)
+    return cached_step("modules", parts, outputs + tuple(Path(p).name for p in modules.from_kernel), build)
 
 
 # ---- initramfs ----------------------------------------------------------

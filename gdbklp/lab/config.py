@@ -80,11 +80,16 @@ KERNEL = KernelConfig(
 class ModulesConfig:
     source_dir: Path
     names: tuple[str, ...]
+    # modules the kernel build makes, by path in its tree: the kernel's own
+    # livepatch sample patches cmdline_proc_show, reached through seq_file's
+    # show pointer (an indirect call), as real patches usually are
+    from_kernel: tuple[str, ...] = ()
 
 
 MODULES = ModulesConfig(
     source_dir=IMAGES_DIR / "modules",
     names=("klp_lab_target", "klp_lab_caller", "klp_lab_patch"),
+    from_kernel=("samples/livepatch/livepatch-sample.ko",),
 )
 
 
