@@ -11,6 +11,15 @@ from gdbklp.lab import build, session
 
 REPO = Path(__file__).resolve().parent.parent
 GDB = shutil.which("gdb-multiarch")
+LAB_FIXTURES = {"lab", "guest", "gdb", "klp_watch"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the lab (its images, a guest, gdb attached) is a `lab`
+    test, however its module is marked: `pytest -m "not lab"` never builds or boots."""
+    for item in items:
+        if LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.lab)
 
 
 @pytest.fixture(scope="session")

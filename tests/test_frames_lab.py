@@ -7,6 +7,8 @@ import pytest
 
 from gdbklp.lab import workload
 
+pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+
 CALL_SITE = workload.CALLER_CALL_SITE
 
 # (pc, r1, r2) of every frame as gdb's own unwinding (plain `bt`) sees them

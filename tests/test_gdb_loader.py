@@ -6,6 +6,8 @@ import pytest
 
 from conftest import run_gdb_batch
 
+pytestmark = pytest.mark.lab  # gdb-multiarch (no guest)
+
 
 def assert_no_traceback(proc):
     for text in (proc.stdout, proc.stderr):

@@ -12,7 +12,7 @@ from gdbklp.lab.gdbmi import GdbCommandError
 from gdbklp.lab.session import WatchedGuest
 from gdbklp.options import WatchOptions
 
-pytestmark = pytest.mark.lab
+pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
 
 
 def frames_of(gdb, pid: int) -> dict:

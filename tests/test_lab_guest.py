@@ -15,6 +15,8 @@ from gdbklp.lab import LabError, qemu, workload
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import booted, watch_workload
 
+pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+
 def test_guest_loads_modules_and_enables_the_patch(guest):
     modules = guest.check("lsmod")
     for name in ("klp_lab_target", "klp_lab_caller", "klp_lab_patch"):

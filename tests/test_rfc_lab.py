@@ -9,6 +9,8 @@ from gdbklp.lab.gdbmi import GdbCommandError
 from gdbklp.lab.config import TRAMPOLINES
 from gdbklp.lab.session import WatchedGuest, attached, booted
 
+pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+
 HAZARDOUS = ("many_args", "varargs")
 MULLW = 0x7D8C59D6  # mullw r12,r12,r11: no step of a redirect path
 

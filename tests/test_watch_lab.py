@@ -15,6 +15,8 @@ from gdbklp.lab.session import WatchedGuest, attached, booted, watch_workload
 from gdbklp.options import WatchOptions
 from gdbklp.report import WatchReport
 
+pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+
 pytest_plugins = ["gdbklp.testing"]
 
 

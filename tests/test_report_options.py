@@ -1,0 +1,59 @@
+"""klp-watch start's options as data, and the report's per-task rows."""
+
+import argparse
+import shlex
+
+import pytest
+
+from gdbklp.abi.invariants import EventContext, Violation, stamp
+from gdbklp.abi.kernel import TaskIdentity
+from gdbklp.options import WatchOptions, add_start_arguments
+from gdbklp.report import Redirection, WatchReport
+
+
+def parse(command: str) -> WatchOptions:
+    words = shlex.split(command)
+    assert words[:2] == ["klp-watch", "start"]
+    parser = argparse.ArgumentParser()
+    add_start_arguments(parser)
+    return WatchOptions.from_args(parser.parse_args(words[2:]))
+
+
+@pytest.mark.parametrize("options", [
+    WatchOptions(),
+    WatchOptions(quiet=True, report="/tmp/a b/report.json", park=True, resolve_indirect=True),
+    WatchOptions(sample=12.5, max_events=3, fail_fast=True, design="rfc", junit="x.xml", batch=True),
+])
+def test_the_command_line_gives_back_the_options(options):
+    assert parse(options.command()) == options
+
+
+def test_contradictions_are_one_line():
+    assert WatchOptions(park=True, sample=10).problem() == "--sample and --park are two ways of watching: choose one"
+    assert WatchOptions(park=True, resolve_indirect=True).problem() is None
+
+
+def redirection(seq: int, who: TaskIdentity) -> Redirection:
+    return Redirection(seq=seq, task=who.task, pid=who.pid, comm=who.comm, exec_id=who.exec_id, cpu=seq % 2,
+                       return_address=0x1000, caller="klp_lab_a_local+0x1c [klp_lab_target]", call_site="local",
+                       patched="klp_lab_b_local [klp_lab_target]", replacement="klp_lab_c_local [klp_lab_patch]",
+                       toc=0x2000, sp=0x3000, depth=1, named_by="call site")
+
+
+def test_one_row_per_task_incarnation_and_json_round_trip():
+    task = 0xC000000002A10000
+    first, reused, execed = TaskIdentity(task, 72, "sleep", 1), TaskIdentity(task, 74, "sh", 1), \
+        TaskIdentity(task, 74, "busybox", 2)
+    report = WatchReport()
+    for seq, who in enumerate([first, first, reused, execed, execed, execed]):
+        v = stamp([Violation(9, "t", "e", "f")], EventContext(seq, who, 0)) if seq == 5 else []
+        report.add(redirection(seq, who), v, checked=True)
+    rows = sorted((t.pid, t.comm, t.exec_id, t.redirections, t.violations) for t in report.tasks.values())
+    assert rows == [(72, "sleep", 1, 2, 0), (74, "busybox", 2, 3, 1), (74, "sh", 1, 1, 0)]
+    assert (report.violations[0].pid, report.violations[0].comm, report.violations[0].seq) == (74, "busybox", 5)
+    assert report.by_redirect == {"local: klp_lab_b_local [klp_lab_target] -> klp_lab_c_local [klp_lab_patch] "
+                                  "(call site)": 6}
+    data = report.to_dict()
+    assert WatchReport.from_dict(data) == report
+    assert WatchReport.from_dict(data).to_dict() == data
+    assert [t["pid"] for t in report.summary()["tasks"]] == [72, 74, 74]
