@@ -2,12 +2,15 @@
 gdb-multiarch over MI (pygdbmi).
 
     gdbklp watch --attach 127.0.0.1:PORT --vmlinux VMLINUX [--sample HZ] [--report FILE]
-    gdbklp watch --lab [--trampoline NAME]             # boot the lab guest and watch it
+    gdbklp watch --lab [--trampoline NAME] [--run ARGS] # boot the lab guest and watch it
     gdbklp watch --qemu "qemu-system-ppc64 ..." --vmlinux VMLINUX
 
 Every gdb exchange happens on one background thread (GdbFeed), so the screen
 never waits for gdb: it shows the latest status the feed read (klp-watch
-status --json, twice a second) and queues the keys' actions. Failures before
+status --json, twice a second) and queues the keys' actions. With --lab the
+monitor drives the guest too: `r` (or --run) starts klplab-run with the
+arguments typed, on its own thread, and the guest's console (its serial log:
+the kernel's messages and the workload's output) is shown. Failures before
 the screen opens (gdb missing, nothing listening, a vmlinux that is not the
 running kernel) are one line on the terminal; the screen restores the
 terminal however it ends.
@@ -31,6 +34,9 @@ from gdbklp.options import WatchOptions
 POLL_SECONDS = 0.5
 GDBSTUB_OPTIONS = ("-s", "-gdb")  # QEMU's own gdbstub options: -s listens on every interface
 KEYS = "p pause/resume   ↑↓ select task   f klp-frames of the task   s save report   q quit"
+LAB_KEYS = "   r run a workload"
+CONSOLE_LINES = 8
+CONSOLE_TAIL_BYTES = 4096
 
 
 @dataclass
@@ -117,6 +123,45 @@ class GdbFeed(threading.Thread):
         return "quit"
 
 
+class Workload:
+    """klplab-run in the lab guest, one at a time, on its own thread (the
+    guest's shell in serve mode runs one command at a time)."""
+
+    def __init__(self, guest, feed: GdbFeed):
+        self.guest = guest
+        self.feed = feed
+        self.thread: threading.Thread | None = None
+
+    def start(self, args: str) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            self.feed.update(message="a workload is still running")
+            return
+        command = f"klplab-run {args}".strip()
+        self.thread = threading.Thread(target=self._run, args=(command,), name="gdbklp workload", daemon=True)
+        self.thread.start()
+        self.feed.update(message=f"running '{command}' in the guest")
+
+    def _run(self, command: str) -> None:
+        try:
+            status, _ = self.guest.run(command, timeout=3600)
+            self.feed.update(message=f"'{command}' exited {status}")
+        except LabError as e:
+            self.feed.update(message=f"'{command}': {str(e).strip().splitlines()[-1]}")
+
+
+def console_tail(path: Path | None, lines: int = CONSOLE_LINES) -> list[str]:
+    """The last lines of the guest's console (its serial log)."""
+    if path is None:
+        return ["(the guest's console is shown with --lab)"]
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(f.seek(0, 2) - CONSOLE_TAIL_BYTES, 0))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.rstrip("\r") for line in text.splitlines()[-lines:]]
+
+
 def task_rows(status: dict) -> list[dict]:
     return sorted(status.get("tasks", []), key=lambda t: t["pid"])
 
@@ -160,52 +205,70 @@ def render_events(s: Snapshot) -> list:
     return [("fg:ansired" if st.get("violations") else "", "\n".join(lines) + "\n")]
 
 
-def run_screen(feed: GdbFeed, report: Path) -> str:
+def run_screen(feed: GdbFeed, report: Path, workload: Workload | None = None,
+               console_log: Path | None = None) -> str:
     """The full-screen application; returns why it ended."""
     from prompt_toolkit.application import Application
     from prompt_toolkit.filters import Condition
     from prompt_toolkit.key_binding import KeyBindings
-    from prompt_toolkit.layout import HSplit, Layout, Window
+    from prompt_toolkit.layout import ConditionalContainer, HSplit, Layout, Window
     from prompt_toolkit.layout.controls import FormattedTextControl
+    from prompt_toolkit.widgets import TextArea
 
     selected = [0]
     choosing_quit = [False]
+    asking = [False]  # the workload's arguments are being typed
+    idle = Condition(lambda: not asking[0])
     keys = KeyBindings()
+    arguments = TextArea(height=1, multiline=False, prompt=" klplab-run ")
 
     def footer():
         if choosing_quit[0]:
             return [("bold", " quit: d detach and leave the guest running, k stop the guest, Esc cancel")]
-        return [("", f" {KEYS}\n"), ("italic", f" {feed.snapshot.message}")]
+        if asking[0]:
+            return [("bold", " the workload's arguments (klplab-run -h lists them); Enter runs it, Esc cancels")]
+        return [("", f" {KEYS}{LAB_KEYS if workload else ''}\n"), ("italic", f" {feed.snapshot.message}")]
 
-    @keys.add("p")
+    @keys.add("p", filter=idle)
     def _pause(event):
         feed.actions.put(feed.toggle_pause)
 
-    @keys.add("up")
+    @keys.add("up", filter=idle)
     def _up(event):
         selected[0] = max(0, selected[0] - 1)
 
-    @keys.add("down")
+    @keys.add("down", filter=idle)
     def _down(event):
         selected[0] = min(max(len(task_rows(feed.snapshot.status)) - 1, 0), selected[0] + 1)
 
-    @keys.add("f")
+    @keys.add("f", filter=idle)
     def _frames(event):
         rows = task_rows(feed.snapshot.status)
         if rows:
             feed.actions.put(lambda pid=rows[min(selected[0], len(rows) - 1)]["pid"]: feed.frames(pid))
 
-    @keys.add("s")
+    @keys.add("s", filter=idle)
     def _save(event):
         feed.actions.put(lambda: feed.save(report))
 
-    @keys.add("q")
+    @keys.add("q", filter=idle)
     def _quit(event):
         choosing_quit[0] = True
 
+    @keys.add("r", filter=Condition(lambda: workload is not None and not asking[0]))
+    def _ask(event):
+        asking[0] = True
+        arguments.text = ""
+        event.app.layout.focus(arguments)
+
+    @keys.add("enter", filter=Condition(lambda: asking[0]))
+    def _run(event):
+        asking[0] = False
+        workload.start(arguments.text)
+
     @keys.add("escape")
     def _cancel(event):
-        choosing_quit[0] = False
+        choosing_quit[0] = asking[0] = False
 
     for key, leave_running in (("d", True), ("k", False)):
         @keys.add(key, filter=Condition(lambda: choosing_quit[0]))
@@ -219,9 +282,12 @@ def run_screen(feed: GdbFeed, report: Path) -> str:
         section(lambda: render_header(feed.snapshot), height=2),
         section(lambda: render_tasks(feed.snapshot, selected[0]), height=10),
         Window(height=1, char="-"),
-        section(lambda: render_kinds(feed.snapshot), height=10),
+        section(lambda: render_kinds(feed.snapshot), height=8),
         Window(height=1, char="-"),
         section(lambda: render_events(feed.snapshot), wrap_lines=True),
+        Window(height=1, char="-"),
+        section(lambda: [("fg:ansicyan", "\n".join(console_tail(console_log)))], height=CONSOLE_LINES),
+        ConditionalContainer(arguments, filter=Condition(lambda: asking[0])),
         section(footer, height=2),
     ])
     app = Application(layout=Layout(layout), key_bindings=keys, full_screen=True, refresh_interval=POLL_SECONDS)
@@ -235,15 +301,23 @@ def run_screen(feed: GdbFeed, report: Path) -> str:
     return app.run()
 
 
+@dataclass(frozen=True)
+class WatchTarget:
+    vmlinux: Path
+    port: int
+    host: str = "127.0.0.1"
+    guest: object = None  # the lab guest (gdbklp.lab.qemu.Guest), which the monitor also drives
+
+
 @contextlib.contextmanager
 def guest_to_watch(args):
-    """(vmlinux, host, port) of the guest to watch: attached, started from a QEMU
-    command line, or the lab booted for it (stopped on exit when we started it)."""
+    """The guest to watch: attached, started from a QEMU command line, or the
+    lab booted for it (stopped on exit when we started it)."""
     if args.lab:
         from gdbklp.lab import build, session
         images = build.build_all()
         with session.booted(images, trampoline=args.trampoline) as guest:
-            yield images.vmlinux, "127.0.0.1", guest.gdb_port
+            yield WatchTarget(images.vmlinux, guest.gdb_port, guest=guest)
     elif args.qemu:
         words = shlex.split(args.qemu)
         if any(w in GDBSTUB_OPTIONS for w in words):
@@ -258,12 +332,12 @@ def guest_to_watch(args):
                     raise LabError(f"QEMU did not open its gdbstub on 127.0.0.1:{port}: "
                                    f"{proc.stderr.read().decode(errors='replace').strip()[-300:]}")
                 time.sleep(0.2)
-            yield args.vmlinux, "127.0.0.1", port
+            yield WatchTarget(args.vmlinux, port)
         finally:
             proc.kill()
     else:
         host, _, port = args.attach.rpartition(":")
-        yield args.vmlinux, host or "127.0.0.1", int(port)
+        yield WatchTarget(args.vmlinux, int(port), host or "127.0.0.1")
 
 
 def cmd_watch(args) -> int:
@@ -271,15 +345,18 @@ def cmd_watch(args) -> int:
         raise LabError("say which guest to watch: --attach HOST:PORT, --qemu CMDLINE or --lab")
     if not args.lab and not args.vmlinux:
         raise LabError("--vmlinux is needed with --attach and --qemu")
-    with guest_to_watch(args) as (vmlinux, host, port):
-        if not Path(vmlinux).is_file():
-            raise LabError(f"no vmlinux at {vmlinux}")
-        with GdbSession(vmlinux) as gdb:
+    if args.run and not args.lab:
+        raise LabError("--run starts klplab-run in the lab guest: it needs --lab")
+    with guest_to_watch(args) as watched:
+        if not Path(watched.vmlinux).is_file():
+            raise LabError(f"no vmlinux at {watched.vmlinux}")
+        with GdbSession(watched.vmlinux) as gdb:
             try:
-                gdb.connect(port, host, timeout=30)
+                gdb.connect(watched.port, watched.host, timeout=30)
             except LabError as e:
                 raise LabError(f"cannot attach to the gdbstub: {str(e).strip().splitlines()[-1]}") from None
-            options = WatchOptions(quiet=True, report=str(args.report), sample=args.sample)
+            options = WatchOptions(quiet=True, report=str(args.report), sample=args.sample,
+                                   resolve_indirect=args.resolve_indirect)
             try:
                 gdb.console(options.command())
             except LabError as e:  # no live patching, another kernel: gdbklp's one line
@@ -287,7 +364,11 @@ def cmd_watch(args) -> int:
             gdb.cont()
             feed = GdbFeed(gdb)
             feed.start()
-            ended = run_screen(feed, Path(args.report))
+            workload = Workload(watched.guest, feed) if watched.guest else None
+            if args.run:
+                workload.start(args.run)
+            ended = run_screen(feed, Path(args.report), workload,
+                               watched.guest.serial_log if watched.guest else None)
     print(f"gdbklp watch: {ended}; report in {args.report}")
     return 0
 
@@ -299,8 +380,12 @@ def configure(parser) -> None:
     where.add_argument("--qemu", metavar="CMDLINE", help="start QEMU with this command line (gdbklp adds -gdb)")
     where.add_argument("--lab", action="store_true", help="boot the lab guest (gdbklp lab build first)")
     parser.add_argument("--vmlinux", type=Path, help="the running kernel's vmlinux (with --attach, --qemu)")
+    parser.add_argument("--run", metavar="ARGS", help="with --lab: start klplab-run ARGS in the guest once the "
+                                                      "watch runs (the r key starts more)")
     parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
                         help="with --lab: the trampoline design the guest runs")
     parser.add_argument("--sample", type=float, metavar="HZ", help="sampling mode instead of breakpoints")
+    parser.add_argument("--resolve-indirect", action="store_true",
+                        help="name B and C of every indirect call (one more stop per redirection, at P1)")
     parser.add_argument("--report", default="klp-watch.json", help="where the report is saved (key s, and at exit)")
     parser.set_defaults(func=cmd_watch)

@@ -196,3 +196,23 @@ def test_monitor_refuses_a_vmlinux_of_another_kernel(guest, lab, tmp_path):
     assert proc.returncode == 1, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and "does not match the running kernel" in line and "Linux versi0n" in line
+
+
+def test_monitor_drives_the_lab_and_shows_its_console(lab, tmp_path):
+    # --lab --run: the workload starts with the watch; r starts another; the
+    # guest's console shows klplab-run's counts
+    term = Terminal(gdbklp("watch", "--lab", "--run", "-t 1 -n 4 -k local,indirect", "--report",
+                           str(tmp_path / "report.json")))
+    term.read_until(r"redirections: 8 ", 180)
+    term.read_until(r"klplab-counts-end", 30)
+    term.read_until(r"'klplab-run -t 1 -n 4 -k local,indirect' exited 0", 30)
+    term.send("r")
+    term.read_until(r"klplab-run \S*$|Enter runs it", 10)
+    term.send("-t 1 -n 3 -k global\r")
+    term.read_until(r"redirections: 11 ", 60)
+    term.read_until(r"global\s+3\s+3\s+0", 30)
+    term.send("q")
+    term.read_until(r"d detach", 10)
+    term.send("k")
+    assert term.wait(60) == 0
+    assert b"guest stopped" in term.raw

@@ -10,6 +10,7 @@ from gdbklp.lab import build, session, workload
 from gdbklp.lab.config import DEFAULT_TRAMPOLINE, TRAMPOLINES
 from gdbklp.lab.gdbmi import LOADER
 from gdbklp.lab.qemu import Guest, kernel_cmdline
+from gdbklp.options import WatchOptions
 
 
 def cmd_build(args) -> int:
@@ -63,7 +64,8 @@ def cmd_demo(args) -> int:
             print(f"gdb attached; watching 'klplab-run {run_args}' ...", flush=True)
             start = time.monotonic()
             report, counts = session.watch_workload(guest, gdb, run_args,
-                                                    timeout=args.timeout or trampoline.demo_timeout)
+                                                    timeout=args.timeout or trampoline.demo_timeout,
+                                                    options=WatchOptions(resolve_indirect=not args.without_p1))
             elapsed = time.monotonic() - start
     print()
     print(report.format_text())
@@ -115,5 +117,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--flags", default="", help="yield,sleep,hold")
     p.add_argument("--smp", type=int, default=None)
     p.add_argument("--json", metavar="FILE", help="also write the watch report as JSON")
+    p.add_argument("--without-p1", action="store_true",
+                   help="one stop per redirection, not two: indirect calls' B and C are then named only "
+                        "where the patch's functions or C's code tell (the lab's: not)")
     add_trampoline_option(p)
     p.set_defaults(func=cmd_demo)
