@@ -11,8 +11,11 @@ modes in turn:
               trampoline's entry and where C returns into it, the checks
               of a plain script
   precise     klp-watch start: one breakpoint stop per redirection
+  precise+P1  klp-watch start --resolve-indirect: a second stop, at P1 (the
+              bctrl into C), names every indirect call's B and C
   parking     klp-watch start --park: every redirection held at P3 until a
               pause by interrupt checks it; no breakpoint stop
+  parking+P1  klp-watch start --park --resolve-indirect: held at P1 too
   10 Hz       klp-watch start --sample 10: pauses by interrupt, no breakpoints
   100 Hz      klp-watch start --sample 100
 
@@ -99,9 +102,9 @@ class NaiveScript(Mode):
 
 
 class KlpWatch(Mode):
-    def __init__(self, name: str, sample_hz: float | None = None, park: bool = False):
+    def __init__(self, name: str, sample_hz: float | None = None, park: bool = False, p1: bool = False):
         self.name = name
-        self.options = WatchOptions(quiet=True, sample=sample_hz, park=park)
+        self.options = WatchOptions(quiet=True, sample=sample_hz, park=park, resolve_indirect=p1)
         self.sampling = sample_hz is not None
         self.by_pauses = self.sampling or park  # the watch ends with the guest running
         self.events = "samples" if self.sampling else "redirections checked"
@@ -119,7 +122,8 @@ class KlpWatch(Mode):
         return report.samples if self.sampling else report.redirections, len(report.violations)
 
 
-MODES = {m.name: m for m in (Mode(), NaiveScript(), KlpWatch("precise"), KlpWatch("parking", park=True),
+MODES = {m.name: m for m in (Mode(), NaiveScript(), KlpWatch("precise"), KlpWatch("precise+P1", p1=True),
+                             KlpWatch("parking", park=True), KlpWatch("parking+P1", park=True, p1=True),
                              KlpWatch("10 Hz", sample_hz=10), KlpWatch("100 Hz", sample_hz=100))}
 
 
@@ -190,7 +194,7 @@ def main() -> None:
               f"{mode.events or '-'} ({sum(r.violations for r in runs)})")
     if "gdb script" in timed:
         naive = statistics.median(r.seconds for r in timed["gdb script"])
-        for name in ("precise", "parking"):
+        for name in ("precise", "precise+P1", "parking", "parking+P1"):
             if name in timed:
                 seconds = statistics.median(r.seconds for r in timed[name])
                 print(f"  {name} is {naive / seconds:.2f}x faster than the gdb script "

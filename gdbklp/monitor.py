@@ -149,10 +149,8 @@ class Workload:
             self.feed.update(message=f"'{command}': {str(e).strip().splitlines()[-1]}")
 
 
-def console_tail(path: Path | None, lines: int = CONSOLE_LINES) -> list[str]:
+def console_tail(path: Path, lines: int = CONSOLE_LINES) -> list[str]:
     """The last lines of the guest's console (its serial log)."""
-    if path is None:
-        return ["(the guest's console is shown with --lab)"]
     try:
         with open(path, "rb") as f:
             f.seek(max(f.seek(0, 2) - CONSOLE_TAIL_BYTES, 0))
@@ -285,8 +283,10 @@ def run_screen(feed: GdbFeed, report: Path, workload: Workload | None = None,
         section(lambda: render_kinds(feed.snapshot), height=8),
         Window(height=1, char="-"),
         section(lambda: render_events(feed.snapshot), wrap_lines=True),
-        Window(height=1, char="-"),
-        section(lambda: [("fg:ansicyan", "\n".join(console_tail(console_log)))], height=CONSOLE_LINES),
+        ConditionalContainer(HSplit([
+            Window(height=1, char="-"),
+            section(lambda: [("fg:ansicyan", "\n".join(console_tail(console_log)))], height=CONSOLE_LINES),
+        ]), filter=Condition(lambda: console_log is not None)),
         ConditionalContainer(arguments, filter=Condition(lambda: asking[0])),
         section(footer, height=2),
     ])

@@ -52,31 +52,29 @@ def has_dwarf_type(name: str) -> bool:
         return False
 
 
+def _dwarf_value(expression: str) -> int | None:
+    try:
+        return int(gdb.parse_and_eval(expression))
+    except gdb.error:
+        return None
+
+
 @cache_until("objfile")
 def dwarf_offset(type_name: str, member: str) -> int | None:
     """A member's offset in a type, from DWARF (None without it)."""
-    try:
-        return int(gdb.parse_and_eval(f"(unsigned long)&(({type_name} *)0)->{member}"))
-    except gdb.error:
-        return None
+    return _dwarf_value(f"(unsigned long)&(({type_name} *)0)->{member}")
 
 
 @cache_until("objfile")
 def dwarf_size(type_name: str, member: str) -> int | None:
     """A member's size in bytes, from DWARF (None without it)."""
-    try:
-        return int(gdb.parse_and_eval(f"sizeof((({type_name} *)0)->{member})"))
-    except gdb.error:
-        return None
+    return _dwarf_value(f"sizeof((({type_name} *)0)->{member})")
 
 
 @cache_until("objfile")
 def dwarf_address(symbol: str) -> int | None:
     """A kernel variable's address, from DWARF (None without it)."""
-    try:
-        return int(gdb.parse_and_eval(f"(unsigned long)&{symbol}"))
-    except gdb.error:
-        return None
+    return _dwarf_value(f"(unsigned long)&{symbol}")
 
 
 def kernel_list(head, type_name: str, member: str, limit: int = 10000):
