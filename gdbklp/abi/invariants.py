@@ -42,6 +42,7 @@ class ReturnSample:
     stack_base: int
     livepatch_block: bytes  # memory [stack_base, livepatch_sp + 24): the whole livepatch stack
     frame_header: bytes     # memory [sp, sp + 32): the header of (what must be) A's frame
+    task_slot: int = 0      # where the PACA holds the task pointer (r13 + its offset)
 
 
 @dataclass
@@ -375,3 +376,56 @@ def check_settled_task(holders: list[str]) -> Violation | None:
         return None
     return Violation(12, "a replaced function is on a task's stack after its patch's transition completed",
                      "no old function of an enabled patch on any task's stack", f"{', '.join(holders)} on its stack")
+
+
+def check_predicted_return(s: ReturnSample, check: ReturnCheck, facts: CodeFacts, prediction) -> list[Violation]:
+    """Invariant 9 at P4, from the return half run on the P3 state
+    (gdbklp.abi.trampoline.predict_return), before A resumes.
+
+    check_return has judged the state at P3 (the entry, r1, the TOC saved
+    for A, A's TOC slot); what is left is the code that runs after P3: its
+    blr must go to the entry's RA, r1 must stay A's stack pointer, r2 must
+    be the TOC saved for A (for a global or indirect call A then reloads its
+    own from 24(r1): invariant 3), livepatch_sp must be back at the entry,
+    where it was before the push, and an intact magic must not trap. A
+    state already wrong at P3 (no entry, livepatch_sp out of place) is
+    reported there, at the point it first went wrong, and not again here.
+    Each wrong value names the instruction that made it.
+    """
+    entry, view = check.entry, facts.view
+    if entry is None or any(v.invariant == 10 for v in check.violations):
+        return []
+
+    def insn(at: int) -> str:
+        return f"`{ppc.disassemble(facts.read(at, 4), at)[0][1]}` at {view.describe(at)} ({at:#x})"
+
+    def by(key) -> str:
+        at = prediction.writer.get(key)
+        return f"set by {insn(at)}" if at is not None else "left as it was at P3"
+
+    if prediction.trap_at is not None:
+        if entry.magic != view.livepatch.magic:
+            return []  # invariant 8, reported at P3
+        return [Violation(8, "the return half will trap on an intact magic (P4 predicted at P3)",
+                          f"its check passes on the entry's magic {entry.magic:#x}", f"{insn(prediction.trap_at)} traps")]
+    out: list[Violation] = []
+    if prediction.pc != entry.ra:
+        out.append(Violation(9, "the return half will not return to RA (P4 predicted at P3)",
+                             f"its blr goes to RA {entry.ra:#x} ({check.caller})",
+                             f"LR {prediction.pc:#x} ({view.describe(prediction.pc)}), {by('lr')}"))
+    if prediction.r1 != s.sp:
+        out.append(Violation(9, "the return half will move r1 (P4 predicted at P3)",
+                             f"r1 at P4 is r1 at P3, {s.sp:#x}", f"r1 {prediction.r1:#x}, {by('r1')}"))
+    if prediction.r2 != entry.toc:
+        out.append(Violation(9, "A will resume with a TOC the push did not save (P4 predicted at P3)",
+                             f"the TOC saved for A at P1, {entry.toc:#x} ({view.toc_owner(entry.toc) or 'no object'})",
+                             f"r2 {prediction.r2:#x} ({view.toc_owner(prediction.r2) or 'no object'}), {by('r2')}"))
+    for cell, value in prediction.livepatch_sp.items():
+        if value != entry.address:
+            out.append(Violation(9, "livepatch_sp will not be back where it was before the push "
+                                    "(P4 predicted at P3)",
+                                 f"{entry.address:#x} (the popped entry) at {cell:#x}", f"{value:#x}, {by(cell)}"))
+    if not prediction.livepatch_sp:
+        out.append(Violation(9, "the return half will not pop the livepatch stack (P4 predicted at P3)",
+                             f"livepatch_sp back to {entry.address:#x}", "no store to livepatch_sp"))
+    return out

@@ -22,6 +22,7 @@ from gdbklp.abi import ppc
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.invariants import EventContext, Violation
 from gdbklp.abi.livepatch import LayoutError
+from gdbklp.abi.trampoline import Finding
 
 TOC_RESTORE = ppc.LD_R2_24_R1  # what the instruction at RA must be compared with
 LR_SLOT, TOC_SLOT = 16, 24     # ELFv2 frame header slots
@@ -226,13 +227,6 @@ def decode_rfc_trampoline(code: bytes, address: int, read_code) -> RfcTrampoline
         else:
             raise _not_understood(here, word, "not a step of the RFC's redirect path")
     raise LayoutError(f"redirect path at {address:#x}: no bctr into C in its first {MAX_INSNS} instructions")
-
-
-@dataclass(frozen=True)
-class Finding:
-    ok: bool
-    address: int
-    text: str
 
 
 def lint(t: RfcTrampoline, describe=lambda a: f"{a:#x}") -> list[Finding]:

@@ -4,9 +4,10 @@
     def identity(task): ...
 
 Events:
-- "stop": the guest stopped or resumed; gdb's own stop and continue events,
-  and every stop gdbklp handles itself (a probe's stop() that lets the guest
-  go on is no stop event for gdb, yet the guest ran since the last one);
+- "stop": gdb reported the guest stopped or resumed (its stop and continue
+  events: the user's stops, the pauses of sampling and parking);
+- "probe": a probe hit that lets the guest go on: no stop event for gdb, yet
+  the guest ran since the last one;
 - "objfile": gdb loaded or dropped an objfile (another vmlinux, DWARF);
 - "modules": the kernel's module list changed (a patch module came or went).
 """
@@ -15,7 +16,8 @@ import functools
 
 import gdb
 
-EVENTS = ("stop", "objfile", "modules")
+EVENTS = ("stop", "probe", "objfile", "modules")
+RAN = ("stop", "probe")  # the guest ran since: what it changes is to be read again
 _caches: dict[str, list[dict]] = {event: [] for event in EVENTS}
 
 

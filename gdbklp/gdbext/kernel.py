@@ -104,21 +104,30 @@ class Kernel:
                                     thread_size=self.thread_size)
         return self._view
 
+    def view_covering(self, address: int) -> KernelView:
+        """The view, with the module list checked again if no object holds address
+        (a module loaded since the last stop gdb reported)."""
+        view = self.view()
+        if view.object_at(address) is None:
+            self.modules.refresh()
+            view = self.view()
+        return view
+
     def describe(self, address: int) -> str:
         """function+off for vmlinux or module text."""
         return _describe(self, address)
 
     def function_name(self, address: int) -> str:
         """Bare function name (no offset, no module), or the address."""
-        return self.view().function(address) or f"{address:#x}"
+        return self.view_covering(address).function(address) or f"{address:#x}"
 
     def function_start(self, address: int) -> int | None:
-        return self.view().function_start(address)
+        return self.view_covering(address).function_start(address)
 
 
 @events.cache_until("modules", "objfile")
 def _describe(kernel: Kernel, address: int) -> str:
-    return kernel.view().describe(address)
+    return kernel.view_covering(address).describe(address)
 
 
 @events.cache_until("objfile")

@@ -4,7 +4,9 @@
 
 - livepatch_handler: the offsets it uses (PACA -> thread_info, livepatch_sp,
   the entry layout, the magic), decoded from its code and, with DWARF,
-  compared with struct paca_struct and struct thread_info;
+  compared with struct paca_struct and struct thread_info; and, run as a
+  register and memory machine (gdbklp.abi.trampoline), that its return half
+  pops exactly what its push half pushed, each deviation at its instruction;
 - where the ftrace trampolines send a redirected call: their `bne-` as the
   running kernel has it (a kernel may retarget it at boot), else as the file;
 - an RFC mini-frame path (the one in use, or the one --rfc names, read from
@@ -18,13 +20,14 @@ import json
 
 import gdb
 
-from gdbklp.abi import rfc
+from gdbklp.abi import rfc, trampoline
 from gdbklp.abi.livepatch import LayoutError
 from gdbklp.gdbext import target, vcpus
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
 from gdbklp.gdbext.probes import redirect_branches
 from gdbklp.gdbext.rfcwatch import live_redirect_entry
+from gdbklp.gdbext.watch import HANDLER_BYTES
 
 DWARF_OFFSETS = (
     ("paca_thread_info", "struct paca_struct", "__current"),
@@ -45,6 +48,10 @@ def lint_livepatch_handler(kernel: Kernel) -> list[rfc.Finding]:
             used = getattr(layout, field_name)
             out.append(rfc.Finding(used == expected, layout.address,
                                    f"it uses offset {used} for {type_name}.{member}; DWARF says {expected}"))
+    try:
+        out += trampoline.lint_livepatch_handler(kernel.code(layout.address, HANDLER_BYTES), layout.address)
+    except LayoutError as e:  # an instruction the machine does not model: refused, by address
+        out.append(rfc.Finding(False, layout.address, str(e)))
     return out
 
 

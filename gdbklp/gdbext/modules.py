@@ -1,8 +1,10 @@
 """The running kernel's modules, read from guest memory (needs DWARF for struct module).
 
-The list is checked at most once per stop (one small read per module) and
-read in full, symbols and TOC, only when it changed; a change fires the
-"modules" event, which ends every cache that depends on the loaded modules.
+The list is checked (one small read per module) at most once per stop gdb
+reports, and at a probe hit only when an address falls outside every known
+object (refresh): a probe stays a handful of packets. It is read in full,
+symbols and TOC, only when it changed; a change fires the "modules" event,
+which ends every cache that depends on the loaded modules.
 """
 
 import gdb
@@ -21,11 +23,18 @@ class ModuleList:
         self.objects: list[ObjectInfo] = []
 
     def current(self) -> list[ObjectInfo]:
-        """The loaded modules, as of this stop."""
+        """The loaded modules, as of the last stop gdb reported (or refresh())."""
+        return self._check(self._signature)
+
+    def refresh(self) -> list[ObjectInfo]:
+        """The loaded modules now: checked again, at most once per probe hit or stop."""
+        return self._check(self._signature_now)
+
+    def _check(self, signature_of) -> list[ObjectInfo]:
         if not self.has_dwarf:
             return []
         try:
-            signature = self._signature()
+            signature = signature_of()
         except (gdb.MemoryError, OverflowError):  # not booted yet: look again at the next stop
             return self.objects
         if signature != self.signature:
@@ -36,6 +45,14 @@ class ModuleList:
 
     @events.cache_until("stop")
     def _signature(self) -> list[tuple[int, bytes]]:
+        return self._read_signature()
+
+    @events.cache_until(*events.RAN)
+    def _signature_now(self) -> list[tuple[int, bytes]]:
+        signature = self._signature.cache[(self,)] = self._read_signature()
+        return signature
+
+    def _read_signature(self) -> list[tuple[int, bytes]]:
         """(struct module address, name bytes) of each loaded module, one read each."""
         head = target.dwarf_address("modules")
         list_off = target.dwarf_offset("struct module", "list")

@@ -11,7 +11,7 @@ import gdb
 
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import GdbklpError
-from gdbklp.gdbext.events import cache_until
+from gdbklp.gdbext.events import RAN, cache_until
 from gdbklp.gdbext.kernel import Kernel
 
 
@@ -32,16 +32,18 @@ def _replacements(kernel: Kernel) -> dict[int, int]:
     return {int(func["old_func"]): int(func["new_func"]) for patch in registered_patches() for func in klp_funcs(patch)}
 
 
-@cache_until("stop")
+@cache_until(*RAN)
 def fresh_replacements(kernel: Kernel) -> dict[int, int]:
-    """replacements() read again, at most once per stop: for a lookup that missed."""
+    """replacements() read again, at most once per stop or probe hit: for a lookup
+    that missed (a patch module loaded since the module list was checked)."""
+    kernel.modules.refresh()
     _replacements.cache.clear()
     return _replacements(kernel)
 
 
 def replacements(kernel: Kernel) -> dict[int, int]:
     """old function (B) -> new function (C) of every registered klp_func."""
-    kernel.modules.current()  # a module came or went since the map was read: read it again
+    kernel.modules.current()  # a module came or went: read the map again
     return _replacements(kernel)
 
 

@@ -35,7 +35,7 @@ class Probe(gdb.Breakpoint):
         self.on_error = on_error
 
     def stop(self) -> bool:
-        events.fire("stop")  # the guest ran since the last stop, though gdb reports none
+        events.fire("probe")
         stop_unwinder.enabled = True
         try:
             stop = self.handler()

@@ -12,7 +12,7 @@ from gdbklp.abi.frames import Registers
 from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.taskstack import TaskStack, decode_task_stack
 from gdbklp.gdbext import target, tasks, vcpus
-from gdbklp.gdbext.events import cache_until
+from gdbklp.gdbext.events import RAN, cache_until
 from gdbklp.gdbext.kernel import Kernel
 
 
@@ -20,7 +20,7 @@ def registers(state: dict) -> Registers:
     return Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
 
 
-@cache_until("stop", "modules")
+@cache_until(*RAN, "modules")
 def _decode_running(kernel: Kernel, pc: int, r1: int, lr: int, r2: int, r13: int, view: KernelView) -> TaskStack:
     task = tasks.running_task(kernel, r13)
     who = tasks.identity(task)

@@ -11,7 +11,7 @@ import gdb
 from gdbklp.abi.kernel import TaskIdentity
 from gdbklp.gdbext import target
 from gdbklp.gdbext.commands import GdbklpError
-from gdbklp.gdbext.events import cache_until
+from gdbklp.gdbext.events import RAN, cache_until
 from gdbklp.gdbext.kernel import Kernel
 
 TASK = "struct task_struct"
@@ -30,7 +30,7 @@ def identity_layout() -> dict[str, tuple[int, int]] | None:
     return layout
 
 
-@cache_until("stop")
+@cache_until(*RAN)
 def identity(task: int) -> TaskIdentity:
     """Who the task_struct at task is now: pid, comm and exec generation, in one
     read; (pid -1, comm '?') without DWARF or when it cannot be read."""

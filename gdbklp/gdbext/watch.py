@@ -20,10 +20,11 @@ import gdb
 
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, EventContext, ReturnSample,
-                                   Violation, check_consistency, check_return, stamp)
+                                   Violation, check_consistency, check_predicted_return, check_return, stamp)
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
 from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.naming import Names, ReturnRegisters, name_redirection
+from gdbklp.abi.trampoline import predict_return
 from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.events import cache_until
@@ -33,12 +34,14 @@ from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection, WatchReport
 
 GUEST_DOWN = ("die", "panic")
+HANDLER_BYTES = 256  # livepatch_handler's code, both halves
 
 
-def code_facts(kernel: Kernel) -> CodeFacts:
+def code_facts(kernel: Kernel, covering: int | None = None) -> CodeFacts:
     """Facts read from the running kernel's code (frame sizes, stub targets, ...),
-    kept while the module list stays the same (checked once per stop)."""
-    return _code_facts(kernel.view())
+    kept while the module list stays the same; covering: an address the view
+    must hold (the module list is checked again if it does not)."""
+    return _code_facts(kernel.view() if covering is None else kernel.view_covering(covering))
 
 
 @cache_until("modules", "objfile")
@@ -77,7 +80,11 @@ class Watch:
             self.report.notes.append("consistency model (invariant 12) not checked: the vmlinux has no "
                                      "DWARF for klp_transition_patch and task_struct.patch_state")
         self.probes: list[Probe] = []
+        # the handler's code, both halves, from the vmlinux file like its layout (the
+        # watch may start before the guest boots); its return half is run at each P3
+        self.handler_code = kernel.code(self.layout.address, HANDLER_BYTES)
         self.p3_code = target.read_memory(self.layout.return_point, 4)  # P3's instruction, as the guest has it
+        self.extra_loads = 0  # words the return half loaded that the P3 check had not read
         # the register it loads, when klp-watch executes it for the guest
         self.p3_loads_into = paca_load_target(int.from_bytes(self.p3_code, "little"), self.layout.paca_thread_info)
         self.p1_replacements: dict[int, dict[int, int]] = {}  # task -> livepatch entry address -> C
@@ -163,13 +170,14 @@ class Watch:
     def read_return_state(self) -> ReturnSample:
         """r1, the task, its livepatch stack and A's frame header, at P3."""
         sp = target.register("r1")
-        task = tasks.current_task(self.kernel)
+        task_slot = target.register("r13") + tasks.paca_current_offset(self.kernel)
+        task = target.read_u64(task_slot)
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
         base = sp & ~(self.thread_size - 1)
         top = livepatch_sp + self.layout.entry_size
         length = top - base if base < top <= base + self.thread_size else 8
         return ReturnSample(task, vcpus.current_cpu(), sp, livepatch_sp, base,
-                            target.read_memory(base, length), target.read_memory(sp, 32))
+                            target.read_memory(base, length), target.read_memory(sp, 32), task_slot)
 
     def names_of(self, s: ReturnSample, site: CallSite, callee: int | None, entry) -> Names:
         """B and C of the redirection returning now, as far as they are certain."""
@@ -181,17 +189,42 @@ class Watch:
                 if site is CallSite.INDIRECT else None)
         names = name_redirection(site, callee, regs, patches.replacements(self.kernel), facts, p1)
         if names.replacement is None and (callee is not None or regs is not None):
-            # a patch registered since its module appeared?
-            names = name_redirection(site, callee, regs, patches.fresh_replacements(self.kernel), facts, p1)
+            # a patch registered since its module appeared? (fresh_replacements checks the module list too)
+            fresh = patches.fresh_replacements(self.kernel)
+            names = name_redirection(site, callee, regs, fresh, code_facts(self.kernel), p1)
         return names
+
+    def predicted_return(self, s: ReturnSample):
+        """The return half run on the P3 state: registers from gdb's cache, the
+        words it loads from those the P3 check read (no other read if the
+        code is the handler's own)."""
+        words = {s.task_slot: s.task, s.task + self.layout.ti_livepatch_sp: s.livepatch_sp}
+
+        def load(address: int) -> int:
+            if address in words:
+                return words[address]
+            offset = address - s.stack_base
+            if 0 <= offset <= len(s.livepatch_block) - 8:
+                return int.from_bytes(s.livepatch_block[offset:offset + 8], "little")
+            self.extra_loads += 1
+            return target.read_u64(address)
+
+        registers = {"r1": s.sp}
+        return predict_return(self.handler_code, self.layout.address, self.layout.return_point,
+                              lambda name: registers[name] if name in registers else target.register(name), load)
 
     def on_return(self) -> bool:
         s = self.read_return_state()
-        check = check_return(s, code_facts(self.kernel))
+        facts = code_facts(self.kernel)
+        check = check_return(s, facts)
+        if check.entry is not None and facts.view.object_at(check.entry.ra) is None:
+            facts = code_facts(self.kernel, covering=check.entry.ra)  # A in a module loaded since?
+            check = check_return(s, facts)
         who = tasks.identity(s.task)
         names = self.names_of(s, check.call_site, check.patched, check.entry)
         consistency = self.consistency_violation(s.task, True, names.patched, names.replacement)
-        violations = check.violations + ([consistency] if consistency else [])
+        violations = check.violations + check_predicted_return(s, check, facts, self.predicted_return(s)) \
+            + ([consistency] if consistency else [])
         context = self.context(who, s.cpu, call_site=check.call_site.value, caller=check.caller,
                                patched=self.describe(names.patched), replacement=self.describe(names.replacement))
         stamp(violations, context)
