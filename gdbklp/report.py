@@ -111,6 +111,7 @@ class WatchReport:
     violations: list[Violation] = field(default_factory=list)
     events: list[Redirection] = field(default_factory=list)
     guest_events: list[str] = field(default_factory=list)  # oopses, panics: what the guest did
+    violations_at_down: int | None = None                  # violations reported when it first went down
     hazards: list[str] = field(default_factory=list)       # replacements the design cannot run safely
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)

@@ -61,6 +61,23 @@ def candidates(regs: ReturnRegisters, replacements: dict[int, int], toc_of) -> s
     return {c for c in every if toc_of(c) == regs.r2}
 
 
+def _toc_of(facts):
+    def toc_of(address: int) -> int | None:
+        obj = facts.view.object_at(address)
+        return obj.toc if obj else None
+    return toc_of
+
+
+def map_may_be_stale(callee: int | None, regs: ReturnRegisters | None, replacements: dict[int, int],
+                     facts) -> bool:
+    """Could reading the patches' function lists again name more? When B is known
+    but nothing replaces it, or C set r2 to an object without any known
+    replacement (a patch registered since the lists were read)."""
+    if callee is not None:
+        return callee not in replacements
+    return regs is not None and regs.r2 != regs.saved_toc and not candidates(regs, replacements, _toc_of(facts))
+
+
 def name_redirection(site: CallSite, callee: int | None, regs: ReturnRegisters | None,
                      replacements: dict[int, int], facts, p1_replacement: int | None = None) -> Names:
     """B and C of one redirection, or as much of them as is certain.
@@ -75,12 +92,7 @@ def name_redirection(site: CallSite, callee: int | None, regs: ReturnRegisters |
         return Names(callee, replacements.get(callee), BY_CALL_SITE)
     if site is not CallSite.INDIRECT or regs is None:
         return Names()
-
-    def toc_of(address: int) -> int | None:
-        obj = facts.view.object_at(address)
-        return obj.toc if obj else None
-
-    possible = candidates(regs, replacements, toc_of)
+    possible = candidates(regs, replacements, _toc_of(facts))
     if regs.ctr in possible and all(facts.leaves_ctr_alone(c) for c in possible):
         return Names(patched_by(regs.ctr, replacements), regs.ctr, BY_CTR)
     if len(possible) == 1 and regs.r2 != regs.saved_toc:

@@ -4,10 +4,12 @@
     def identity(task): ...
 
 Events:
-- "stop": gdb reported the guest stopped or resumed (its stop and continue
-  events: the user's stops, the pauses of sampling and parking);
-- "probe": a probe hit that lets the guest go on: no stop event for gdb, yet
-  the guest ran since the last one;
+- "stop": gdb reported the guest stopped (the user's stops, the pauses of
+  sampling and parking);
+- "probe": the guest ran without a stop gdb reports: a probe hit that lets
+  it go on, or gdb resuming it (gdb resumes after every probe hit, so what
+  is cached until "stop" alone, like the module list, is not read again
+  at each probe);
 - "objfile": gdb loaded or dropped an objfile (another vmlinux, DWARF);
 - "modules": the kernel's module list changed (a patch module came or went).
 """
@@ -53,6 +55,6 @@ def fire(event: str) -> None:
 
 
 gdb.events.stop.connect(lambda _event: fire("stop"))
-gdb.events.cont.connect(lambda _event: fire("stop"))
+gdb.events.cont.connect(lambda _event: fire("probe"))
 gdb.events.new_objfile.connect(lambda _event: (fire("objfile"), fire("modules"), fire("stop")))
 gdb.events.clear_objfiles.connect(lambda _event: (fire("objfile"), fire("modules"), fire("stop")))

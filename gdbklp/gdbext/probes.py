@@ -4,6 +4,7 @@ guest boots)."""
 
 import gdb
 
+from gdbklp.abi import ppc
 from gdbklp.abi.livepatch import find_unredirected_exits
 from gdbklp.gdbext import events
 from gdbklp.gdbext.kernel import Kernel
@@ -13,15 +14,36 @@ TRACE_TRAMPOLINES = ("ftrace_caller", "ftrace_regs_caller")
 TRAMPOLINE_BYTES = 1024
 
 
-def redirect_branches(kernel: Kernel, handler: int) -> list[int]:
-    """The `bne- livepatch_handler` of each ftrace trampoline, as the vmlinux file has them."""
-    branches = set()
+def trampoline_code(kernel: Kernel):
+    """(name, address, code) of each ftrace trampoline, as the vmlinux file has them
+    (to its symbol's end where the symbol has a size)."""
     for name in TRACE_TRAMPOLINES:
         address = kernel.symbols.address(name)
         if address is not None:
-            code = kernel.code(address, TRAMPOLINE_BYTES)
-            branches.update(exit_ - 4 for exit_ in find_unredirected_exits(code, address, handler))
-    return sorted(branches)
+            found = kernel.symbols.lookup(address)
+            size = found[0].size if found and found[0].size else TRAMPOLINE_BYTES
+            yield name, address, kernel.code(address, size)
+
+
+def redirect_branches(kernel: Kernel, handler: int) -> list[int]:
+    """The `bne- livepatch_handler` of each ftrace trampoline, as the vmlinux file has them."""
+    return sorted({exit_ - 4 for _, address, code in trampoline_code(kernel)
+                   for exit_ in find_unredirected_exits(code, address, handler)})
+
+
+def unredirected_exits(kernel: Kernel, handler: int) -> tuple[list[int], list[str]]:
+    """Where each ftrace trampoline continues into the traced function B itself:
+    the bctr after its `bne- livepatch_handler`; in a trampoline without that
+    branch (it never redirects), every bctr of its code. With notes on the latter."""
+    exits, notes = set(), []
+    for name, address, code in trampoline_code(kernel):
+        found = find_unredirected_exits(code, address, handler)
+        if not found:
+            found = [address + 4 * i for i, word in enumerate(ppc.words(code)) if word == ppc.BCTR]
+            notes.append(f"{name} has no `bne- livepatch_handler` before its exit: it never redirects; "
+                         f"every call it lets through is checked ({', '.join(f'{a:#x}' for a in found) or 'none'})")
+        exits.update(found)
+    return sorted(exits), notes
 
 
 class Probe(gdb.Breakpoint):

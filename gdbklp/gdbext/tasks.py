@@ -30,6 +30,22 @@ def identity_layout() -> dict[str, tuple[int, int]] | None:
     return layout
 
 
+# one read of the gdbstub (gdb splits larger ones): what the identity and
+# another task_struct field cost when they lie within it
+ONE_READ = 2048
+
+
+def _identity_span(layout: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    return (min(offset for offset, _ in layout.values()), max(offset + size for offset, size in layout.values()))
+
+
+def _identity_from(task: int, layout: dict[str, tuple[int, int]], block: bytes, start: int) -> TaskIdentity:
+    field = lambda name: block[layout[name][0] - start:sum(layout[name]) - start]
+    return TaskIdentity(task, int.from_bytes(field("pid"), "little", signed=True),
+                        field("comm").split(b"\0")[0].decode(errors="replace"),
+                        int.from_bytes(field("self_exec_id"), "little"))
+
+
 @cache_until(*RAN)
 def identity(task: int) -> TaskIdentity:
     """Who the task_struct at task is now: pid, comm and exec generation, in one
@@ -37,16 +53,26 @@ def identity(task: int) -> TaskIdentity:
     layout = identity_layout()
     if layout is None:
         return TaskIdentity(task)
-    start = min(offset for offset, _ in layout.values())
-    end = max(offset + size for offset, size in layout.values())
+    start, end = _identity_span(layout)
     try:
-        block = target.read_memory(task + start, end - start)
+        return _identity_from(task, layout, target.read_memory(task + start, end - start), start)
     except gdb.MemoryError:
         return TaskIdentity(task)
-    field = lambda name: block[layout[name][0] - start:sum(layout[name]) - start]
-    return TaskIdentity(task, int.from_bytes(field("pid"), "little", signed=True),
-                        field("comm").split(b"\0")[0].decode(errors="replace"),
-                        int.from_bytes(field("self_exec_id"), "little"))
+
+
+def read_task_field(task: int, offset: int, length: int) -> bytes:
+    """task_struct bytes [offset, offset + length), read together with the task's
+    identity when both lie within one read (identity() then costs nothing)."""
+    layout = identity_layout()
+    if layout is None or (task,) in identity.cache:
+        return target.read_memory(task + offset, length)
+    start, end = _identity_span(layout)
+    start, end = min(start, offset), max(end, offset + length)
+    if end - start > ONE_READ:
+        return target.read_memory(task + offset, length)
+    block = target.read_memory(task + start, end - start)
+    identity.cache[(task,)] = _identity_from(task, layout, block, start)
+    return block[offset - start:offset - start + length]
 
 
 @cache_until("objfile")

@@ -23,13 +23,13 @@ from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, Eve
                                    Violation, check_consistency, check_predicted_return, check_return, stamp)
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
 from gdbklp.abi.livepatch import paca_load_target
-from gdbklp.abi.naming import Names, ReturnRegisters, name_redirection
+from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection
 from gdbklp.abi.trampoline import predict_return
 from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.events import cache_until
 from gdbklp.gdbext.kernel import Kernel
-from gdbklp.gdbext.probes import TRACE_TRAMPOLINES, Probe, redirect_branches
+from gdbklp.gdbext.probes import TRACE_TRAMPOLINES, Probe, unredirected_exits
 from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection, WatchReport
 
@@ -118,11 +118,12 @@ class Watch:
         calls ftrace did not redirect (invariant 12), die() and panic()."""
         probes = []
         if self.consistency:
-            exits = [branch + 4 for branch in redirect_branches(self.kernel, self.layout.address)]
+            exits, notes = unredirected_exits(self.kernel, self.layout.address)
+            self.report.notes += notes
             probes += [self.probe(address, self.on_unredirected) for address in exits]
             if not exits:
-                self.report.notes.append("calls that are not redirected are not checked: no `bne "
-                                         f"livepatch_handler; bctr` found in {' or '.join(TRACE_TRAMPOLINES)}")
+                self.report.notes.append("calls that are not redirected are not checked: no exit "
+                                         f"(bctr) found in {' or '.join(TRACE_TRAMPOLINES)}")
         for name in GUEST_DOWN:
             address = self.kernel.symbols.address(name)
             if address is not None:
@@ -172,7 +173,7 @@ class Watch:
         sp = target.register("r1")
         task_slot = target.register("r13") + tasks.paca_current_offset(self.kernel)
         task = target.read_u64(task_slot)
-        livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
+        livepatch_sp = int.from_bytes(tasks.read_task_field(task, self.layout.ti_livepatch_sp, 8), "little")
         base = sp & ~(self.thread_size - 1)
         top = livepatch_sp + self.layout.entry_size
         length = top - base if base < top <= base + self.thread_size else 8
@@ -187,12 +188,11 @@ class Watch:
         p1 = self.p1_replacement(s.task, entry.address)
         regs = (ReturnRegisters(target.register("r2"), target.register("ctr"), entry.toc)
                 if site is CallSite.INDIRECT else None)
-        names = name_redirection(site, callee, regs, patches.replacements(self.kernel), facts, p1)
-        if names.replacement is None and (callee is not None or regs is not None):
+        replacements = patches.replacements(self.kernel)
+        if p1 is None and map_may_be_stale(callee, regs, replacements, facts):
             # a patch registered since its module appeared? (fresh_replacements checks the module list too)
-            fresh = patches.fresh_replacements(self.kernel)
-            names = name_redirection(site, callee, regs, fresh, code_facts(self.kernel), p1)
-        return names
+            replacements, facts = patches.fresh_replacements(self.kernel), code_facts(self.kernel)
+        return name_redirection(site, callee, regs, replacements, facts, p1)
 
     def predicted_return(self, s: ReturnSample):
         """The return half run on the P3 state: registers from gdb's cache, the
@@ -312,6 +312,8 @@ class Watch:
         who = tasks.identity(tasks.current_task(self.kernel))
         event = f"{what} in {who} on CPU {vcpus.current_cpu()}, after {self.report.redirections} redirections"
         self.report.guest_events.append(event)
+        if self.report.violations_at_down is None:
+            self.report.violations_at_down = len(self.report.violations)
         gdb.write(f"klp-watch: the guest is going down: {event}\n")
         self.flush()
         if self.options.report:

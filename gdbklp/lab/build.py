@@ -7,6 +7,7 @@ still has the recorded SHA-256: a missing or corrupt output is rebuilt, not
 trusted. A no-change rebuild therefore only hashes files.
 """
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -25,6 +26,7 @@ from gdbklp.lab import LabError
 from gdbklp.lab import config as cfg
 
 MANIFEST = "manifest.json"
+EDITED = ".edited"  # in a source tree while a variant's edits are applied to it
 
 
 def log(msg: str) -> None:
@@ -181,6 +183,9 @@ def kernel_source(kernel: cfg.KernelConfig = cfg.KERNEL) -> tuple[Path, str]:
         digest = hashlib.sha256(json.dumps([digest, patches]).encode()).hexdigest()
     root = cfg.cache_root() / "src" / digest[:16]
     done = root / ".extracted"
+    if (root / EDITED).exists():  # a variant build was interrupted while its edits were in the tree
+        log(f"{root} was left edited by a variant build: extracting it again")
+        done.unlink(missing_ok=True)
     if not done.exists():
         if root.exists():
             shutil.rmtree(root)
@@ -234,6 +239,63 @@ def build_kernel(kernel: cfg.KernelConfig = cfg.KERNEL) -> StepResult:
     return cached_step("kernel", parts, ("vmlinux", "build/.config"), build)
 
 
+def apply_edits(tree: Path, edits) -> dict[Path, tuple[bytes, os.stat_result]]:
+    """Apply (path, text, replacement) edits to files under tree; each text must
+    occur exactly once. Returns what the files were, for restore_files."""
+    originals = {}
+    for path, old, new in edits:
+        f = tree / path
+        if f not in originals:
+            originals[f] = (f.read_bytes(), f.stat())
+        text = f.read_text()
+        if text.count(old) != 1:
+            raise LabError(f"edit of {path}: the text to replace occurs {text.count(old)} times, not once: {old!r}")
+        f.write_text(text.replace(old, new))
+    return originals
+
+
+def restore_files(originals: dict[Path, tuple[bytes, os.stat_result]]) -> None:
+    """Put files back as they were, content and modification time (make must
+    not see a change in the tree the lab's own build uses)."""
+    for f, (data, st) in originals.items():
+        f.write_bytes(data)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@contextlib.contextmanager
+def edited_source(source: Path, edits):
+    """The kernel source tree with edits applied, restored on exit; a marker
+    makes kernel_source() extract it again if the restore never happens."""
+    marker = source.parent / EDITED
+    marker.write_text(json.dumps(edits))
+    originals = {}
+    try:
+        originals = apply_edits(source, edits)
+        yield
+    finally:
+        restore_files(originals)
+        marker.unlink()
+
+
+def build_kernel_variant(name: str, edits, kernel: cfg.KernelConfig = cfg.KERNEL) -> StepResult:
+    """vmlinux with edits to the kernel source (a mutant): a copy of the lab's
+    build tree, so that make rebuilds only what the edits touch, and relinks."""
+    base = build_kernel(kernel)
+    source, _ = kernel_source(kernel)
+    parts = {"kernel": base.key, "edits": edits}
+
+    def build(out: Path) -> None:
+        obj = out / "build"
+        start = time.monotonic()
+        shutil.copytree(base / "build", obj, symlinks=True)
+        log(f"kernel-{name}: build tree copied in {time.monotonic() - start:.0f} s")
+        with edited_source(source, edits):
+            run(make_cmd(kernel, f"O={obj}", "vmlinux"), cwd=source, log_file=out / "build.log")
+        os.link(obj / "vmlinux", out / "vmlinux")
+
+    return cached_step(f"kernel-{name}", parts, ("vmlinux",), build)
+
+
 # ---- modules ------------------------------------------------------------
 
 
@@ -241,9 +303,13 @@ def files_digest(paths) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(paths)}
 
 
-def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES) -> StepResult:
+def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, edits: tuple = ()) -> StepResult:
+    """The lab's modules against kernel; edits (a mutant's, paths modules/NAME)
+    are applied to the step's own copy of the sources."""
     sources = [p for p in modules.source_dir.iterdir() if p.is_file()]
     parts = {"kernel": kernel.key, "sources": files_digest(sources), "from_kernel": modules.from_kernel}
+    if edits:
+        parts["edits"] = edits
     outputs = tuple(f"{name}.ko" for name in modules.names)
 
     def build(out: Path) -> None:
@@ -251,6 +317,7 @@ def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES) 
         src.mkdir()
         for path in sources:
             shutil.copy2(path, src / path.name)
+        apply_edits(src, [(Path(path).relative_to("modules"), old, new) for path, old, new in edits])
         run(make_cmd(cfg.KERNEL, "-C", str(kernel / "build"), f"M={src}", "modules"),
             log_file=out / "build.log")
         for name in outputs:
@@ -365,22 +432,30 @@ class LabImages:
     initramfs: Path
 
 
-def build_all() -> LabImages:
-    """Build (or verify the cached) kernel, modules and initramfs.
-
-    One builder at a time per cache: another process would take a step in
-    progress for a half-built one and remove it.
-    """
+@contextlib.contextmanager
+def cache_lock():
+    """One builder at a time per cache: another process would take a step in
+    progress for a half-built one and remove it."""
     check_host()
     root = cfg.cache_root()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build_all(mutant: cfg.Mutant | None = None) -> LabImages:
+    """Build (or verify the cached) kernel, modules and initramfs; with a
+    mutant, its kernel variant and/or modules instead."""
+    with cache_lock():
         kernel = build_kernel()
-        modules = build_modules(kernel)
+        modules = build_modules(kernel, edits=mutant.module_edits if mutant else ())
         initramfs = build_initramfs(modules)
+        vmlinux = kernel / "vmlinux"
+        if mutant and mutant.kernel_edits:
+            vmlinux = build_kernel_variant(mutant.name, mutant.kernel_edits) / "vmlinux"
     return LabImages(
-        vmlinux=kernel / "vmlinux",
+        vmlinux=vmlinux,
         kernel_build=kernel / "build",
         modules=modules.directory,
         initramfs=initramfs / "initramfs.cpio.gz",

@@ -169,3 +169,85 @@ QEMU = QemuConfig(
     accel="tcg,thread=single",
     append=("console=hvc0", "quiet", "loglevel=4"),
 )
+
+
+# ---- mutants: one defect each, to prove each check catches what it claims ------
+
+FTRACE_S = "arch/powerpc/kernel/trace/ftrace_mprofile.S"
+MODULE_LOADER = "arch/powerpc/kernel/module_64.c"
+PATCH_MODULE = "modules/klp_lab_patch.c"  # modules/: a file of qemu-images/modules
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """A small edit of the lab's kernel or modules that breaks one invariant.
+
+    edits are (path, text, replacement): path in the kernel tree, or
+    modules/NAME for the lab's modules; text must occur exactly once.
+    A kernel edit builds a kernel variant from the lab's build tree
+    (only what the edit touches is rebuilt); a module edit, modules and an
+    initramfs built against the lab's kernel.
+    """
+
+    name: str
+    code_point: str    # push half, return half, ftrace decision, RFC path, RFC helper, module loader, C
+    defect: str
+    invariant: int     # the invariant that must catch it
+    edits: tuple[tuple[str, str, str], ...]
+    run: str           # klplab-run arguments that exercise it
+    trampoline: str = DEFAULT_TRAMPOLINE
+
+    @property
+    def kernel_edits(self) -> tuple[tuple[str, str, str], ...]:
+        return tuple(e for e in self.edits if not e[0].startswith("modules/"))
+
+    @property
+    def module_edits(self) -> tuple[tuple[str, str, str], ...]:
+        return tuple(e for e in self.edits if e[0].startswith("modules/"))
+
+
+MUTANTS = {m.name: m for m in (
+    Mutant("push-no-magic", "push half", "the push never stores the magic", 8,
+           ((FTRACE_S, "\tori     r12, r12, STACK_END_MAGIC@l\n\tstd\tr12, -8(r11)\n",
+             "\tori     r12, r12, STACK_END_MAGIC@l\n\tnop\n"),), "-t 1 -n 3 -k local"),
+    Mutant("push-swapped-slots", "push half", "the push saves r2 in the RA slot and RA in the TOC slot", 9,
+           ((FTRACE_S, "\tstd\tr2,  -24(r11)\n\tmflr\tr12\n\tstd\tr12, -16(r11)\n",
+             "\tstd\tr2,  -16(r11)\n\tmflr\tr12\n\tstd\tr12, -24(r11)\n"),), "-t 1 -n 3 -k local"),
+    Mutant("push-32-bytes", "push half", "the push allocates 32 bytes, the pop frees 24", 9,
+           ((FTRACE_S, "\t/* Allocate 3 x 8 bytes */\n\tld\tr11, TI_livepatch_sp(r12)\n\taddi\tr11, r11, 24\n",
+             "\t/* Allocate 3 x 8 bytes */\n\tld\tr11, TI_livepatch_sp(r12)\n\taddi\tr11, r11, 32\n"),),
+           "-t 1 -n 3 -k local"),
+    Mutant("pop-ra-from-toc-slot", "return half", "the pop loads LR from the TOC slot", 9,
+           ((FTRACE_S, "\tld\tr12, -16(r11)\n\tmtlr\tr12\n", "\tld\tr12, -24(r11)\n\tmtlr\tr12\n"),),
+           "-t 1 -n 3 -k local"),
+    Mutant("pop-no-toc-restore", "return half", "the pop does not restore r2", 9,
+           ((FTRACE_S, "\tld\tr2,  -24(r11)\n\n\t/* Pop livepatch stack frame */",
+             "\tnop\n\n\t/* Pop livepatch stack frame */"),), "-t 1 -n 3 -k local"),
+    Mutant("pop-16-bytes", "return half", "the pop frees 16 bytes of 24: silent, the stack creeps", 9,
+           ((FTRACE_S, "\tsubi\tr11, r11, 24\n", "\tsubi\tr11, r11, 16\n"),), "-t 1 -n 3 -k local"),
+    Mutant("pop-never", "return half", "the pop never stores livepatch_sp back", 9,
+           ((FTRACE_S, "\tsubi\tr11, r11, 24\n\tstd\tr11, TI_livepatch_sp(r12)\n",
+             "\tsubi\tr11, r11, 24\n\tnop\n"),), "-t 1 -n 3 -k local"),
+    Mutant("ftrace-no-redirect", "ftrace decision", "ftrace_caller never branches to livepatch_handler", 12,
+           ((FTRACE_S, "\tbne-\tlivepatch_handler\n#endif\n\tbctr\t\t\t/* jump after _mcount site */",
+             "\tnop\n#endif\n\tbctr\t\t\t/* jump after _mcount site */"),), "-t 1 -n 3 -k local"),
+    Mutant("rfc-fixed-compare-0x18", "RFC path", "the compare constant built with li after lis (0x18)", 2,
+           ((FTRACE_S, "\tlis\tr11, 0xe841\n\tori\tr11, r11, 0x18\n", "\tlis\tr11, 0xe841\n\tli\tr11, 0x18\n"),),
+           "-t 1 -n 3 -k global", trampoline="rfc-fixed"),
+    Mutant("rfc-fixed-helper-no-pop", "RFC helper", "the helper does not pop the mini frame", 4,
+           ((FTRACE_S, "\taddi\tr1, r1, 32\t\t/* pop first */\n", "\tnop\t\t\t\t/* pop first */\n"),),
+           "-t 1 -n 3 -k local", trampoline="rfc-fixed"),
+    Mutant("loader-no-toc-restore", "module loader", "calls to klp_lab_b_global keep their nop: A never "
+           "reloads its TOC", 9,
+           ((MODULE_LOADER, "\t\t\tif (!restore_r2(strtab + sym->st_name,",
+             "\t\t\tif (strncmp(strtab + sym->st_name, \"klp_lab_b_\", 10) &&\n"
+             "\t\t\t    !restore_r2(strtab + sym->st_name,"),), "-t 1 -n 3 -k global"),
+    Mutant("c-clobbers-toc-slot", "C", "C overwrites A's TOC save slot, as a tail call through a stub does", 3,
+           ((PATCH_MODULE, "static noinline void new_body(unsigned long flags)\n{\n",
+             "static noinline void new_body(unsigned long flags)\n{\n\tflags |= KLP_LAB_FAULT_TOC_SLOT;\n"),),
+           "-t 1 -n 3 -k global"),
+    Mutant("c-unbalanced", "C", "C leaves livepatch_sp one entry higher", 10,
+           ((PATCH_MODULE, "static noinline void new_body(unsigned long flags)\n{\n",
+             "static noinline void new_body(unsigned long flags)\n{\n\tflags |= KLP_LAB_FAULT_UNBALANCED;\n"),),
+           "-t 1 -n 3 -k local"),
+)}

@@ -1,0 +1,104 @@
+"""The mutation bench: every mutant of the lab, watched in each mode.
+
+    .venv/bin/python bench/mutation.py [--mutants NAME,...] [--modes precise,park,sample]
+
+Each mutant (gdbklp.lab.config.MUTANTS: a small edit of livepatch_handler,
+ftrace_caller, the RFC paths, the module loader or C) is built as a lab
+variant (a kernel variant from the lab's build tree, or modules), booted,
+and its workload run under klp-watch in each mode. Per mutant and mode:
+detected or not, the invariants violated (the expected one first), the
+sequence number of the first violation, and whether it came before the
+guest went down. The mutation score per mode is the share of mutants
+detected with the expected invariant before any crash.
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gdbklp.lab import LabError, build, session  # noqa: E402
+from gdbklp.lab.config import MUTANTS, Mutant  # noqa: E402
+from gdbklp.options import WatchOptions  # noqa: E402
+
+MODES = {"precise": WatchOptions(), "park": WatchOptions(park=True), "sample": WatchOptions(sample=100)}
+RUN_TIMEOUT = 120.0
+
+
+@dataclasses.dataclass
+class Outcome:
+    detected: bool
+    invariants: list[int]
+    first_seq: int | None
+    before_crash: bool
+    guest_down: bool
+    finished: bool
+    note: str = ""
+
+    def right(self, mutant: Mutant) -> bool:
+        return self.detected and self.invariants[:1] == [mutant.invariant] and self.before_crash
+
+    def cell(self, mutant: Mutant) -> str:
+        if self.note:
+            return self.note
+        if not self.detected:
+            return "missed" + (" (guest down)" if self.guest_down else "")
+        verdict = "caught" if self.right(mutant) else "WRONG"
+        crash = "" if not self.guest_down else (", before the crash" if self.before_crash else ", AFTER the crash")
+        return f"{verdict}: inv {','.join(map(str, self.invariants))} at #{self.first_seq}{crash}"
+
+
+def watch_mutant(mutant: Mutant, images: build.LabImages, options: WatchOptions, workdir: Path) -> Outcome:
+    """Boot the mutant, run its workload under one watch; what the watch saw."""
+    with session.booted(images, trampoline=mutant.trampoline, workdir=workdir) as guest, \
+            session.attached(guest, images.vmlinux) as gdb:
+        gdb.cont()
+        watched = session.WatchedGuest(guest, gdb)
+        try:
+            report = watched.watch(f"klplab-run -r {mutant.run}", RUN_TIMEOUT, options)
+        except LabError as e:  # e.g. the RFC model refuses --park
+            return Outcome(False, [], None, False, False, False, note=f"n/a: {str(e).strip().splitlines()[-1]}")
+    invariants = [v.invariant for v in report.violations]
+    ordered = sorted(set(invariants), key=lambda i: (i != mutant.invariant, invariants.index(i)))
+    before = report.violations_at_down is None or report.violations_at_down > 0
+    return Outcome(bool(report.violations), ordered, min((v.seq for v in report.violations), default=None),
+                   before, bool(report.guest_events), not any("did not finish" in n for n in report.notes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mutants", default=",".join(MUTANTS), help=f"some of: {', '.join(MUTANTS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"some of: {', '.join(MODES)}")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/gdbklp-mutation"))
+    args = parser.parse_args()
+    mutants = [MUTANTS[name.strip()] for name in args.mutants.split(",")]
+    modes = [name.strip() for name in args.modes.split(",")]
+    start = time.monotonic()
+    rows = []
+    for mutant in mutants:
+        built = time.monotonic()
+        images = build.build_all(mutant)
+        build_seconds = time.monotonic() - built
+        outcomes = {}
+        for mode in modes:
+            workdir = args.workdir / mutant.name / mode
+            workdir.mkdir(parents=True, exist_ok=True)
+            outcomes[mode] = watch_mutant(mutant, images, MODES[mode], workdir)
+            print(f"{mutant.name:<24} {mode:<8} {outcomes[mode].cell(mutant)}", flush=True)
+        rows.append((mutant, build_seconds, outcomes))
+    print(f"\n| mutant | code point | defect | expected | build | {' | '.join(modes)} |")
+    print("|" + "---|" * (5 + len(modes)))
+    for mutant, seconds, outcomes in rows:
+        print(f"| {mutant.name} | {mutant.code_point} | {mutant.defect} | {mutant.invariant} | {seconds:.0f} s | "
+              + " | ".join(outcomes[m].cell(mutant) for m in modes) + " |")
+    for mode in modes:
+        caught = sum(outcomes[mode].right(mutant) for mutant, _, outcomes in rows)
+        print(f"mutation score, {mode}: {caught}/{len(rows)} detected with the expected invariant before any crash")
+    print(f"total: {time.monotonic() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
