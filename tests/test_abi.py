@@ -91,10 +91,15 @@ def test_decode_livepatch_handler_from_lab_kernel():
     assert int.from_bytes(code[(layout.call_to_c - address):][:4], "little") == ppc.BCTRL
 
 
-def test_decode_refuses_a_handler_without_the_magic_store():
+def test_a_handler_without_the_magic_store_is_decoded_from_its_check():
+    # the push stores no magic (a defect klp-watch must see at P3 as invariant 8):
+    # the slot and value are those its return half checks
     code, address = handler_capture()
     words = ppc.words(code)
     words[9] = ppc.NOP  # std r12,-8(r11): the magic store
+    layout = decode_livepatch_handler(le(*words), address)
+    assert (layout.magic_slot, layout.magic) == (-8, ppc.STACK_END_MAGIC)
+    words[17] = ppc.NOP  # tdne r12,r2: nor any check
     with pytest.raises(LayoutError, match=r"no std of the magic slot before the bctrl at 0x"):
         decode_livepatch_handler(le(*words), address)
 

@@ -60,6 +60,7 @@ class Violation:
     caller: str = "?"
     patched: str = "?"
     replacement: str = "?"
+    diagnosis: str = ""   # where the state first went wrong, and which instruction made it, if known
 
     @property
     def event(self) -> str:
@@ -75,7 +76,7 @@ class Violation:
             f"  call site {self.call_site} in {self.caller}; patched {self.patched} -> replacement {self.replacement}",
             f"  expected: {self.expected}",
             f"  found:    {self.found}",
-        ])
+        ] + ([f"  diagnosis: {self.diagnosis}"] if self.diagnosis else []))
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,7 @@ def check_predicted_return(s: ReturnSample, check: ReturnCheck, facts: CodeFacts
         return [Violation(8, "the return half will trap on an intact magic (P4 predicted at P3)",
                           f"its check passes on the entry's magic {entry.magic:#x}", f"{insn(prediction.trap_at)} traps")]
     out: list[Violation] = []
+    return_half = "in livepatch_handler's return half, after P3 (the state at P3 was right)"
     if prediction.pc != entry.ra:
         out.append(Violation(9, "the return half will not return to RA (P4 predicted at P3)",
                              f"its blr goes to RA {entry.ra:#x} ({check.caller})",
@@ -428,4 +430,6 @@ def check_predicted_return(s: ReturnSample, check: ReturnCheck, facts: CodeFacts
     if not prediction.livepatch_sp:
         out.append(Violation(9, "the return half will not pop the livepatch stack (P4 predicted at P3)",
                              f"livepatch_sp back to {entry.address:#x}", "no store to livepatch_sp"))
+    for v in out:
+        v.diagnosis = return_half
     return out

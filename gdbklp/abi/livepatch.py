@@ -84,6 +84,11 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
                 slots["magic"] = d.disp
                 magic = value
         elif word == ppc.BCTRL:
+            if "magic" not in slots and None not in (ti_off, size):
+                # the push stores no magic: take the slot and value its return half checks
+                found = _checked_magic(insns[i + 1:], ti_off)
+                if found is not None:
+                    slots["magic"], magic = found
             missing = [n for n, v in (("ld rX,OFF(r13)", paca_off), ("ld rY,OFF(rX)", ti_off),
                                       ("addi rY,rY,SIZE", size)) if v is None]
             missing += [f"std of the {s} slot" for s in ("toc", "ra", "magic") if s not in slots]
@@ -96,6 +101,33 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
                 magic_slot=slots["magic"], magic=magic, call_to_c=here, pushed_before_call=stored_sp)
     raise LayoutError(f"livepatch_handler at {address:#x}: no bctrl in its first "
                       f"{len(insns)} instructions")
+
+
+def _checked_magic(insns: list[int], ti_off: int) -> tuple[int, int] | None:
+    """(slot, constant) the return half compares with `td`: a word loaded from
+    livepatch_sp + slot against a constant built by lis/ori."""
+    holds: dict[int, object] = {}  # register -> "ti" | "sp" | ("slot", disp) | int constant
+    for word in insns:
+        d = ppc.decode_dform(word)
+        if ppc.is_ld(word) and d.ra == 13:
+            holds[d.rt] = "ti"
+        elif ppc.is_ld(word) and holds.get(d.ra) == "ti" and d.disp == ti_off:
+            holds[d.rt] = "sp"
+        elif ppc.is_ld(word) and holds.get(d.ra) == "sp":
+            holds[d.rt] = ("slot", d.disp)
+        elif word >> 26 == 15 and (word >> 16) & 31 == 0:  # lis
+            holds[(word >> 21) & 31] = (word & 0xFFFF) << 16
+        elif word >> 26 == 24 and isinstance(holds.get((word >> 21) & 31), int):  # ori
+            holds[(word >> 16) & 31] = holds[(word >> 21) & 31] | (word & 0xFFFF)
+        elif word >> 26 == 31 and (word >> 1) & 0x3FF == 68:  # td TO,rA,rB
+            a, b = holds.get((word >> 16) & 31), holds.get((word >> 11) & 31)
+            for x, y in ((a, b), (b, a)):
+                if isinstance(x, tuple) and isinstance(y, int):
+                    return x[1], y
+            return None
+        elif word == ppc.BLR:
+            return None
+    return None
 
 
 def find_unredirected_exits(code: bytes, address: int, livepatch_handler: int) -> list[int]:

@@ -24,7 +24,8 @@ from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, Eve
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
 from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection
-from gdbklp.abi.trampoline import predict_return
+from gdbklp.abi.livepatch import LayoutError
+from gdbklp.abi.trampoline import lint_livepatch_handler, predict_return
 from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.events import cache_until
@@ -85,6 +86,7 @@ class Watch:
         self.handler_code = kernel.code(self.layout.address, HANDLER_BYTES)
         self.p3_code = target.read_memory(self.layout.return_point, 4)  # P3's instruction, as the guest has it
         self.extra_loads = 0  # words the return half loaded that the P3 check had not read
+        self.p3_diagnosis = self.diagnose_push()
         # the register it loads, when klp-watch executes it for the guest
         self.p3_loads_into = paca_load_target(int.from_bytes(self.p3_code, "little"), self.layout.paca_thread_info)
         self.p1_replacements: dict[int, dict[int, int]] = {}  # task -> livepatch entry address -> C
@@ -96,6 +98,22 @@ class Watch:
                               f"store livepatch_sp before its bctrl at {self.layout.call_to_c:#x}, so P1 "
                               "cannot tell which redirection it enters")
         self.mode = None
+
+    def diagnose_push(self) -> str:
+        """Where a state found wrong at P3 comes from, as the static model of the
+        handler tells: its push half (the instruction), or C, if push and pop are sound."""
+        try:
+            defects = [f for f in lint_livepatch_handler(self.handler_code, self.layout.address) if not f.ok]
+        except LayoutError as e:
+            self.report.notes.append(f"static model of livepatch_handler: {e}")
+            return ""
+        for f in defects:
+            self.report.notes.append(f"static model of livepatch_handler: {f.text} "
+                                     f"({self.kernel.describe(f.address)}, {f.address:#x})")
+        if defects:
+            return "livepatch_handler is defective (static model): " + "; ".join(
+                f"{f.text} at {self.kernel.describe(f.address)}" for f in defects)
+        return "between P1 and P3, while C ran: the static model proves livepatch_handler's push and pop sound"
 
     def start(self) -> None:
         """Insert the probes (or start the pauses) of the mode the options ask for."""
@@ -223,6 +241,8 @@ class Watch:
         who = tasks.identity(s.task)
         names = self.names_of(s, check.call_site, check.patched, check.entry)
         consistency = self.consistency_violation(s.task, True, names.patched, names.replacement)
+        for v in check.violations:
+            v.diagnosis = self.p3_diagnosis
         violations = check.violations + check_predicted_return(s, check, facts, self.predicted_return(s)) \
             + ([consistency] if consistency else [])
         context = self.context(who, s.cpu, call_site=check.call_site.value, caller=check.caller,
