@@ -11,6 +11,7 @@ import pytest
 
 from gdbklp.abi import ppc
 from gdbklp.abi.frames import HEADER_BYTES
+from gdbklp.abi.invariants import check_balance
 from gdbklp.lab.workload import CALLER_CALL_SITE as CALL_SITE
 from gdbklp.lab.workload import KINDS, caller_of
 from images import StackImage
@@ -187,3 +188,25 @@ def test_running_on_an_interrupt_stack_keeps_the_livepatch_stack_on_the_tasks_ow
     assert stack.stack_base == irq_stack
     assert stack.livepatch.base == image.base and len(stack.livepatch.entries) == 1
     assert not stack.livepatch.problems and not stack.livepatch.entry_problems
+
+
+def test_balance_one_entry_per_redirection_in_flight():
+    image = StackImage("asleep-in-c-local")
+    stack = image.decode()
+    assert check_balance(stack.livepatch.entries, stack.walk, "sample") == (None, set())
+    # a second entry pushed and never popped: 2 entries, 1 trampoline frame
+    slot = image.livepatch_sp_slot
+    top = image.u64(slot)
+    for offset in range(0, 24, 8):
+        image.put_u64(top + offset, image.u64(top - 24 + offset))
+    image.put_u64(slot, top + 24)
+    stack = image.decode()
+    violation, stale = check_balance(stack.livepatch.entries, stack.walk, "sample")
+    assert (violation.invariant, violation.title) == (10, "livepatch stack unbalanced: pushed without pop "
+                                                          "(seen by a sample)")
+    assert stale == {top}
+    # popped early: no entry for the trampoline frame
+    image.put_u64(slot, top - 24)
+    stack = image.decode()
+    violation, stale = check_balance(stack.livepatch.entries, stack.walk, "sample")
+    assert "popped early" in violation.title and stale == set()

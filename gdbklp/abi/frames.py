@@ -50,11 +50,20 @@ class Frame:
     notes: list[str] = field(default_factory=list)
 
 
+END_OF_CHAIN = "end of the back chain"
+FROM_USER = "interrupt from user space (the task's kernel entry)"
+
+
 @dataclass
 class Walk:
     frames: list[Frame]
     end: str
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Did the walk reach the top of the task's stack (every frame seen)?"""
+        return self.end in (END_OF_CHAIN, FROM_USER)
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class _Walker:
                 return self.end(header)
             back = u64(header, 0)
             if back == 0:
-                return self.end("end of the back chain")
+                return self.end(END_OF_CHAIN)
             if back <= sp or back in seen:
                 return self.end(f"back chain at {sp:#x} does not rise ({back:#x}): loop")
             seen.add(back)
@@ -189,7 +198,7 @@ class _Walker:
                        f"lr {link:#x}, r1 {gpr1:#x}")
         self.frames.append(f)
         if user:
-            return "interrupt from user space (the task's kernel entry)"
+            return FROM_USER
         return Registers(pc=nip, sp=gpr1, lr=link, toc=toc)
 
     def end(self, reason: str) -> Walk:

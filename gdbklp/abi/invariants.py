@@ -433,3 +433,21 @@ def check_predicted_return(s: ReturnSample, check: ReturnCheck, facts: CodeFacts
     for v in out:
         v.diagnosis = return_half
     return out
+
+
+def check_balance(entries, walk, seen_by: str) -> tuple[Violation | None, set[int]]:
+    """Invariant 10 over time: a task's livepatch stack holds one entry per
+    redirection in flight, and each of those has its trampoline frame on the
+    task's stack (C returns into livepatch_handler: the LR slot of C's caller
+    frame holds P3). More entries: pushed without pop (the extra ones, on top,
+    are stale: returned as such); fewer: popped early. Judged only on a walk
+    that reached the top of the stack (walk: a gdbklp.abi.frames.Walk)."""
+    in_flight = sum(f.kind == "trampoline" for f in walk.frames)
+    if not walk.complete or len(entries) == in_flight:
+        return None, set()
+    pushed_without_pop = len(entries) > in_flight
+    stale = {e.address for e in entries[in_flight:]} if pushed_without_pop else set()
+    return Violation(10, "livepatch stack unbalanced: " + ("pushed without pop" if pushed_without_pop
+                                                          else "popped early") + f" (seen by a {seen_by})",
+                     f"one entry per redirection in flight: {in_flight} (trampoline frames on its stack)",
+                     f"{len(entries)} entries"), stale

@@ -31,8 +31,8 @@ import time
 import gdb
 
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
-from gdbklp.abi.invariants import (SAMPLE, EventContext, Violation, check_settled_task, check_switched_task,
-                                   replaced_on_stack, stamp)
+from gdbklp.abi.invariants import (SAMPLE, EventContext, Violation, check_balance, check_settled_task,
+                                   check_switched_task, replaced_on_stack, stamp)
 from gdbklp.abi.livepatch import read_livepatch_stack
 from gdbklp.gdbext import patches, stacks, target, tasks, vcpus
 from gdbklp.gdbext.pauses import PeriodicPauses
@@ -124,32 +124,30 @@ class Sampler(PeriodicPauses):
             _, goal, replaced = patches.transition_in_progress(self.kernel)
             self.transition = (patch, goal, replaced)
 
-    def check_stack_rule(self, task: int, base: int, sp: int, entries, vcpu_state: dict | None) -> Violation | None:
-        """Invariant 12 on the task's stack: in a transition for a switched task,
-        between transitions for a sleeper."""
+    def check_stack_rule(self, task: int, functions, vcpu_state: dict | None) -> Violation | None:
+        """Invariant 12 on the task's stack (functions(): those on it): in a
+        transition for a switched task, between transitions for a sleeper."""
         if self.transition:
             _, goal, replaced = self.transition
             state = patches.patch_state(task)
             if state != goal:
                 return None  # pending: it may hold anything
-            return check_switched_task(state, goal, replaced_on_stack(self.walk(base, sp, entries, vcpu_state),
-                                                                      replaced))
+            return check_switched_task(state, goal, replaced_on_stack(functions(), replaced))
         if vcpu_state is not None or None in (self.patches_head, self.patch_list_offset, self.patch_enabled_offset):
             return None
         old = self.old_functions()
-        return check_settled_task(replaced_on_stack(self.walk(base, sp, entries, None), old)) if old else None
+        return check_settled_task(replaced_on_stack(functions(), old)) if old else None
 
-    def walk(self, base: int, sp: int, entries, vcpu_state: dict | None) -> list[str]:
-        """The functions on a task's stack: a running task's from its vCPU, a sleeper's from _switch."""
+    def walk(self, base: int, sp: int, entries, vcpu_state: dict | None):
+        """A task's stack walked: a running task's from its vCPU, a sleeper's from _switch."""
         if vcpu_state:
             regs = stacks.registers(vcpu_state)
         else:
             regs = Registers(pc=self.switch_pc, sp=sp)
         top = base + self.watch.thread_size
         read = prefetching_reader(target.read_memory, sp, top) if base <= sp < top else target.read_memory
-        walk = walk_stack(regs, read, self.view(), base if base <= regs.sp < top else regs.sp & -self.watch.thread_size,
+        return walk_stack(regs, read, self.view(), base if base <= regs.sp < top else regs.sp & -self.watch.thread_size,
                           entries)
-        return [f.function for f in walk.frames]
 
     def old_functions(self) -> set[str]:
         """The functions enabled patches replace, by name; read again when a patch
@@ -199,19 +197,31 @@ class Sampler(PeriodicPauses):
         self.sleeper_budget -= time.monotonic() - start
 
     def check(self, task: int, base: int, sp: int, cpu: int, vcpu_state: dict | None = None) -> None:
-        """One task: its livepatch stack, and the consistency model's stack rule."""
+        """One task: its livepatch stack (in place, balanced, each entry sound), and
+        the consistency model's stack rule."""
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
         stack = read_livepatch_stack(target.read_memory, base, livepatch_sp, sp, self.layout, self.view())
         self.watch.report.sampled_tasks[task] = self.watch.report.sampled_tasks.get(task, 0) + 1
+        walked = []
+
+        def walk():
+            if not walked:
+                walked.append(self.walk(base, sp, stack.entries, vcpu_state))
+            return walked[0]
+
         violations = [Violation(10, "livepatch stack out of place (seen by a sample)",
                                 "end_of_stack + 8 <= livepatch_sp <= r1, on an entry boundary, stack-end magic "
                                 "intact", problem) for problem in stack.problems]
+        stale: set[int] = set()
+        if stack.entries and base <= sp < base + self.watch.thread_size:  # the walk sees the whole own stack
+            violation, stale = check_balance(stack.entries, walk(), SAMPLE)
+            violations += [violation] if violation else []
         for address, problems in stack.entry_problems.items():
-            for problem in problems:
+            for problem in problems if address not in stale else ():
                 inv = 8 if problem.startswith("magic") else 7
                 violations.append(Violation(inv, "livepatch stack entry damaged (seen by a sample)",
                                             f"a [TOC, RA, magic] record at {address:#x}", problem))
-        violation = self.check_stack_rule(task, base, sp, stack.entries, vcpu_state)
+        violation = self.check_stack_rule(task, lambda: [f.function for f in walk().frames], vcpu_state)
         if violation:
             violations.append(violation)
         if violations:

@@ -23,7 +23,7 @@ from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, Eve
                                    Violation, check_consistency, check_predicted_return, check_return, stamp)
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
 from gdbklp.abi.livepatch import paca_load_target
-from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection
+from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection, patched_by
 from gdbklp.abi.livepatch import LayoutError
 from gdbklp.abi.trampoline import lint_livepatch_handler, predict_return
 from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
@@ -299,8 +299,13 @@ class Watch:
     # ---- calls that ftrace did not redirect ----------------------------------
 
     def on_unredirected(self) -> bool:
-        """At a trampoline's bctr into B: a live-patched B running its own code must be right."""
-        patched = self.kernel.function_start(target.register("ctr"))
+        """At a trampoline's bctr into B: a live-patched B running its own code must
+        be right, and a replacement C must never be entered from here, past
+        livepatch_handler (nothing would save A's TOC and return address)."""
+        target_function = self.kernel.function_start(target.register("ctr"))
+        if target_function in set(patches.replacements(self.kernel).values()):
+            return self.on_replacement_without_handler(target_function)
+        patched = target_function
         replacement = patches.replacement_of(self.kernel, patched)
         if replacement is None or replacement == patched:  # not live-patched, or an atomic-replace nop
             return False
@@ -312,6 +317,23 @@ class Watch:
                                        caller=self.kernel.describe(target.register("lr")),
                                        patched=self.describe(patched), replacement=self.describe(replacement)))
         self.report.old_code_calls[self.describe(patched)] += 1
+        self.report.add_violations(who, violations)
+        self.publish(violations)
+        return self.stop_wanted(violations)
+
+    def on_replacement_without_handler(self, replacement: int) -> bool:
+        """ftrace's exit for calls it did not redirect branches into C itself."""
+        lr, exit_ = target.register("lr"), target.register("pc")
+        task = tasks.current_task(self.kernel)
+        who = tasks.identity(task)
+        patched = patched_by(replacement, patches.replacements(self.kernel))
+        v = Violation(7, "C entered from ftrace without livepatch_handler: nothing saves A's TOC and RA",
+                      f"a redirection to {self.describe(replacement)} through livepatch_handler (its push, P1)",
+                      f"the trampoline's exit at {self.kernel.describe(exit_)} ({exit_:#x}) branches to C directly",
+                      diagnosis=f"the ftrace trampoline's redirect decision, before P1 ({self.kernel.describe(exit_)})")
+        violations = stamp([v], self.context(who, vcpus.current_cpu(), call_site=NOT_REDIRECTED,
+                                             caller=self.kernel.describe(lr), patched=self.describe(patched),
+                                             replacement=self.describe(replacement)))
         self.report.add_violations(who, violations)
         self.publish(violations)
         return self.stop_wanted(violations)

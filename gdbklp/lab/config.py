@@ -228,14 +228,15 @@ MUTANTS = {m.name: m for m in (
     Mutant("pop-never", "return half", "the pop never stores livepatch_sp back", 9,
            ((FTRACE_S, "\tsubi\tr11, r11, 24\n\tstd\tr11, TI_livepatch_sp(r12)\n",
              "\tsubi\tr11, r11, 24\n\tnop\n"),), "-t 1 -n 3 -k local"),
-    Mutant("ftrace-no-redirect", "ftrace decision", "ftrace_caller never branches to livepatch_handler", 12,
+    Mutant("ftrace-no-redirect", "ftrace decision", "ftrace_caller enters C directly, never through "
+           "livepatch_handler", 7,
            ((FTRACE_S, "\tbne-\tlivepatch_handler\n#endif\n\tbctr\t\t\t/* jump after _mcount site */",
              "\tnop\n#endif\n\tbctr\t\t\t/* jump after _mcount site */"),), "-t 1 -n 3 -k local"),
     Mutant("rfc-fixed-compare-0x18", "RFC path", "the compare constant built with li after lis (0x18)", 2,
            ((FTRACE_S, "\tlis\tr11, 0xe841\n\tori\tr11, r11, 0x18\n", "\tlis\tr11, 0xe841\n\tli\tr11, 0x18\n"),),
            "-t 1 -n 3 -k global", trampoline="rfc-fixed"),
-    Mutant("rfc-fixed-helper-no-pop", "RFC helper", "the helper does not pop the mini frame", 4,
-           ((FTRACE_S, "\taddi\tr1, r1, 32\t\t/* pop first */\n", "\tnop\t\t\t\t/* pop first */\n"),),
+    Mutant("rfc-fixed-helper-short-pop", "RFC helper", "the helper pops 16 bytes of the 32-byte mini frame", 9,
+           ((FTRACE_S, "\taddi\tr1, r1, 32\t\t/* pop first */\n", "\taddi\tr1, r1, 16\t\t/* pop first */\n"),),
            "-t 1 -n 3 -k local", trampoline="rfc-fixed"),
     Mutant("loader-no-toc-restore", "module loader", "calls to klp_lab_b_global keep their nop: A never "
            "reloads its TOC", 9,

@@ -1,0 +1,43 @@
+"""A fast subset of the mutation suite (bench/mutation.py runs all): each mutant
+of the lab caught with its invariant, at its first redirection, before the
+guest goes down, with the instruction or code point responsible."""
+
+import pytest
+
+from gdbklp.lab import build
+from gdbklp.lab.config import MUTANTS
+from gdbklp.lab.session import WatchedGuest, attached, booted
+from gdbklp.options import WatchOptions
+
+pytestmark = pytest.mark.lab  # builds lab variants, boots QEMU guests
+
+FAST = ("pop-16-bytes", "push-no-magic", "c-clobbers-toc-slot")
+
+
+@pytest.mark.parametrize("options", [WatchOptions(), WatchOptions(park=True)], ids=["breakpoint", "park"])
+@pytest.mark.parametrize("name", FAST)
+def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):
+    mutant = MUTANTS[name]
+    images = build.build_all(mutant)
+    with booted(images, trampoline=mutant.trampoline, workdir=tmp_path) as guest, \
+            attached(guest, images.vmlinux) as gdb:
+        gdb.cont()
+        report = WatchedGuest(guest, gdb).watch(f"klplab-run -r {mutant.run}", 120, options)
+    assert report.violations, f"{name} not detected:\n{report.format_text()}"
+    first = report.violations[0]
+    assert (first.invariant, first.seq) == (mutant.invariant, 0), report.format_text()
+    assert report.violations_at_down is None or report.violations_at_down > 0  # before the guest went down
+    if mutant.code_point == "return half":
+        assert first.diagnosis.startswith("in livepatch_handler's return half"), first.format_text()
+    elif mutant.code_point == "push half":
+        assert "livepatch_handler is defective (static model)" in first.diagnosis, first.format_text()
+    else:
+        assert first.diagnosis.startswith("between P1 and P3, while C ran"), first.format_text()
+
+
+def test_mutant_builds_reuse_the_lab_build_tree(lab):
+    images = build.build_all(MUTANTS["pop-16-bytes"])
+    log = (images.vmlinux.parent / "build.log").read_text()
+    # only the trampoline's object is assembled again, then vmlinux is linked
+    assert "AS      arch/powerpc/kernel/trace/ftrace_mprofile.o" in log
+    assert "  CC  " not in log.replace("CC      init/version-timestamp.o", "")
