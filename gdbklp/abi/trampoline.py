@@ -158,8 +158,9 @@ class Machine:
         insn = ppc.disassemble(word.to_bytes(4, "little"), at)[0][1]
         return TrampolineError(f"livepatch_handler: cannot model `{insn}` ({word:#010x}) at {at:#x}")
 
-    def run(self, code: bytes, address: int, start: int, until: str) -> int:
-        """Execute from start until an instruction returns until; its address."""
+    def run(self, code: bytes, address: int, start: int, until: str, stop_at_trap: bool = False) -> tuple[int, bool]:
+        """Execute from start until an instruction returns until (or, with
+        stop_at_trap, until a td/tdi traps): (its address, whether it trapped)."""
         insns = ppc.words(code)
         at = start
         for _ in range(MAX_INSNS):
@@ -167,8 +168,12 @@ class Machine:
             if not 0 <= index < len(insns):
                 raise TrampolineError(f"livepatch_handler: ran past its code at {at:#x} looking for a {until}")
             outcome = self.step(insns[index], at)
+            if stop_at_trap and self.compares and self.compares[-1][0] == at:
+                _, a, b, to = self.compares[-1]
+                if trap_taken(to, a, b):
+                    return at, True
             if outcome == until:
-                return at
+                return at, False
             if outcome is not None:
                 raise TrampolineError(f"livepatch_handler: unexpected {outcome} at {at:#x} "
                                       f"(expected a {until})")
@@ -211,14 +216,14 @@ def lint_livepatch_handler(code: bytes, address: int) -> list[Finding]:
     r1, r13 and memory as they were (its ELFv2 duties).
     """
     m = Machine(read_register=lambda name: Sym(name), load=lambda a: Sym(f"[{text(a)}]"))
-    p1 = m.run(code, address, address, "call")
+    p1, _ = m.run(code, address, address, "call")
     pushed = dict(m.memory)
     stores_before = len(m.stores)
     for name in VOLATILE:
         m.set(name, Sym(f"clobbered:{name}"), p1)
     m.set("r2", Sym("toc_of_c"), p1)
     m.set("lr", p1 + 4, p1)
-    blr = m.run(code, address, p1 + 4, "return")
+    blr, _ = m.run(code, address, p1 + 4, "return")
     out = [Finding(True, p1, f"P1 (the bctrl into C) at {p1:#x}, P3 at {p1 + 4:#x}, the return (blr) at {blr:#x}")]
 
     def check(ok: bool, what: str, where: int) -> None:
@@ -299,21 +304,7 @@ def predict_return(code: bytes, address: int, p3: int, read_register, load) -> R
     """Run the return half concretely from P3: read_register(name) gives the
     registers at P3, load(address) the words it loads (8 bytes, little endian)."""
     m = Machine(read_register=read_register, load=load)
-    insns = ppc.words(code)
-    at = p3
-    for _ in range(MAX_INSNS):
-        index = (at - address) // 4
-        if not 0 <= index < len(insns):
-            raise TrampolineError(f"livepatch_handler: ran past its code at {at:#x} looking for the blr")
-        outcome = m.step(insns[index], at)
-        if m.compares and m.compares[-1][0] == at:
-            _, a, b, to = m.compares[-1]
-            if trap_taken(to, a, b):
-                return ReturnPrediction(None, m.get("r1"), m.get("r2"), {}, at, m.writer)
-        if outcome == "return":
-            return ReturnPrediction(m.get("lr"), m.get("r1"), m.get("r2"),
-                                    {a: v for _, a, v in m.stores}, None, m.writer)
-        if outcome is not None:
-            raise TrampolineError(f"livepatch_handler: unexpected {outcome} at {at:#x} after P3")
-        at += 4
-    raise TrampolineError(f"livepatch_handler: no blr within {MAX_INSNS} instructions of P3 {p3:#x}")
+    at, trapped = m.run(code, address, p3, "return", stop_at_trap=True)
+    if trapped:
+        return ReturnPrediction(None, m.get("r1"), m.get("r2"), {}, at, m.writer)
+    return ReturnPrediction(m.get("lr"), m.get("r1"), m.get("r2"), {a: v for _, a, v in m.stores}, None, m.writer)
