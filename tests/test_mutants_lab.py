@@ -41,3 +41,22 @@ def test_mutant_builds_reuse_the_lab_build_tree(lab):
     # only the trampoline's object is assembled again, then vmlinux is linked
     assert "AS      arch/powerpc/kernel/trace/ftrace_mprofile.o" in log
     assert "  CC  " not in log.replace("CC      init/version-timestamp.o", "")
+
+
+def test_an_entry_left_behind_is_found_at_the_next_redirection(lab, tmp_path):
+    # pop-never: the return half forgets to store livepatch_sp back. The first
+    # redirection's P4 is predicted wrong; the second finds the first's entry
+    # still there with no redirection in flight for it (pushed without pop)
+    mutant = MUTANTS["pop-never"]
+    images = build.build_all(mutant)
+    with booted(images, workdir=tmp_path) as guest, attached(guest, images.vmlinux) as gdb:
+        gdb.cont()
+        report = WatchedGuest(guest, gdb).watch(f"klplab-run -r {mutant.run}", 120)
+    by_seq = {}
+    for v in report.violations:
+        by_seq.setdefault(v.seq, []).append(v)
+    assert [v.invariant for v in by_seq[0]] == [9], report.format_text()
+    balance = [v for v in by_seq[1] if v.invariant == 10]
+    assert balance and balance[0].title == "livepatch stack unbalanced: pushed without pop (seen by a P3 check)"
+    assert (balance[0].expected, balance[0].found) == (
+        "one entry per redirection in flight: 0 (trampoline frames on its stack)", "1 entries")

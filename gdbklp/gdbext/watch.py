@@ -19,9 +19,12 @@ goes down.
 import gdb
 
 from gdbklp.abi.callsite import CallSite
+from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
 from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, EventContext, ReturnSample,
-                                   Violation, check_consistency, check_predicted_return, check_return, stamp)
+                                   Violation, check_balance, check_consistency, check_predicted_return,
+                                   check_return, stamp)
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
+from gdbklp.abi.livepatch import entries as livepatch_entries
 from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection, patched_by
 from gdbklp.abi.livepatch import LayoutError
@@ -231,6 +234,27 @@ class Watch:
         return predict_return(self.handler_code, self.layout.address, self.layout.return_point,
                               lambda name: registers[name] if name in registers else target.register(name), load)
 
+    def balance_violations(self, s: ReturnSample, check, facts: CodeFacts) -> list[Violation]:
+        """Invariant 10 over time, at P3: the entries below this redirection's are
+        the redirections in flight around it, one trampoline frame each up the
+        task's stack. Only with such entries (nested redirections, or one left
+        behind): the walk reads the used stack, a few packets, and the usual
+        redirection has none."""
+        if check.entry is None or check.depth < 2 or any(v.invariant == 10 for v in check.violations):
+            return []
+        first = s.stack_base + 8
+        outer = [e for e in livepatch_entries(s.livepatch_block, s.stack_base, check.entry.address, self.layout)
+                 if e.address >= first]
+        top = s.stack_base + self.thread_size
+        walk = walk_stack(Registers(pc=self.layout.return_point, sp=s.sp),
+                          prefetching_reader(target.read_memory, s.sp, top), facts.view, s.stack_base, outer)
+        violation, _ = check_balance(outer, walk, "P3 check")
+        if violation:
+            violation.diagnosis = ("an earlier redirection of this task: its entry stayed (pushed without pop)"
+                                   if "pushed" in violation.title else "an earlier redirection popped an entry "
+                                                                       "that was still in flight")
+        return [violation] if violation else []
+
     def on_return(self) -> bool:
         s = self.read_return_state()
         facts = code_facts(self.kernel)
@@ -243,8 +267,8 @@ class Watch:
         consistency = self.consistency_violation(s.task, True, names.patched, names.replacement)
         for v in check.violations:
             v.diagnosis = self.p3_diagnosis
-        violations = check.violations + check_predicted_return(s, check, facts, self.predicted_return(s)) \
-            + ([consistency] if consistency else [])
+        violations = check.violations + self.balance_violations(s, check, facts) \
+            + check_predicted_return(s, check, facts, self.predicted_return(s)) + ([consistency] if consistency else [])
         context = self.context(who, s.cpu, call_site=check.call_site.value, caller=check.caller,
                                patched=self.describe(names.patched), replacement=self.describe(names.replacement))
         stamp(violations, context)
