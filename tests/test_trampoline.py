@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gdbklp.abi import ppc
-from gdbklp.abi.trampoline import TrampolineError, lint_livepatch_handler, predict_return
+from gdbklp.abi.trampoline import TrampolineError, decode_layout, lint_livepatch_handler, predict_return
 
 DATA = Path(__file__).parent / "data"
 HANDLER = json.loads((DATA / "livepatch_handler.json").read_text())
@@ -97,3 +97,16 @@ def test_p4_predicts_the_trap_and_a_wrong_restore():
     state = P3State()
     p = predict_return(code(**{f"i{POP_TOC_LOAD}": 0xE84BFFF0}), ADDRESS, P3, state.register, state.load)
     assert p.r2 == state.RA and p.writer["r2"] == ADDRESS + 4 * POP_TOC_LOAD
+
+
+def test_the_layout_expects_the_magic_the_push_really_stores():
+    # lis r12,0x57ac; addi r12,r12,0x6e9d: the same magic, not built by ori
+    layout = decode_layout(code(i8=0x398C6E9D), ADDRESS)
+    assert layout.magic == ppc.STACK_END_MAGIC
+    # ... and built wrong: addi r12,r12,0x6e9e
+    assert decode_layout(code(i8=0x398C6E9E), ADDRESS).magic == ppc.STACK_END_MAGIC + 1
+
+
+def test_the_layout_refuses_a_push_it_cannot_model():
+    with pytest.raises(TrampolineError, match=rf"cannot model `mulli r12, r12, 3` \(0x1d8c0003\) at {ADDRESS + 32:#x}"):
+        decode_layout(code(i8=0x1D8C0003), ADDRESS)

@@ -19,10 +19,11 @@ An instruction the machine does not model is refused (TrampolineError names
 its address and the instruction), never guessed over.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from gdbklp.abi import ppc
-from gdbklp.abi.livepatch import LayoutError
+from gdbklp.abi.livepatch import LayoutError, LivepatchHandlerLayout, decode_livepatch_handler
 
 MAX_INSNS = 64
 SPR_NAMES = {8: "lr", 9: "ctr"}
@@ -308,3 +309,22 @@ def predict_return(code: bytes, address: int, p3: int, read_register, load) -> R
     if trapped:
         return ReturnPrediction(None, m.get("r1"), m.get("r2"), {}, at, m.writer)
     return ReturnPrediction(m.get("lr"), m.get("r1"), m.get("r2"), {a: v for _, a, v in m.stores}, None, m.writer)
+
+
+# ---- the layout, confirmed by the machine ------------------------------------------
+
+def decode_layout(code: bytes, address: int) -> LivepatchHandlerLayout:
+    """livepatch_handler's layout (gdbklp.abi.livepatch), with the magic the push
+    really stores: the pattern decoder follows lis/ori only, the machine every
+    instruction of the push (refusing, by address, one it does not model), so
+    a magic built or stored another way is expected as what it is."""
+    layout = decode_livepatch_handler(code, address)
+    m = Machine(read_register=lambda name: Sym(name), load=lambda a: Sym(f"[{text(a)}]"))
+    m.run(code, address, address, "call")
+    new_sp = [v for v in m.memory.values() if isinstance(v, Sym) and v.offset == layout.entry_size]
+    if len(new_sp) != 1:
+        return layout
+    stored = m.memory.get(new_sp[0] + layout.magic_slot)
+    if isinstance(stored, int) and stored != layout.magic:
+        return dataclasses.replace(layout, magic=stored)
+    return layout

@@ -9,7 +9,8 @@ import gdb
 
 from gdbklp.abi import elf
 from gdbklp.abi.kernel import THREAD_SIZE_DEFAULT, VMLINUX, KernelView, ObjectInfo
-from gdbklp.abi.livepatch import LivepatchHandlerLayout, decode_livepatch_handler
+from gdbklp.abi.livepatch import LivepatchHandlerLayout
+from gdbklp.abi.trampoline import decode_layout
 from gdbklp.gdbext import events, target
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.modules import ModuleList
@@ -68,7 +69,7 @@ class Kernel:
         if self._layout is None:
             address = self.require_livepatch()
             # from the file: the handler is never patched, and the guest may not run yet
-            self._layout = decode_livepatch_handler(self.code(address, HANDLER_BYTES), address)
+            self._layout = decode_layout(self.code(address, HANDLER_BYTES), address)
         return self._layout
 
     def check_matches_target(self) -> None:
