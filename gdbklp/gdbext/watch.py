@@ -24,10 +24,9 @@ from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, Eve
                                    Violation, check_balance, check_consistency, check_predicted_return,
                                    check_return, stamp)
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
+from gdbklp.abi.livepatch import LayoutError, paca_load_target
 from gdbklp.abi.livepatch import entries as livepatch_entries
-from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection, patched_by
-from gdbklp.abi.livepatch import LayoutError
 from gdbklp.abi.trampoline import lint_livepatch_handler, predict_return
 from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
 from gdbklp.gdbext.commands import GdbklpError
@@ -89,8 +88,8 @@ class Watch:
         self.handler_code = kernel.code(self.layout.address, HANDLER_BYTES)
         self.p3_code = target.read_memory(self.layout.return_point, 4)  # P3's instruction, as the guest has it
         self.extra_loads = 0  # words the return half loaded that the P3 check had not read
-        self.p3_diagnosis = self.diagnose_push()
-        # the register it loads, when klp-watch executes it for the guest
+        self.p3_diagnosis = self.diagnose_push()  # for states found wrong at P3
+        # the register P3's instruction loads, when klp-watch executes it for the guest
         self.p3_loads_into = paca_load_target(int.from_bytes(self.p3_code, "little"), self.layout.paca_thread_info)
         self.p1_replacements: dict[int, dict[int, int]] = {}  # task -> livepatch entry address -> C
         if options.park and self.p3_loads_into is None:
@@ -397,6 +396,9 @@ class Watch:
         if self.mode is not None:
             self.mode.close()
         self.flush()
+        if self.extra_loads and self.report.ended is None:
+            self.report.notes.append(f"the P4 prediction read {self.extra_loads} words the P3 check had not "
+                                     "(the return half loads something other than the handler's own record)")
         self.report.finish(reason)
         for probe in self.probes:
             if probe.is_valid():
