@@ -23,6 +23,11 @@ def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):
             attached(guest, images.vmlinux) as gdb:
         gdb.cont()
         report = WatchedGuest(guest, gdb).watch(f"klplab-run -r {mutant.run}", 120, options)
+        gdb.interrupt()
+        lint = gdb.console("klp-lint")
+    # klp-lint proves the handler from its code: defective where the mutant edits it
+    assert lint.strip().endswith("klp-lint: " + ("defects found" if mutant.code_point in ("push half", "return half")
+                                                else "clean")), lint
     assert report.violations, f"{name} not detected:\n{report.format_text()}"
     first = report.violations[0]
     assert (first.invariant, first.seq) == (mutant.invariant, 0), report.format_text()
