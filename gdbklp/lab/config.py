@@ -8,6 +8,7 @@ under qemu-images/ it names, both of which feed the build cache keys.
 """
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,9 @@ HOST_REQUIREMENTS = (
     HostRequirement("/usr/include/openssl/ssl.h", "libssl-dev"),
     HostRequirement("/usr/include/libelf.h", "libelf-dev"),
     HostRequirement("cpio", "cpio"),
-    # the project's environment is a venv of the Python gdb embeds
-    HostRequirement("/usr/lib/python3.11/ensurepip/__init__.py", "python3-venv"),
+    # the project's environment is a venv of the Python gdb embeds, which is
+    # the distribution's python3 (./bootstrap asks gdb which one it is)
+    HostRequirement(f"/usr/lib/python3.{sys.version_info.minor}/ensurepip/__init__.py", "python3-venv"),
 )
 
 
