@@ -4,7 +4,7 @@
 
 or, for every session, add "source /path/to/gdbinit.d/gdbklp.py" to ~/.gdbinit.
 The project's environment (.venv, made by ./bootstrap setup from
-/usr/bin/python3, the Python gdb embeds) provides capstone; GDBKLP_VENV
+the Python gdb embeds) provides capstone; GDBKLP_VENV
 names another one.
 """
 
