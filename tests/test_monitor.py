@@ -113,6 +113,11 @@ class Terminal:
     def send(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
+    def press(self, keys: str, shows: str, timeout: float) -> str:
+        """Send keys, then wait until the screen shows pattern shows."""
+        self.send(keys)
+        return self.read_until(shows, timeout)
+
     def wait(self, timeout: float) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -139,25 +144,20 @@ def test_monitor_watches_saves_and_detaches(lab, tmp_path):
         term.read_until(r"klplab-run\s+[0-9,]+\s+6\s+0\n.*klplab-run\s+[0-9,]+\s+6\s+0", 60)
         term.read_until(r"global\s+6\s+6\s+0", 30)
         term.read_until(r"local\s+6\s+6\s+0", 30)
-        term.send("f")  # the selected task (the first) has exited: one line says so
-        term.read_until(r"klp-frames: no task with pid \d+", 30)
+        # the selected task (the first) has exited: one line says so
+        term.press("f", r"klp-frames: no task with pid \d+", 30)
         # a task asleep in C after one redirection: the last row; its frames show C
         guest.check("echo 8000 > /sys/module/klp_lab_patch/parameters/nap_ms; "
                     "(klplab-run -t 1 -n 2 -k local -f nap > /dev/null &)")
         term.read_until(r"klplab-run\s+[0-9,]+\s+1\s+0", 60)
         term.send("\x1b[B\x1b[B")  # down twice
-        term.send("f")
-        term.read_until(r"klp-frames of pid \d+", 60)
+        term.press("f", r"klp-frames of pid \d+", 60)
         term.read_until(r"klp_lab_c_local", 10)
-        term.send("p")
-        term.read_until(r"guest: paused", 30)
-        term.send("p")
-        term.read_until(r"guest resumed", 30)
-        term.send("s")
-        term.read_until(r"report saved to", 30)
+        term.press("p", r"guest: paused", 30)
+        term.press("p", r"guest resumed", 30)
+        term.press("s", r"report saved to", 30)
         assert json.loads(report.read_text())["redirections"] >= 13
-        term.send("q")
-        term.read_until(r"d detach", 10)
+        term.press("q", r"d detach", 10)
         term.send("d")
         assert term.wait(60) == 0
         assert b"detached, the guest keeps running" in term.raw
@@ -206,13 +206,10 @@ def test_monitor_drives_the_lab_and_shows_its_console(lab, tmp_path):
     term.read_until(r"redirections: 8 ", 180)
     term.read_until(r"klplab-counts-end", 30)
     term.read_until(r"'klplab-run -t 1 -n 4 -k local,indirect' exited 0", 30)
-    term.send("r")
-    term.read_until(r"klplab-run \S*$|Enter runs it", 10)
-    term.send("-t 1 -n 3 -k global\r")
-    term.read_until(r"redirections: 11 ", 60)
+    term.press("r", r"klplab-run \S*$|Enter runs it", 10)
+    term.press("-t 1 -n 3 -k global\r", r"redirections: 11 ", 60)
     term.read_until(r"global\s+3\s+3\s+0", 30)
-    term.send("q")
-    term.read_until(r"d detach", 10)
+    term.press("q", r"d detach", 10)
     term.send("k")
     assert term.wait(60) == 0
     assert b"guest stopped" in term.raw

@@ -15,7 +15,7 @@ from gdbklp.gdbext import events, target
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.modules import ModuleList
 
-HANDLER_BYTES = 128
+HANDLER_BYTES = 256  # livepatch_handler's code, both halves
 BANNER_BYTES = 256
 
 
@@ -65,11 +65,14 @@ class Kernel:
             raise GdbklpError(f"kernel without live patching: no livepatch_handler in {self.vmlinux}")
         return address
 
+    def handler_code(self) -> bytes:
+        """livepatch_handler's code, both halves, from the file: the handler is
+        never patched, and the guest may not run yet."""
+        return self.code(self.require_livepatch(), HANDLER_BYTES)
+
     def livepatch_layout(self) -> LivepatchHandlerLayout:
         if self._layout is None:
-            address = self.require_livepatch()
-            # from the file: the handler is never patched, and the guest may not run yet
-            self._layout = decode_layout(self.code(address, HANDLER_BYTES), address)
+            self._layout = decode_layout(self.handler_code(), self.require_livepatch())
         return self._layout
 
     def check_matches_target(self) -> None:

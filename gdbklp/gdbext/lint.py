@@ -27,7 +27,6 @@ from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
 from gdbklp.gdbext.probes import redirect_branches
 from gdbklp.gdbext.rfcwatch import live_redirect_entry
-from gdbklp.gdbext.watch import HANDLER_BYTES
 
 DWARF_OFFSETS = (
     ("paca_thread_info", "struct paca_struct", "__current"),
@@ -49,7 +48,7 @@ def lint_livepatch_handler(kernel: Kernel) -> list[rfc.Finding]:
             out.append(rfc.Finding(used == expected, layout.address,
                                    f"it uses offset {used} for {type_name}.{member}; DWARF says {expected}"))
     try:
-        out += trampoline.lint_livepatch_handler(kernel.code(layout.address, HANDLER_BYTES), layout.address)
+        out += trampoline.lint_livepatch_handler(kernel.handler_code(), layout.address)
     except LayoutError as e:  # an instruction the machine does not model: refused, by address
         out.append(rfc.Finding(False, layout.address, str(e)))
     return out

@@ -30,6 +30,7 @@ import time
 
 import gdb
 
+from gdbklp.abi import ppc
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
 from gdbklp.abi.invariants import (SAMPLE, EventContext, Violation, check_balance, check_settled_task,
                                    check_switched_task, replaced_on_stack, stamp)
@@ -40,6 +41,14 @@ from gdbklp.gdbext.pauses import PeriodicPauses
 SLEEPER_SHARE = 0.02  # of the guest's time, spent checking tasks that are not on a vCPU
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
 KERNEL_BASE = 0xC000000000000000
+
+
+def handler_span(layout, code: bytes) -> range:
+    """livepatch_handler's addresses, from its entry to the blr of its return half."""
+    words = ppc.words(code)
+    first = (layout.return_point - layout.address) // 4
+    ends = [i for i in range(first, len(words)) if words[i] == ppc.BLR]
+    return range(layout.address, layout.address + 4 * (ends[0] + 1 if ends else len(words)))
 
 
 class Sampler(PeriodicPauses):
@@ -66,6 +75,9 @@ class Sampler(PeriodicPauses):
         self.patch_list_offset = target.dwarf_offset("struct klp_patch", "list")
         self.patch_enabled_offset = target.dwarf_offset("struct klp_patch", "enabled")
         self.switch_pc = self.kernel.symbols.address("_switch") or 0  # where a sleeping task resumes
+        # a task running livepatch_handler itself is between a push and C's
+        # frame, or between C's return and the pop: its balance is in flux
+        self.handler_span = handler_span(self.layout, watch.handler_code)
         if self.can_check_sleepers and gdb.selected_thread() is not None:
             self.tasks = tasks.all_tasks()  # the slow readings now, not in the first pause
             self.kernel.view()
@@ -213,7 +225,8 @@ class Sampler(PeriodicPauses):
                                 "end_of_stack + 8 <= livepatch_sp <= r1, on an entry boundary, stack-end magic "
                                 "intact", problem) for problem in stack.problems]
         stale: set[int] = set()
-        if stack.entries and base <= sp < base + self.watch.thread_size:  # the walk sees the whole own stack
+        in_handler = vcpu_state is not None and vcpu_state["pc"] in self.handler_span
+        if stack.entries and base <= sp < base + self.watch.thread_size and not in_handler:  # the whole own stack
             violation, stale = check_balance(stack.entries, walk(), SAMPLE)
             violations += [violation] if violation else []
         for address, problems in stack.entry_problems.items():

@@ -87,9 +87,14 @@ def paca_current_offset(kernel: Kernel) -> int:
     return offset
 
 
+def task_slot(kernel: Kernel, r13: int) -> int:
+    """Where the PACA at r13 holds the pointer to the task it runs."""
+    return r13 + paca_current_offset(kernel)
+
+
 def running_task(kernel: Kernel, r13: int) -> int:
     """The task_struct a vCPU in kernel mode runs, from its PACA (r13)."""
-    return target.read_u64(r13 + paca_current_offset(kernel))
+    return target.read_u64(task_slot(kernel, r13))
 
 
 def current_task(kernel: Kernel) -> int:

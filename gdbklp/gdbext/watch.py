@@ -37,7 +37,6 @@ from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection, WatchReport
 
 GUEST_DOWN = ("die", "panic")
-HANDLER_BYTES = 256  # livepatch_handler's code, both halves
 
 
 def code_facts(kernel: Kernel, covering: int | None = None) -> CodeFacts:
@@ -83,9 +82,7 @@ class Watch:
             self.report.notes.append("consistency model (invariant 12) not checked: the vmlinux has no "
                                      "DWARF for klp_transition_patch and task_struct.patch_state")
         self.probes: list[Probe] = []
-        # the handler's code, both halves, from the vmlinux file like its layout (the
-        # watch may start before the guest boots); its return half is run at each P3
-        self.handler_code = kernel.code(self.layout.address, HANDLER_BYTES)
+        self.handler_code = kernel.handler_code()  # its return half is run at each P3
         self.p3_code = target.read_memory(self.layout.return_point, 4)  # P3's instruction, as the guest has it
         self.extra_loads = 0  # words the return half loaded that the P3 check had not read
         self.p3_diagnosis = self.diagnose_push()  # for states found wrong at P3
@@ -191,7 +188,7 @@ class Watch:
     def read_return_state(self) -> ReturnSample:
         """r1, the task, its livepatch stack and A's frame header, at P3."""
         sp = target.register("r1")
-        task_slot = target.register("r13") + tasks.paca_current_offset(self.kernel)
+        task_slot = tasks.task_slot(self.kernel, target.register("r13"))
         task = target.read_u64(task_slot)
         livepatch_sp = int.from_bytes(tasks.read_task_field(task, self.layout.ti_livepatch_sp, 8), "little")
         base = sp & ~(self.thread_size - 1)
