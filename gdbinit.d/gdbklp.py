@@ -15,7 +15,7 @@ from pathlib import Path
 
 def _add_environment() -> None:
     root = Path(__file__).resolve().parent.parent
-    venv = Path(os.environ.get("GDBKLP_VENV", root / ".venv"))
+    venv = root / os.environ.get("GDBKLP_VENV", ".venv")  # relative to the repository
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     site = venv / "lib" / version / "site-packages"
     if str(root) not in sys.path:
@@ -28,8 +28,17 @@ def _add_environment() -> None:
               "loading without it: instruction display is off")
 
 
-_add_environment()
+def _check_gdb_version() -> None:
+    import gdb
+    from gdbklp.lab.config import MIN_GDB
+    version = tuple(int(part) for part in gdb.VERSION.split()[0].split(".")[:2] if part.isdigit())
+    if version < MIN_GDB:
+        raise RuntimeError(f"gdbklp needs gdb {'.'.join(map(str, MIN_GDB))} or newer; this is gdb {gdb.VERSION}")
+
+
 try:
+    _add_environment()
+    _check_gdb_version()
     import gdbklp.gdbext
     gdbklp.gdbext.load()
 except Exception as e:  # one clear line, never a traceback at gdb start-up

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gdbklp.lab import LabError
 from gdbklp.lab import config as cfg
+from gdbklp.lab import root as labroot
 
 MANIFEST = "manifest.json"
 EDITED = ".edited"  # in a source tree while a variant's edits are applied to it
@@ -34,6 +35,10 @@ def log(msg: str) -> None:
 
 
 def missing_requirements(requirements=cfg.HOST_REQUIREMENTS) -> list[cfg.HostRequirement]:
+    """The requirements the host lacks (none inside the lab root, which has
+    everything the lab needs)."""
+    if labroot.inside_lab_root():
+        return []
     return [req for req in requirements
             if not (Path(req.path).exists() if req.path.startswith("/") else shutil.which(req.path))]
 
@@ -73,7 +78,8 @@ def sha256_cached(path: Path) -> str:
 
 
 def tool_version(command: str) -> str:
-    out = subprocess.run([command, "--version"], capture_output=True, text=True)
+    """The first --version line of one of the lab root's tools."""
+    out = subprocess.run(labroot.wrap([command, "--version"]), capture_output=True, text=True)
     return out.stdout.splitlines()[0] if out.stdout else ""
 
 
@@ -122,18 +128,21 @@ def cached_step(name: str, parts: dict, outputs: tuple[str, ...], build) -> Step
     return StepResult(directory, key, rebuilt=True)
 
 
-def run(cmd: list, cwd=None, log_file: Path | None = None, env=None) -> None:
-    """Run a build command; on failure raise LabError with the output's tail."""
+def run(cmd: list, cwd=None, log_file: Path | None = None) -> str:
+    """Run a build command in the lab root; return its output, or raise
+    LabError with the output's tail if it fails."""
+    argv = labroot.wrap(cmd, cwd)
     if log_file is None:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
     else:
         with open(log_file, "w") as f:
-            proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.run(argv, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
         output = log_file.read_text(errors="replace")
     if proc.returncode != 0:
         tail = "\n".join(output.splitlines()[-15:])
         raise LabError(f"'{' '.join(map(str, cmd))}' failed ({proc.returncode}):\n{tail}")
+    return output
 
 
 # ---- kernel -------------------------------------------------------------
@@ -177,7 +186,8 @@ def unmet_fragment_lines(config: Path, fragment: dict[str, str]) -> list[str]:
 def kernel_source(kernel: cfg.KernelConfig = cfg.KERNEL) -> tuple[Path, str]:
     """Extract the Debian kernel source and apply the lab's patches, once per
     tarball and patch set; return (tree, digest of tarball and patches)."""
-    digest = sha256_cached(kernel.source_tarball)
+    tarball = fetch_member(kernel.source)
+    digest = sha256_cached(tarball)
     patches = [sha256_file(p) for p in kernel.patches]
     if patches:
         digest = hashlib.sha256(json.dumps([digest, patches]).encode()).hexdigest()
@@ -190,8 +200,8 @@ def kernel_source(kernel: cfg.KernelConfig = cfg.KERNEL) -> tuple[Path, str]:
         if root.exists():
             shutil.rmtree(root)
         root.mkdir(parents=True)
-        log(f"extracting {kernel.source_tarball}")
-        run(["tar", "xf", str(kernel.source_tarball), "-C", str(root)])
+        log(f"extracting {tarball.name}")
+        run(["tar", "xf", str(tarball), "-C", str(root)])
         for patch in kernel.patches:
             log(f"applying {patch.name}")
             run(["patch", "-p1", "--quiet", "--forward", "-i", str(patch)], cwd=single_tree(root, kernel))
@@ -202,7 +212,7 @@ def kernel_source(kernel: cfg.KernelConfig = cfg.KERNEL) -> tuple[Path, str]:
 def single_tree(root: Path, kernel: cfg.KernelConfig) -> Path:
     trees = [p for p in root.iterdir() if p.is_dir()]
     if len(trees) != 1:
-        raise LabError(f"{kernel.source_tarball} did not unpack to one directory")
+        raise LabError(f"{kernel.source.member} did not unpack to one directory")
     return trees[0]
 
 
@@ -331,33 +341,56 @@ def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, 
 # ---- initramfs ----------------------------------------------------------
 
 
-def apt_target_download(package: str, arch: str = "ppc64el") -> Path:
-    """Download a Debian package for the target architecture into the cache.
+def apt_options(suite: str, arch: str = "ppc64el") -> tuple[Path, list[str]]:
+    """The lab root's apt, configured for one suite of the Debian archive and
+    the guest's architecture, with its lists and sources under the cache:
+    neither the root's nor the host's apt configuration is touched."""
+    apt_dir = cfg.cache_root() / "apt" / f"{suite}-{arch}"
+    (apt_dir / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (apt_dir / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (apt_dir / "sources.d").mkdir(exist_ok=True)
+    sources = apt_dir / "sources.list"
+    sources.write_text(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.pgp] {cfg.MIRROR} {suite} main\n")
+    return apt_dir, [
+        "-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}",
+        "-o", f"Dir::Etc::SourceList={sources}", "-o", f"Dir::Etc::SourceParts={apt_dir / 'sources.d'}",
+        "-o", f"Dir::State::Lists={apt_dir / 'lists'}", "-o", f"Dir::Cache={apt_dir}",
+        "-o", "Debug::NoLocking=1",
+    ]
 
-    apt keeps its own package lists for the target architecture under the
-    cache, so the host's configuration is untouched.
-    """
-    apt_dir = cfg.cache_root() / "apt" / arch
+
+def fetch_package(package: cfg.DebianPackage) -> Path:
+    """The package's .deb in the cache, downloaded by the lab root's apt if
+    it is not there yet (a cached one is used without the network)."""
+    apt_dir, opts = apt_options(package.suite)
     debs = apt_dir / "debs"
-    found = sorted(debs.glob(f"{package}_*_{arch}.deb")) if debs.exists() else []
+    found = sorted(debs.glob(f"{package.name}_*.deb")) if debs.exists() else []
     if found:
         return found[-1]
-    lists = apt_dir / "lists"
-    (lists / "partial").mkdir(parents=True, exist_ok=True)
-    debs.mkdir(parents=True, exist_ok=True)
-    opts = ["-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}",
-            "-o", f"Dir::State::Lists={lists}", "-o", "Debug::NoLocking=1"]
-    log(f"apt: fetching {package} ({arch}) package lists")
-    update = subprocess.run(["apt-get", *opts, "update"], capture_output=True, text=True)
-    try:
-        run(["apt-get", *opts, "download", package], cwd=debs)
-    except LabError as e:
+    debs.mkdir(exist_ok=True)
+    log(f"apt: fetching {package.name} from {package.suite}")
+    update = subprocess.run(labroot.wrap(["apt-get", *opts, "update"], settings=True), capture_output=True, text=True)
+    download = subprocess.run(labroot.wrap(["apt-get", *opts, "download", package.name], debs, settings=True),
+                              capture_output=True, text=True)
+    found = sorted(debs.glob(f"{package.name}_*.deb"))
+    if download.returncode != 0 or not found:
         # a partly failed update (one mirror syncing) is fine if the package was found
-        raise LabError(f"{e}\napt-get update said:\n{update.stdout[-800:]}{update.stderr[-800:]}") from None
-    found = sorted(debs.glob(f"{package}_*_{arch}.deb"))
-    if not found:
-        raise LabError(f"apt-get download {package} for {arch} produced no .deb")
+        raise labroot.archive_failure(update.stdout + update.stderr + download.stdout + download.stderr,
+                                      f"fetching {package.name} from {package.suite}")
     return found[-1]
+
+
+def fetch_member(package: cfg.DebianPackage) -> Path:
+    """The file package.member from the package, unpacked once into the cache."""
+    deb = fetch_package(package)
+    unpacked = deb.with_suffix("")
+    member = unpacked / package.member
+    if not member.exists():
+        shutil.rmtree(unpacked, ignore_errors=True)
+        run(["dpkg-deb", "-x", str(deb), str(unpacked)])
+        if not member.exists():
+            raise LabError(f"{deb.name} has no {package.member}")
+    return member
 
 
 class CpioWriter:
@@ -392,10 +425,10 @@ class CpioWriter:
 
 
 def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.INITRAMFS) -> StepResult:
-    debs = [apt_target_download(p) for p in initramfs.target_packages]
+    busybox = fetch_member(initramfs.busybox)
     parts = {
         "modules": modules.key,
-        "debs": {d.name: sha256_file(d) for d in debs},
+        "busybox": sha256_file(busybox),
         "init": sha256_file(initramfs.init),
         "programs": {n: sha256_file(p) for n, p in initramfs.programs.items()},
         "applets": initramfs.busybox_applets,
@@ -404,14 +437,11 @@ def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.IN
     }
 
     def build(out: Path) -> None:
-        root = out / "debs"
-        for deb in debs:
-            run(["dpkg-deb", "-x", str(deb), str(root)])
         cpio = CpioWriter()
         for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
             cpio.directory(d)
         cpio.file("init", initramfs.init.read_bytes(), 0o755)
-        cpio.file("bin/busybox", (root / initramfs.busybox).read_bytes(), 0o755)
+        cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
         for applet in initramfs.busybox_applets:
             cpio.symlink(f"bin/{applet}", "busybox")
         for name, source in initramfs.programs.items():
@@ -437,10 +467,11 @@ def cache_lock():
     """One builder at a time per cache: another process would take a step in
     progress for a half-built one and remove it."""
     check_host()
-    root = cfg.cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as lock:
+    cache = cfg.cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        labroot.ensure_root()
         yield
 
 

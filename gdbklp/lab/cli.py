@@ -7,16 +7,28 @@ import sys
 import time
 
 from gdbklp.lab import build, session, workload
-from gdbklp.lab.config import DEFAULT_TRAMPOLINE, TRAMPOLINES
+from gdbklp.lab import root as labroot
+from gdbklp.lab import LabError, host
+from gdbklp.lab.config import DEFAULT_TRAMPOLINE, OTHER_RELEASE_ROOTS, QEMUS, REPO_ROOT, TRAMPOLINES
 from gdbklp.lab.gdbmi import LOADER
-from gdbklp.lab.qemu import Guest, kernel_cmdline
+from gdbklp.lab.qemu import Guest, emulator, kernel_cmdline
 from gdbklp.options import WatchOptions
+
+
+def lab_emulator(args):
+    """The QEMU the command runs, said before it starts."""
+    chosen = emulator(args.qemu)
+    print(f"qemu: {chosen.describe()}", flush=True)
+    return chosen
 
 
 def cmd_build(args) -> int:
     images = build.build_all()
     for name, path in vars(images).items():
         print(f"{name}: {path}")
+    print(f"lab root: {labroot.ensure_root()}")
+    for which in QEMUS:
+        print(f"qemu ({which}): {emulator(which).describe()}")
     return 0
 
 
@@ -27,7 +39,7 @@ def gdb_command(vmlinux, port: int) -> list[str]:
 
 def cmd_boot(args) -> int:
     images = build.build_all()
-    guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
+    guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped, emulator=lab_emulator(args),
                   append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run,
                                         trampoline=args.trampoline))
     with guest.start():
@@ -45,7 +57,7 @@ def cmd_gdb(args) -> int:
     images = build.build_all()
     if args.port:
         return subprocess.call(gdb_command(images.vmlinux, args.port))
-    with session.booted(images, smp=args.smp, trampoline=args.trampoline) as guest:
+    with session.booted(images, smp=args.smp, trampoline=args.trampoline, emulator=lab_emulator(args)) as guest:
         print(f"guest booted (serial log: {guest.serial_log}); starting gdb", file=sys.stderr)
         return subprocess.call(gdb_command(images.vmlinux, guest.gdb_port))
 
@@ -57,8 +69,9 @@ def cmd_demo(args) -> int:
     run_args = f"-t {args.tasks} -n {args.calls} -k {kinds}"
     if args.flags:
         run_args += f" -f {args.flags}"
+    qemu = lab_emulator(args)
     print(f"booting the lab ({images.vmlinux.parent.name}; trampoline: {trampoline.summary}) ...", flush=True)
-    with session.booted(images, smp=args.smp, trampoline=trampoline.name) as guest:
+    with session.booted(images, smp=args.smp, trampoline=trampoline.name, emulator=qemu) as guest:
         print(f"guest ready; serial log: {guest.serial_log}")
         with session.attached(guest, images.vmlinux) as gdb:
             print(f"gdb attached; watching 'klplab-run {run_args}' ...", flush=True)
@@ -84,9 +97,28 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
-def add_trampoline_option(parser: argparse.ArgumentParser) -> None:
+def cmd_other_release(args) -> int:
+    """Run a command in a root of the other supported Debian release, on this
+    checkout and this lab cache, with a venv of its own (.venv-SUITE)."""
+    codename = host.os_release().get("VERSION_CODENAME", "")
+    spec = OTHER_RELEASE_ROOTS.get(codename)
+    if spec is None:
+        raise LabError(f"no other release is known for a {codename or 'non-Debian'} host "
+                       f"(one of {', '.join(OTHER_RELEASE_ROOTS)})")
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise LabError("other-release: say which command to run (after --)")
+    print(f"[lab] in a Debian {spec.suite} root: {' '.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.call(labroot.wrap(["env", f"GDBKLP_VENV=.venv-{spec.suite}", *command],
+                                        REPO_ROOT, spec=spec, settings=True))
+
+
+def add_guest_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
                         help="; ".join(f"{t.name}: {t.summary}" for t in TRAMPOLINES.values()))
+    parser.add_argument("--qemu", choices=tuple(QEMUS), default=None,
+                        help="; ".join(f"{name}: {what}" for name, what in QEMUS.items())
+                        + " (default: $GDBKLP_QEMU, else lab)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -100,13 +132,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("serve", "run", "shell"), default="serve")
     p.add_argument("--run", default="", metavar="ARGS", help="klplab-run arguments (mode run)")
     p.add_argument("--no-patch", action="store_true", help="do not load the live patch at boot")
-    add_trampoline_option(p)
+    add_guest_options(p)
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("gdb", help="gdb-multiarch with gdbklp, attached to a new or running guest")
     p.add_argument("--port", type=int, help="attach to a guest already listening on this port")
     p.add_argument("--smp", type=int, default=None)
-    add_trampoline_option(p)
+    add_guest_options(p)
     p.set_defaults(func=cmd_gdb)
 
     p = sub.add_parser("demo", help="watch every call kind's redirections and compare with the guest")
@@ -120,5 +152,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--without-p1", action="store_true",
                    help="one stop per redirection, not two: indirect calls' B and C are then named only "
                         "where the patch's functions or C's code tell (the lab's: not)")
-    add_trampoline_option(p)
+    add_guest_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("other-release", help="run a command on this checkout in a root of the other supported "
+                       "Debian release (on Debian 12: the lab root, Debian 13; on Debian 13: Debian 12)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]")
+    p.set_defaults(func=cmd_other_release)

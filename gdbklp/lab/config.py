@@ -29,33 +29,79 @@ class HostRequirement:
     package: str
 
 
+# Debian releases gdbklp runs on, by /etc/os-release VERSION_ID. The host
+# needs the same few packages on each: everything the lab is built and run
+# with comes from the lab root (LAB_ROOT), so every host builds it alike.
+SUPPORTED_RELEASES = {"12": "bookworm", "13": "trixie"}
+MIN_GDB = (13, 1)    # the oldest gdb-multiarch gdbklp is tested with (Debian 12's)
+MIN_QEMU = (7, 2)    # the oldest qemu-system-ppc64 the lab runs on (Debian 12's)
+
 HOST_REQUIREMENTS = (
-    HostRequirement("qemu-system-ppc64", "qemu-system-ppc"),
     HostRequirement("gdb-multiarch", "gdb-multiarch"),
-    HostRequirement("powerpc64le-linux-gnu-gcc", "gcc-powerpc64le-linux-gnu"),
-    HostRequirement("powerpc64le-linux-gnu-ld", "binutils-powerpc64le-linux-gnu"),
-    HostRequirement("/usr/powerpc64le-linux-gnu/lib/libc.a", "libc6-dev-ppc64el-cross"),
-    HostRequirement("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1"),
-    HostRequirement("make", "make"),
-    HostRequirement("flex", "flex"),
-    HostRequirement("bison", "bison"),
-    HostRequirement("bc", "bc"),
-    HostRequirement("xz", "xz-utils"),
-    HostRequirement("patch", "patch"),
-    HostRequirement("apt-get", "apt"),
-    HostRequirement("dpkg-deb", "dpkg"),
-    HostRequirement("/usr/include/openssl/ssl.h", "libssl-dev"),
-    HostRequirement("/usr/include/libelf.h", "libelf-dev"),
-    HostRequirement("cpio", "cpio"),
     # the project's environment is a venv of the Python gdb embeds, which is
     # the distribution's python3 (./bootstrap asks gdb which one it is)
     HostRequirement(f"/usr/lib/python3.{sys.version_info.minor}/ensurepip/__init__.py", "python3-venv"),
+    HostRequirement("mmdebstrap", "mmdebstrap"),  # makes the lab root
+    HostRequirement("bwrap", "bubblewrap"),       # runs the lab's builds inside it
+    # the host's own QEMU, kept as the lab's second QEMU (--qemu host): on
+    # Debian 12 it is 7.2, which flushes its translations at every stop
+    HostRequirement("qemu-system-ppc64", "qemu-system-ppc"),
+    HostRequirement("apt-get", "apt"),
 )
 
 
 @dataclass(frozen=True)
+class DebianRoot:
+    """A Debian root made with mmdebstrap in the lab cache: the one toolchain,
+    QEMU and package fetcher of every host. Its directory is named after a
+    hash of this record, so a changed package list makes a new root."""
+
+    suite: str
+    packages: tuple[str, ...]
+    # installed from the suite's backports, with the packages of the same
+    # source they need from there
+    backports: tuple[str, ...] = ()
+
+
+LAB_ROOT = DebianRoot(
+    suite="trixie",
+    packages=(
+        # the kernel and module builds: gcc >= 13 for -fpatchable-function-entry
+        # on ppc64le ELFv2 (gcc 12 puts no nops after the local entry point)
+        "make", "gcc", "libc6-dev", "gcc-powerpc64le-linux-gnu", "binutils-powerpc64le-linux-gnu",
+        "libc6-dev-ppc64el-cross", "flex", "bison", "bc", "libssl-dev", "libelf-dev", "python3",
+        "cpio", "xz-utils", "patch", "kmod",
+        # the suite's own gdb and Python, for the CI run on Debian 13 inside the root
+        "gdb-multiarch", "python3-venv", "ca-certificates",
+    ),
+    # QEMU >= 10.2: its gdbstub no longer flushes the translation cache at every stop
+    backports=("qemu-system-ppc", "qemu-system-common", "qemu-system-data"),
+)
+MIRROR = os.environ.get("GDBKLP_MIRROR", "http://deb.debian.org/debian")
+
+# The other supported release, for CI's second run (`gdbklp lab other-release`):
+# a Debian 12 host runs the checkout again in the lab root (Debian 13); a
+# Debian 13 host, in this small Debian 12 root.
+OTHER_RELEASE_ROOTS = {
+    "bookworm": LAB_ROOT,
+    "trixie": DebianRoot(suite="bookworm", packages=(
+        "gdb-multiarch", "python3-venv", "ca-certificates", "bubblewrap", "mmdebstrap", "qemu-system-ppc")),
+}
+
+
+@dataclass(frozen=True)
+class DebianPackage:
+    """A Debian package fetched into the lab cache by the lab root's apt (for
+    ppc64el, the guest's architecture), never installed anywhere."""
+
+    name: str
+    suite: str
+    member: str  # the file wanted from it, a path inside the package
+
+
+@dataclass(frozen=True)
 class KernelConfig:
-    source_tarball: Path
+    source: DebianPackage  # the tarball of Debian's linux-source package
     arch: str
     cross_compile: str
     # make targets run in order before the fragment is applied
@@ -68,7 +114,7 @@ class KernelConfig:
 
 
 KERNEL = KernelConfig(
-    source_tarball=Path("/usr/src/linux-source-6.1.tar.xz"),
+    source=DebianPackage("linux-source-6.1", "bookworm", "usr/src/linux-source-6.1.tar.xz"),
     arch="powerpc",
     cross_compile="powerpc64le-linux-gnu-",
     base_configs=("tinyconfig", "64-bit.config", "le.config"),
@@ -97,9 +143,7 @@ MODULES = ModulesConfig(
 
 @dataclass(frozen=True)
 class InitramfsConfig:
-    # ppc64el packages downloaded with apt into the cache, never elsewhere
-    target_packages: tuple[str, ...]
-    busybox: str  # path of busybox inside its package
+    busybox: DebianPackage
     busybox_applets: tuple[str, ...]
     init: Path
     # static programs: name in /bin -> C source, built with the cross compiler
@@ -108,8 +152,7 @@ class InitramfsConfig:
 
 
 INITRAMFS = InitramfsConfig(
-    target_packages=("busybox-static",),
-    busybox="bin/busybox",
+    busybox=DebianPackage("busybox-static", "trixie", "usr/bin/busybox"),
     busybox_applets=(
         "sh", "ash", "cat", "cttyhack", "dmesg", "echo", "grep", "insmod", "ls",
         "lsmod", "mkdir", "mount", "poweroff", "ps", "rmmod", "setsid", "sleep",
@@ -146,9 +189,18 @@ TRAMPOLINES = {t.name: t for t in (
 DEFAULT_TRAMPOLINE = "livepatch-stack"
 
 
+# The lab's QEMUs: the lab root's (QEMU >= 10.2: no translation flush at a
+# stop) and the host's (Debian 12: 7.2, which flushes). $GDBKLP_QEMU chooses.
+QEMUS = {
+    "lab": "the lab root's qemu-system-ppc64 (trixie-backports)",
+    "host": "the host's qemu-system-ppc64 (Debian 12: 7.2, which flushes its translations at every stop)",
+}
+DEFAULT_QEMU = "lab"
+
+
 @dataclass(frozen=True)
 class QemuConfig:
-    binary: str
+    program: str  # its path, in the lab root or on the host
     machine: str
     cpu: str
     smp: int
@@ -163,7 +215,7 @@ class QemuConfig:
 
 
 QEMU = QemuConfig(
-    binary="qemu-system-ppc64",
+    program="/usr/bin/qemu-system-ppc64",
     machine="pseries",
     cpu="power9",
     smp=2,

@@ -1,14 +1,36 @@
 """Host set-up helpers for ./bootstrap (standard library only: runs before the venv)."""
 
 import sys
+from pathlib import Path
 
 from gdbklp.lab import config as cfg
 from gdbklp.lab.build import missing_requirements
 
 
+def os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:
+    fields = {}
+    for line in path.read_text().splitlines() if path.exists() else ():
+        name, sep, value = line.partition("=")
+        if sep:
+            fields[name] = value.strip().strip('"')
+    return fields
+
+
+def unsupported_host(release: dict[str, str]) -> str | None:
+    """One line saying why this host is not one gdbklp supports, or None."""
+    if release.get("ID") == "debian" and release.get("VERSION_ID") in cfg.SUPPORTED_RELEASES:
+        return None
+    supported = " and ".join(f"Debian {v} ({name})" for v, name in cfg.SUPPORTED_RELEASES.items())
+    return f"this host is {release.get('PRETTY_NAME', 'not Debian')}; gdbklp supports {supported}"
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["missing-packages"]:
+        problem = unsupported_host(os_release())
+        if problem:
+            print(f"bootstrap: {problem}", file=sys.stderr)
+            return 1
         print(" ".join(sorted({r.package for r in missing_requirements(cfg.HOST_REQUIREMENTS)})))
         return 0
     print("usage: python3 -m gdbklp.lab.host missing-packages", file=sys.stderr)

@@ -21,8 +21,11 @@ import threading
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from gdbklp.lab import LabError
 from gdbklp.lab import config as cfg
+from gdbklp.lab import root as labroot
 
 PR_SET_PDEATHSIG = 1
 _live_guests: "set[Guest]" = set()
@@ -92,12 +95,58 @@ def kernel_cmdline(mode: str = "serve", patch: bool = True, run_args: str = "",
     return " ".join([*words, *extra])
 
 
+@dataclass(frozen=True)
+class Emulator:
+    """A qemu-system-ppc64 the lab can start: how, and which version it is."""
+
+    which: str              # a key of config.QEMUS
+    argv: tuple[str, ...]   # the command that starts it, before its options
+    env: tuple[tuple[str, str], ...]
+    version: str            # its first --version line
+
+    @property
+    def version_number(self) -> tuple[int, ...]:
+        match = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", self.version)
+        return tuple(int(g or 0) for g in match.groups()) if match else ()
+
+    def describe(self) -> str:
+        return f"{self.version.replace('QEMU emulator version', 'QEMU')}: {cfg.QEMUS[self.which]}"
+
+
+def emulator(which: str | None = None, qemu: cfg.QemuConfig = cfg.QEMU) -> Emulator:
+    """The QEMU the lab runs: which (or $GDBKLP_QEMU, or the default) of
+    config.QEMUS. Refuses, in one line, one that is missing or too old."""
+    which = which or os.environ.get("GDBKLP_QEMU") or cfg.DEFAULT_QEMU
+    if which not in cfg.QEMUS:
+        raise LabError(f"unknown QEMU {which!r} (one of {', '.join(cfg.QEMUS)})")
+    if which == "host":
+        if not Path(qemu.program).exists():
+            raise LabError(f"the host has no {qemu.program}: apt-get install qemu-system-ppc")
+        argv, env = [qemu.program], {}
+    else:
+        root = labroot.ensure_root()
+        argv, env = labroot.host_command(root, qemu.program)
+    out = subprocess.run([*argv, "--version"], env={**os.environ, **env}, capture_output=True, text=True)
+    version = (out.stdout.splitlines() or [""])[0]
+    if which == "lab":  # its firmware (SLOF) too, not the host's
+        argv += ["-L", str(root / "usr/share/qemu")]
+    found = Emulator(which, tuple(argv), tuple(env.items()), version)
+    if not found.version_number:
+        raise LabError(f"{' '.join(argv)} --version did not say its version: {(out.stdout + out.stderr).strip()[:200]}")
+    if found.version_number < cfg.MIN_QEMU:
+        raise LabError(f"{qemu.program} is QEMU {'.'.join(map(str, found.version_number))}; "
+                       f"the lab needs QEMU {'.'.join(map(str, cfg.MIN_QEMU))} or newer")
+    return found
+
+
 class Guest:
     """One lab guest. Use as a context manager, or call close()."""
 
     def __init__(self, vmlinux: Path, initramfs: Path, *, append: str,
                  smp: int | None = None, stopped: bool = False,
-                 workdir: Path | None = None, qemu: cfg.QemuConfig = cfg.QEMU):
+                 workdir: Path | None = None, qemu: cfg.QemuConfig = cfg.QEMU,
+                 emulator: Emulator | None = None):
+        self.emulator = emulator
         self.vmlinux = Path(vmlinux)
         self.initramfs = Path(initramfs)
         self.append = append
@@ -117,8 +166,10 @@ class Guest:
 
     def command_line(self, port: int) -> list[str]:
         q = self.qemu
+        if self.emulator is None:
+            self.emulator = emulator(qemu=q)
         cmd = [
-            q.binary, "-M", q.machine, "-cpu", q.cpu, "-smp", str(self.smp), "-m", q.memory,
+            *self.emulator.argv, "-M", q.machine, "-cpu", q.cpu, "-smp", str(self.smp), "-m", q.memory,
             "-accel", q.accel, "-nodefaults", "-nographic", "-no-reboot",
             "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
             "-kernel", str(self.vmlinux), "-initrd", str(self.initramfs),
@@ -137,7 +188,7 @@ class Guest:
             stderr_path = self.workdir / "qemu.stderr"
             with open(stderr_path, "w") as err:
                 self.proc = subprocess.Popen(
-                    self.command_line(port), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    self.command_line(port), env={**os.environ, **dict(self.emulator.env)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     stderr=err, preexec_fn=_die_with_parent, start_new_session=True)
             _live_guests.add(self)
             self._reader = threading.Thread(target=self._read_console, daemon=True)

@@ -9,18 +9,19 @@ from pathlib import Path
 from gdbklp.lab import LabError, build, workload
 from gdbklp.lab.config import DEFAULT_TRAMPOLINE
 from gdbklp.lab.gdbmi import GdbSession
-from gdbklp.lab.qemu import Guest, kernel_cmdline
+from gdbklp.lab.qemu import Emulator, Guest, kernel_cmdline
 from gdbklp.options import WatchOptions
 from gdbklp.report import WatchReport
 
 
 @contextlib.contextmanager
 def booted(images: build.LabImages | None = None, *, patch: bool = True, smp: int | None = None,
-           workdir: Path | None = None, ready_timeout: float = 120.0, trampoline: str = DEFAULT_TRAMPOLINE):
+           workdir: Path | None = None, ready_timeout: float = 120.0, trampoline: str = DEFAULT_TRAMPOLINE,
+           emulator: Emulator | None = None):
     """A lab guest in serve mode, ready for commands; killed on exit."""
     images = images or build.build_all()
     guest = Guest(images.vmlinux, images.initramfs, append=kernel_cmdline(patch=patch, trampoline=trampoline),
-                  smp=smp, workdir=workdir)
+                  smp=smp, workdir=workdir, emulator=emulator)
     with guest:
         guest.wait_ready(ready_timeout)
         yield guest
