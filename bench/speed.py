@@ -1,8 +1,10 @@
 """The speed programme: every way of watching the lab, on one workload, side by side.
 
-    .venv/bin/python bench/speed.py [--args "KLPLAB-RUN ARGS"] [--rounds N] [--modes M,...]
+    .venv/bin/python bench/speed.py [--args "KLPLAB-RUN ARGS"] [--rounds N] [--modes M,...] [--qemus Q,...]
 
-One serve-mode guest and one gdb-multiarch over MI (as the monitor drives
+On each QEMU the lab runs (the lab root's, which does not flush its
+translations at a stop, and the host's), one after the other: one
+serve-mode guest and one gdb-multiarch over MI (as the monitor drives
 it). Each round runs the same workload (klplab-run ARGS) once per mode, the
 modes in turn:
 
@@ -40,7 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdbklp.lab import build, session, workload  # noqa: E402
-from gdbklp.lab.config import REPO_ROOT  # noqa: E402
+from gdbklp.lab.config import QEMUS, REPO_ROOT  # noqa: E402
+from gdbklp.lab.qemu import emulator  # noqa: E402
 from gdbklp.report import WatchReport  # noqa: E402
 from gdbklp.options import WatchOptions  # noqa: E402
 
@@ -157,47 +160,72 @@ def ratio(numerator: float, denominator: float, fmt: str) -> str:
     return format(numerator / denominator, fmt) if denominator else "-"
 
 
+def measure(images, emulator_, modes, command: str, rounds: int) -> tuple[dict, dict]:
+    """(timed runs per mode, the protocol-counting run per mode) on one QEMU."""
+    timed: dict[str, list[Run]] = {m.name: [] for m in modes}
+    counted: dict[str, Run] = {}
+    with session.booted(images, emulator=emulator_) as guest, session.attached(guest, images.vmlinux) as gdb, \
+            tempfile.TemporaryDirectory() as tmp:
+        gdb.cont()
+        for _ in range(rounds):
+            for mode in modes:
+                timed[mode.name].append(run(guest, gdb, mode, command))
+        for mode in modes:
+            counted[mode.name] = run(guest, gdb, mode, command, Path(tmp) / "remote.log")
+    return timed, counted
+
+
+def median_seconds(runs: list[Run]) -> float:
+    return statistics.median(r.seconds for r in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--args", default="-t 2 -n 40 -b 1 -w 2000", help="klplab-run arguments")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help=f"some of: {', '.join(MODES)}")
+    parser.add_argument("--qemus", default=",".join(QEMUS), help=f"some of: {', '.join(QEMUS)}")
     args = parser.parse_args()
     modes = [MODES[name.strip()] for name in args.modes.split(",")]
+    emulators = [emulator(name.strip()) for name in args.qemus.split(",")]
     command = f"klplab-run -r {args.args}"
     images = build.build_all()
-    timed: dict[str, list[Run]] = {m.name: [] for m in modes}
-    counted: dict[str, Run] = {}
-    with session.booted(images) as guest, session.attached(guest, images.vmlinux) as gdb, \
-            tempfile.TemporaryDirectory() as tmp:
-        gdb.cont()
-        for _ in range(args.rounds):
-            for mode in modes:
-                timed[mode.name].append(run(guest, gdb, mode, command))
-        for mode in modes:
-            counted[mode.name] = run(guest, gdb, mode, command, Path(tmp) / "remote.log")
-    base = statistics.median(r.seconds for r in timed.get("unwatched", [])) if "unwatched" in timed else None
-    redirections = counted[modes[0].name].redirections
-    print(f"workload: klplab-run {args.args} = {redirections} redirections; one guest, modes in turn, "
-          f"median of {args.rounds} rounds")
-    print(f"  {'':<11} {'time':>8} {'slowdown':>9} {'stops/redir.':>13} {'flushing':>9} {'packets/stop':>13} "
-          f"{'packets/redir.':>15} {'events/s':>9}  events (violations)")
+    results = {e.which: measure(images, e, modes, command, args.rounds) for e in emulators}
+    redirections = {count.redirections for _, counted in results.values() for count in counted.values()}
+    assert len(redirections) == 1, f"the workload changed size: {redirections}"
+    print(f"workload: klplab-run {args.args} = {redirections.pop()} redirections; per QEMU one guest, "
+          f"modes in turn, median of {args.rounds} rounds")
+    for e in emulators:
+        print(f"  [{e.which}] {e.describe()}")
+    columns = ("time", "slowdown", "stops/redir.", "flushing", "packets/stop", "events/s")
+    print(f"  {'':<11} " + " ".join(f"{f'[{e.which}] ' + c:>{max(12, len(e.which) + len(c) + 3)}}"
+                                    for c in columns for e in emulators) + "  events (violations)")
     for mode in modes:
-        runs, count = timed[mode.name], counted[mode.name]
-        seconds = statistics.median(r.seconds for r in runs)
-        assert all(r.redirections == redirections for r in [*runs, count]), "the workload changed size"
-        print(f"  {mode.name:<11} {seconds:>7.2f}s {ratio(seconds, base, '>8.2f'):>8}x "
-              f"{ratio(count.stops, count.redirections, '>13.3f'):>13} "
-              f"{ratio(count.debug_stops, count.redirections, '>9.3f'):>9} {ratio(count.packets, count.stops, '>13.1f'):>13} "
-              f"{ratio(count.packets, count.redirections, '>15.1f'):>15} "
-              f"{statistics.median(r.events / r.seconds for r in runs):>9.1f}  "
-              f"{mode.events or '-'} ({sum(r.violations for r in runs)})")
-    if "gdb script" in timed:
-        naive = statistics.median(r.seconds for r in timed["gdb script"])
+        cells = {}
+        for e in emulators:
+            timed, counted = results[e.which]
+            runs, count = timed[mode.name], counted[mode.name]
+            seconds = median_seconds(runs)
+            base = median_seconds(timed["unwatched"]) if "unwatched" in timed else 0
+            cells[e.which] = (f"{seconds:.2f}s", f"{ratio(seconds, base, '.2f')}x",
+                              ratio(count.stops, count.redirections, ".3f"),
+                              ratio(count.debug_stops, count.redirections, ".3f"),
+                              ratio(count.packets, count.stops, ".1f"),
+                              f"{statistics.median(r.events / r.seconds for r in runs):.1f}")
+        violations = sum(r.violations for e in emulators for r in results[e.which][0][mode.name])
+        print(f"  {mode.name:<11} " + " ".join(
+            f"{cells[e.which][i]:>{max(12, len(e.which) + len(c) + 3)}}"
+            for i, c in enumerate(columns) for e in emulators) + f"  {mode.events or '-'} ({violations})")
+    for e in emulators:
+        timed = results[e.which][0]
+        if "gdb script" not in timed:
+            continue
+        naive = median_seconds(timed["gdb script"])
+        base = median_seconds(timed["unwatched"]) if "unwatched" in timed else None
         for name in ("precise", "precise+P1", "parking", "parking+P1"):
             if name in timed:
-                seconds = statistics.median(r.seconds for r in timed[name])
-                print(f"  {name} is {naive / seconds:.2f}x faster than the gdb script "
+                seconds = median_seconds(timed[name])
+                print(f"  [{e.which}] {name} is {naive / seconds:.2f}x faster than the gdb script "
                       f"(watching cost {ratio(naive - base, seconds - base, '.2f') if base else '-'}x less)")
 
 

@@ -41,6 +41,7 @@ def inside_c(guest, gdb, request):
 
 
 @pytest.mark.parametrize("inside_c", list(CALL_SITE), indirect=True)
+@pytest.mark.smoke
 def test_klp_frames_inside_c(gdb, inside_c):
     kind = inside_c
     (stack,) = json.loads(gdb.console("klp-frames --json"))["stacks"]

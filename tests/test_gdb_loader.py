@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
-from conftest import run_gdb_batch
+from conftest import REPO, run_gdb_batch
 
-pytestmark = pytest.mark.lab  # gdb-multiarch (no guest)
+pytestmark = [pytest.mark.lab, pytest.mark.smoke]  # gdb-multiarch (no guest)
 
 
 def assert_no_traceback(proc):
@@ -116,3 +116,12 @@ def test_missing_environment_is_one_line(monkeypatch):
     assert notes == ["gdbklp: no python3.11 environment at /nonexistent/venv (run ./bootstrap setup); "
                      "loading without it: instruction display is off"]
     assert "Watch live-patch redirections per task" in proc.stdout
+
+
+def test_a_gdb_older_than_supported_is_refused_in_one_line():
+    pretend_newer_minimum = f"python import sys; sys.path.insert(0, {str(REPO)!r}); " \
+                            "import gdbklp.lab.config as c; c.MIN_GDB = (99, 0)"
+    proc = run_gdb_batch("help klp-watch", args=("-ex", pretend_newer_minimum))
+    assert_no_traceback(proc)
+    assert "gdbklp: not loaded: RuntimeError: gdbklp needs gdb 99.0 or newer; this is gdb " in proc.stdout
+    assert 'Undefined command: "klp-watch"' in proc.stderr

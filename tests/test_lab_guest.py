@@ -40,6 +40,7 @@ def test_unpatched_then_patched(lab, tmp_path):
         assert all((c.old, c.new, c.bad) == (0, 10, 0) for c in counts.values())
 
 
+@pytest.mark.smoke
 def test_gdb_sees_each_redirection_once_per_kind(guest, gdb):
     report, counts = watch_workload(guest, gdb, "-t 2 -n 15 -f yield")
     rows = workload.compare(report.by_caller, counts)

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.lab  # builds lab variants, boots QEMU guests
 FAST = ("pop-16-bytes", "push-no-magic", "c-clobbers-toc-slot")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("options", [WatchOptions(), WatchOptions(park=True)], ids=["breakpoint", "park"])
 @pytest.mark.parametrize("name", FAST)
 def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):

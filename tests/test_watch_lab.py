@@ -27,6 +27,7 @@ def assert_counts_agree(report, counts, minimum=0):
             assert row.guest_bad == 0, row
 
 
+@pytest.mark.smoke
 def test_clean_workload_with_migration_and_patch_cycling(guest, gdb):
     # 4 tasks, every kind 200 times, sleeping inside C (so they move between the 2 vCPUs)
     report, counts = watch_workload(guest, gdb, "-t 4 -n 50 -f sleep")
@@ -52,6 +53,7 @@ def p3_word(gdb) -> str:
     return gdb.console("x/wx $klp_p3").split()[-1]
 
 
+@pytest.mark.smoke
 def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb, lab):
     gdb.interrupt()
     gdb.console("python gdb.set_convenience_variable('klp_p3', __import__('gdbklp.gdbext.kernel', "
@@ -109,6 +111,7 @@ FAULTS = {
 }
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("fault,options", [(fault, WatchOptions()) for fault in FAULTS] +
                          [("fault-magic", WatchOptions(park=True)), ("fault-toc-slot", WatchOptions(park=True))],
                          ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
@@ -145,6 +148,7 @@ def start_batch(lab, tmp_path, run_args: str):
     return guest, proc
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("run_args, status", [("-t 2 -n 10", 0), ("-t 1 -n 1 -k global -f fault-toc-slot", 1)])
 def test_batch_script_exit_status_and_reports(lab, tmp_path, run_args, status):
     guest, proc = start_batch(lab, tmp_path, run_args)
