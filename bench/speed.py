@@ -12,8 +12,8 @@ modes in turn:
   gdb script  bench/naive-watch.gdb: breakpoints with `commands` at the
               trampoline's entry and where C returns into it, the checks
               of a plain script
-  precise     klp-watch start: one breakpoint stop per redirection
-  precise+P1  klp-watch start --resolve-indirect: a second stop, at P1 (the
+  precise     klp-watch start --breakpoint: one breakpoint stop per redirection
+  precise+P1  klp-watch start --breakpoint --resolve-indirect: a second stop, at P1 (the
               bctrl into C), names every indirect call's B and C
   parking     klp-watch start --park: every redirection held at P3 until a
               pause by interrupt checks it; no breakpoint stop
@@ -25,8 +25,9 @@ The time is taken on the host around the guest command (the guest's own
 clock stops while gdb holds it); each mode's median over the rounds is
 compared with the unwatched median. One more run per mode logs gdb's remote
 protocol (`set debug remote 1`) to a file while the workload runs: stops
-(stop replies), the flushing ones among them (breakpoint hits and steps:
-QEMU 7.2 flushes its translation cache at each; an interrupt does not) and
+(stop replies), the debug stops among them (breakpoint hits and steps: a
+QEMU older than 10.2 flushes its translation cache at each; an interrupt
+does not) and
 the packets gdb sends, per stop and per redirection.
 """
 
@@ -49,7 +50,7 @@ from gdbklp.options import WatchOptions  # noqa: E402
 
 NAIVE_SCRIPT = REPO_ROOT / "bench" / "naive-watch.gdb"
 STOP_REPLY = re.compile(r"Packet received: [TS][0-9a-f]{2}")
-DEBUG_STOP = re.compile(r"Packet received: [TS]05")  # a breakpoint hit or a step: QEMU 7.2 flushes its translations
+DEBUG_STOP = re.compile(r"Packet received: [TS]05")  # a breakpoint hit or a step: QEMU < 10.2 flushes its translations
 SENT = re.compile(r"Sending packet: \$")
 NAIVE_SUMMARY = re.compile(r"naive: (\d+) entries, (\d+) returns, (\d+) violations")
 
@@ -107,7 +108,8 @@ class NaiveScript(Mode):
 class KlpWatch(Mode):
     def __init__(self, name: str, sample_hz: float | None = None, park: bool = False, p1: bool = False):
         self.name = name
-        self.options = WatchOptions(quiet=True, sample=sample_hz, park=park, resolve_indirect=p1)
+        self.options = WatchOptions(quiet=True, sample=sample_hz, park=park, resolve_indirect=p1,
+                                    breakpoint=not (sample_hz or park))
         self.sampling = sample_hz is not None
         self.by_pauses = self.sampling or park  # the watch ends with the guest running
         self.events = "samples" if self.sampling else "redirections checked"
@@ -197,25 +199,25 @@ def main() -> None:
           f"modes in turn, median of {args.rounds} rounds")
     for e in emulators:
         print(f"  [{e.which}] {e.describe()}")
-    columns = ("time", "slowdown", "stops/redir.", "flushing", "packets/stop", "events/s")
-    print(f"  {'':<11} " + " ".join(f"{f'[{e.which}] ' + c:>{max(12, len(e.which) + len(c) + 3)}}"
-                                    for c in columns for e in emulators) + "  events (violations)")
+    columns = ("time", "slowdown", "stops/r", "debug/r", "pkts/stop", "events/s")
+    group = " ".join(f"{c:>9}" for c in columns)
+    print(f"  {'':<11} " + " | ".join(f"{e.which:^{len(group)}}" for e in emulators))
+    print(f"  {'':<11} " + " | ".join(group for _ in emulators) + "  events (violations)")
     for mode in modes:
-        cells = {}
+        cells = []
         for e in emulators:
             timed, counted = results[e.which]
             runs, count = timed[mode.name], counted[mode.name]
             seconds = median_seconds(runs)
             base = median_seconds(timed["unwatched"]) if "unwatched" in timed else 0
-            cells[e.which] = (f"{seconds:.2f}s", f"{ratio(seconds, base, '.2f')}x",
-                              ratio(count.stops, count.redirections, ".3f"),
-                              ratio(count.debug_stops, count.redirections, ".3f"),
-                              ratio(count.packets, count.stops, ".1f"),
-                              f"{statistics.median(r.events / r.seconds for r in runs):.1f}")
+            values = (f"{seconds:.2f}s", f"{ratio(seconds, base, '.2f')}x",
+                      ratio(count.stops, count.redirections, ".3f"),
+                      ratio(count.debug_stops, count.redirections, ".3f"),
+                      ratio(count.packets, count.stops, ".1f"),
+                      f"{statistics.median(r.events / r.seconds for r in runs):.1f}")
+            cells.append(" ".join(f"{v:>9}" for v in values))
         violations = sum(r.violations for e in emulators for r in results[e.which][0][mode.name])
-        print(f"  {mode.name:<11} " + " ".join(
-            f"{cells[e.which][i]:>{max(12, len(e.which) + len(c) + 3)}}"
-            for i, c in enumerate(columns) for e in emulators) + f"  {mode.events or '-'} ({violations})")
+        print(f"  {mode.name:<11} " + " | ".join(cells) + f"  {mode.events or '-'} ({violations})")
     for e in emulators:
         timed = results[e.which][0]
         if "gdb script" not in timed:

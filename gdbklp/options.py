@@ -3,9 +3,19 @@ line by the lab and the monitor outside it (pure Python, no gdb)."""
 
 import argparse
 import shlex
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 DESIGNS = ("auto", "livepatch-stack", "rfc")
+# QEMU's gdbstub flushed its whole translation cache at every breakpoint or
+# step stop until 10.2 (upstream dropped the tb_flush in gdb_vm_state_change).
+QEMU_WITHOUT_STOP_FLUSH = (10, 2)
+
+
+def flushes_at_stops(qemu_version: tuple[int, ...] | None) -> bool:
+    """Whether a breakpoint stop makes this QEMU re-translate the guest's
+    working set (unknown versions are taken not to: no advice is better
+    than wrong advice)."""
+    return qemu_version is not None and qemu_version < QEMU_WITHOUT_STOP_FLUSH
 
 
 @dataclass
@@ -18,13 +28,29 @@ class WatchOptions:
     quiet: bool = False
     sample: float | None = None
     park: bool = False
+    breakpoint: bool = False
+    background: bool = False
     resolve_indirect: bool = False
     design: str = "auto"
 
     @property
     def mode(self) -> str:
-        """How the guest is held at the probe points: breakpoint, park or sample."""
-        return "sample" if self.sample else "park" if self.park else "breakpoint"
+        """How the guest is held at the probe points: breakpoint, park or
+        sample; auto until resolved() has chosen for the QEMU."""
+        return ("sample" if self.sample else "park" if self.park else "breakpoint" if self.breakpoint
+                else "auto")
+
+    def resolved(self, qemu_version: tuple[int, ...] | None, can_park: bool = True) -> "WatchOptions":
+        """These options with the mode chosen, where none was asked for, by
+        what bench/speed.py measured (README, Numbers): a breakpoint probe
+        on a QEMU that does not flush at stops (1.75x the unwatched time on
+        QEMU 11.1.3, against 2.85x parked); parking on one that does (3.50x
+        against 5.23x on QEMU 7.2), when gdb runs the guest in the
+        background, which parking needs, and the design can be parked."""
+        if self.mode != "auto":
+            return self
+        park = can_park and self.background and flushes_at_stops(qemu_version)
+        return replace(self, park=park, breakpoint=not park)
 
     def command(self) -> str:
         """The klp-watch start command line that gives these options."""
@@ -40,8 +66,10 @@ class WatchOptions:
 
     def problem(self) -> str | None:
         """What makes these options contradict each other, in one line; None if nothing."""
-        if self.sample and self.park:
-            return "--sample and --park are two ways of watching: choose one"
+        if sum(map(bool, (self.sample, self.park, self.breakpoint))) > 1:
+            chosen = [flag for flag, on in (("--sample", self.sample), ("--park", self.park),
+                                            ("--breakpoint", self.breakpoint)) if on]
+            return f"{' and '.join(chosen)} are {('two', 'three')[len(chosen) - 2]} ways of watching: choose one"
         if self.sample and self.resolve_indirect:
             return "--resolve-indirect holds redirections at P1: sampling holds none"
         return None
@@ -71,6 +99,13 @@ def add_start_arguments(start: argparse.ArgumentParser) -> None:
                      help="every redirection checked without a breakpoint stop: a branch to itself at P3 "
                           "holds each returning task until a pause by interrupt checks it (needs background "
                           "execution)")
+    start.add_argument("--breakpoint", action="store_true",
+                       help="every redirection checked at a breakpoint stop at P3 (the default, but on a QEMU "
+                            "older than 10.2 with --background, where --park is faster)")
+    start.add_argument("--background", action="store_true",
+                       help="gdb runs the guest in the background (gdb/MI, `continue &`): with no mode given, "
+                            "a QEMU older than 10.2, which flushes its translations at every stop, is then "
+                            "watched with --park")
     start.add_argument("--resolve-indirect", action="store_true",
                        help="name B and C of every indirect call: also hold each redirection at P1 (the "
                             "trampoline's bctrl, C in CTR), a breakpoint stop or a park there; without it "

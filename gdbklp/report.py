@@ -85,7 +85,7 @@ _CODECS = {
                lambda es: [Redirection(**{**e, "violations": tuple(e["violations"])}) for e in es]),
 }
 # what a live view shows (klp-watch status --json, the monitor's feed)
-SUMMARY_FIELDS = ("design", "probe", "redirections", "by_call_site", "samples", "tasks")
+SUMMARY_FIELDS = ("design", "probe", "mode", "redirections", "by_call_site", "samples", "tasks")
 
 
 @dataclass
@@ -93,6 +93,7 @@ class WatchReport:
     design: str = "livepatch-stack"
     vmlinux: str = ""
     probe: str = ""
+    mode: str = ""  # breakpoint, park or sample (WatchOptions.mode, as resolved for the QEMU)
     started: float = field(default_factory=time.time)
     ended: float | None = None
     end_reason: str = ""
@@ -214,7 +215,8 @@ class WatchReport:
 
     def format_text(self) -> str:
         state = f"ended: {self.end_reason}" if self.ended else "running"
-        lines = [f"klp-watch ({self.design}): {self.redirections} redirections, "
+        mode = f", {self.mode} mode" if self.mode else ""
+        lines = [f"klp-watch ({self.design}{mode}): {self.redirections} redirections, "
                  f"{len(self.violations)} violations ({state})"]
         if self.samples:
             lines.append(f"  sampling: {self.samples} samples checked {len(self.sampled_tasks)} tasks' livepatch "

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from conftest import needs_parking
 from gdbklp.abi import naming
 from gdbklp.abi.kernel import function_of_label
 from gdbklp.lab.gdbmi import GdbCommandError
@@ -91,7 +92,8 @@ def by_kind(report, kind: str):
 
 
 @pytest.mark.parametrize("options", [WatchOptions(resolve_indirect=True),
-                                     WatchOptions(resolve_indirect=True, park=True)], ids=["breakpoint", "park"])
+                                     pytest.param(WatchOptions(resolve_indirect=True, park=True), marks=needs_parking)],
+                         ids=["breakpoint", "park"])
 def test_indirect_calls_name_b_and_c_from_p1(guest, gdb, options):
     watched = WatchedGuest(guest, gdb)
     report = watched.watch("klplab-run -r -t 2 -n 10 -k indirect,local,global", options=options)

@@ -4,6 +4,7 @@ guest goes down, with the instruction or code point responsible."""
 
 import pytest
 
+from conftest import needs_parking
 from gdbklp.lab import build
 from gdbklp.lab.config import MUTANTS
 from gdbklp.lab.session import WatchedGuest, attached, booted
@@ -15,7 +16,8 @@ FAST = ("pop-16-bytes", "push-no-magic", "c-clobbers-toc-slot")
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize("options", [WatchOptions(), WatchOptions(park=True)], ids=["breakpoint", "park"])
+@pytest.mark.parametrize("options", [WatchOptions(), pytest.param(WatchOptions(park=True), marks=needs_parking)],
+                         ids=["breakpoint", "park"])
 @pytest.mark.parametrize("name", FAST)
 def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):
     mutant = MUTANTS[name]

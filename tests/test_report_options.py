@@ -23,6 +23,7 @@ def parse(command: str) -> WatchOptions:
     WatchOptions(),
     WatchOptions(quiet=True, report="/tmp/a b/report.json", park=True, resolve_indirect=True),
     WatchOptions(sample=12.5, max_events=3, fail_fast=True, design="rfc", junit="x.xml", batch=True),
+    WatchOptions(breakpoint=True, background=True),
 ])
 def test_the_command_line_gives_back_the_options(options):
     assert parse(options.command()) == options
@@ -30,7 +31,32 @@ def test_the_command_line_gives_back_the_options(options):
 
 def test_contradictions_are_one_line():
     assert WatchOptions(park=True, sample=10).problem() == "--sample and --park are two ways of watching: choose one"
+    assert WatchOptions(park=True, breakpoint=True, sample=10).problem() == \
+        "--sample and --park and --breakpoint are three ways of watching: choose one"
     assert WatchOptions(park=True, resolve_indirect=True).problem() is None
+
+
+QEMU_7_2, QEMU_10_0, QEMU_10_2, QEMU_11_1 = (7, 2, 22), (10, 0, 13), (10, 2, 0), (11, 1, 3)
+
+
+@pytest.mark.parametrize("options, qemu, can_park, mode", [
+    # a QEMU that flushes at every stop: parked, when gdb runs the guest in the background
+    (WatchOptions(background=True), QEMU_7_2, True, "park"),
+    (WatchOptions(background=True), QEMU_10_0, True, "park"),
+    (WatchOptions(), QEMU_7_2, True, "breakpoint"),                 # a CLI `continue` would hold parked tasks
+    (WatchOptions(background=True), QEMU_7_2, False, "breakpoint"),  # the RFC design has no P3 to park at
+    # one that does not flush: the breakpoint probe is the faster
+    (WatchOptions(background=True), QEMU_10_2, True, "breakpoint"),
+    (WatchOptions(background=True), QEMU_11_1, True, "breakpoint"),
+    (WatchOptions(background=True), None, True, "breakpoint"),       # not QEMU, or it would not say
+    # a mode asked for is kept
+    (WatchOptions(background=True, breakpoint=True), QEMU_7_2, True, "breakpoint"),
+    (WatchOptions(park=True), QEMU_11_1, True, "park"),
+    (WatchOptions(sample=10, background=True), QEMU_7_2, True, "sample"),
+])
+def test_the_default_mode_is_the_one_measured_fastest_on_the_qemu(options, qemu, can_park, mode):
+    assert options.mode in ("auto", mode)
+    assert options.resolved(qemu, can_park).mode == mode
 
 
 def redirection(seq: int, who: TaskIdentity) -> Redirection:

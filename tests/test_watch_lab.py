@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import GDB, REPO
+from conftest import GDB, REPO, needs_parking
 from gdbklp.lab import LabError, workload
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import WatchedGuest, attached, booted, watch_workload
@@ -54,6 +54,7 @@ def p3_word(gdb) -> str:
 
 
 @pytest.mark.smoke
+@needs_parking
 def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb, lab):
     gdb.interrupt()
     gdb.console("python gdb.set_convenience_variable('klp_p3', __import__('gdbklp.gdbext.kernel', "
@@ -113,7 +114,8 @@ FAULTS = {
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("fault,options", [(fault, WatchOptions()) for fault in FAULTS] +
-                         [("fault-magic", WatchOptions(park=True)), ("fault-toc-slot", WatchOptions(park=True))],
+                         [pytest.param(fault, WatchOptions(park=True), marks=needs_parking)
+                          for fault in ("fault-magic", "fault-toc-slot")],
                          ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
 def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault, options):
     kind, invariant, goes_down = FAULTS[fault]

@@ -52,6 +52,7 @@ def decode_trampoline(kernel: Kernel, entry: int) -> rfc.RfcTrampoline:
 
 class RfcWatch(Watch):
     design = "rfc-mini-frame"
+    CAN_PARK = False  # parking holds tasks at livepatch_handler's P3, which this design never reaches
 
     def __init__(self, kernel: Kernel, entry: int, options: WatchOptions):
         self.trampoline = decode_trampoline(kernel, entry)

@@ -4,18 +4,49 @@ Registers are read from gdb's register cache (frame 0, filled at the stop)
 and memory in whole blocks: no gdb frame unwinding or prologue analysis.
 """
 
+import re
+
 import gdb
 
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.events import cache_until
 
 
+# QEMU's gdbstub reads and writes memory through the MMU of the vCPU that
+# gdb last selected with an Hg packet. From gdb 14 on, Inferior.read_memory
+# and write_memory select no thread (Hg p1.0: QEMU takes its first vCPU),
+# whatever thread is selected in gdb; measured with gdb 16.3, a vCPU in real
+# mode then fails kernel reads ("Cannot access memory") in the middle of a
+# probe. A value's memory is read and written through the selected thread
+# on every gdb, so from gdb 14 (which has Value.bytes and Value.assign)
+# memory goes through values; gdb 13's Inferior methods use the selected
+# thread themselves.
+_THROUGH_VALUES = hasattr(gdb.Value, "bytes") and hasattr(gdb.Value, "assign")
+
+
+@cache_until("objfile")
+def _byte_array(length: int) -> gdb.Type:
+    return gdb.lookup_type("unsigned char").array(length - 1)
+
+
+def _memory_value(address: int, length: int) -> gdb.Value:
+    array = _byte_array(length)
+    return gdb.Value(address).cast(array.pointer()).dereference()
+
+
 def read_memory(address: int, length: int) -> bytes:
+    """Guest memory, read through the selected vCPU's MMU context."""
+    if _THROUGH_VALUES and length > 0:
+        return _memory_value(address, length).bytes
     return gdb.selected_inferior().read_memory(address, length).tobytes()
 
 
 def write_memory(address: int, data: bytes) -> None:
-    gdb.selected_inferior().write_memory(address, data)
+    """Write guest memory through the selected vCPU's MMU context."""
+    if _THROUGH_VALUES and data:
+        _memory_value(address, len(data)).assign(gdb.Value(data, _byte_array(len(data))))
+    else:
+        gdb.selected_inferior().write_memory(address, data)
 
 
 def read_u64(address: int) -> int:
@@ -42,6 +73,22 @@ def require_target() -> None:
     if gdb.selected_thread() is None:
         raise GdbklpError("no target: connect to the guest's gdbstub first "
                           "(target remote 127.0.0.1:PORT)")
+
+
+def qemu_version() -> tuple[int, ...] | None:
+    """The version of the QEMU whose gdbstub gdb is connected to, asked from
+    its monitor (`monitor info version`); None for a target that is not QEMU."""
+    return _qemu_version(gdb.selected_inferior().connection_num)
+
+
+@cache_until("objfile")
+def _qemu_version(connection: int | None) -> tuple[int, ...] | None:
+    try:
+        text = gdb.execute("monitor info version", to_string=True)
+    except gdb.error:
+        return None
+    match = re.match(r"\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g or 0) for g in match.groups()) if match else None
 
 
 def has_dwarf_type(name: str) -> bool:

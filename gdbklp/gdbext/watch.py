@@ -70,6 +70,7 @@ class Watch:
     and the report. Subclasses model other designs (design_probes, flush)."""
 
     design = "livepatch-stack"
+    CAN_PARK = True  # --park can hold its redirections at P3
 
     def __init__(self, kernel: Kernel, options: WatchOptions):
         self.kernel = kernel
@@ -116,6 +117,7 @@ class Watch:
 
     def start(self) -> None:
         """Insert the probes (or start the pauses) of the mode the options ask for."""
+        self.report.mode = self.options.mode
         self.mode = MODES[self.options.mode](self)
 
     def probe(self, address: int, handler) -> Probe:

@@ -12,7 +12,7 @@ from gdbklp.gdbext import parking, target, vcpus
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
 from gdbklp.gdbext.watch import Watch
-from gdbklp.options import WatchOptions, add_start_arguments
+from gdbklp.options import WatchOptions, add_start_arguments, flushes_at_stops
 
 _watch: Watch | None = None
 
@@ -51,20 +51,34 @@ if hasattr(gdb.events, "gdb_exiting"):
 
 
 def new_watch(kernel: Kernel, options: WatchOptions) -> Watch:
-    """A watch of the design asked for, or of the one the running kernel uses."""
+    """A watch of the design asked for, or of the one the running kernel uses,
+    in the mode asked for, or else the one measured fastest on this QEMU."""
+    qemu = target.qemu_version()
+    can_park = parking.unavailable() is None
     if options.design == "livepatch-stack" or options.sample:  # sampling checks the livepatch stacks
-        return Watch(kernel, options)
+        return Watch(kernel, options.resolved(qemu, can_park))
     from gdbklp.gdbext import rfcwatch  # the RFC model is optional: the merged one works without it
     entry = rfcwatch.live_redirect_entry(kernel, kernel.livepatch_layout().address)
     if entry is not None:
         if options.park:
             raise GdbklpError("--park holds tasks where C returns into livepatch_handler, but the running "
                               "kernel redirects through the RFC mini frame: watch it without --park")
-        return rfcwatch.RfcWatch(kernel, entry, options)
+        return rfcwatch.RfcWatch(kernel, entry, options.resolved(qemu, can_park=False))
     if options.design == "rfc":
         raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
                           "(the merged design), or its text is not readable yet: no RFC redirect path to watch")
-    return Watch(kernel, options)
+    return Watch(kernel, options.resolved(qemu, can_park))
+
+
+def mode_advice(asked: WatchOptions, watch: Watch) -> str | None:
+    """A line for a user who left the mode to klp-watch on a QEMU where
+    another mode would be faster, if there is one."""
+    qemu = target.qemu_version()
+    if asked.mode != "auto" or not watch.options.breakpoint or not watch.CAN_PARK or not flushes_at_stops(qemu) \
+            or parking.unavailable():
+        return None
+    return (f"klp-watch: QEMU {'.'.join(map(str, qemu))} flushes its translations at every breakpoint stop: "
+            "with the guest run in the background (continue &, gdb/MI), --park is faster on it")
 
 
 class KlpWatch(Command):
@@ -98,6 +112,8 @@ class KlpWatch(Command):
         global _watch
         if options.problem():
             raise GdbklpError(options.problem())
+        if options.park and parking.unavailable():
+            raise GdbklpError(parking.unavailable())
         if _watch is not None and _watch.report.ended is None:
             raise GdbklpError("a watch is already running (klp-watch stop first)")
         kernel = current_kernel()
@@ -113,6 +129,9 @@ class KlpWatch(Command):
         if not options.quiet:
             gdb.write(f"klp-watch: {watch.report.probe}; {len(watch.probes)} breakpoints in all; "
                       "continue the guest to watch\n")
+            advice = mode_advice(options, watch)
+            if advice:
+                gdb.write(advice + "\n")
 
     @staticmethod
     def without_watch(args: argparse.Namespace) -> None:

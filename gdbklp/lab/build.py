@@ -34,16 +34,16 @@ def log(msg: str) -> None:
     print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
-def missing_requirements(requirements=cfg.HOST_REQUIREMENTS) -> list[cfg.HostRequirement]:
-    """The requirements the host lacks (none inside the lab root, which has
-    everything the lab needs)."""
-    if labroot.inside_lab_root():
-        return []
+def missing_requirements(requirements=None) -> list[cfg.HostRequirement]:
+    """The requirements (by default the host's) that are missing; inside the
+    lab root, which has everything the lab needs, none by default."""
+    if requirements is None:
+        requirements = () if labroot.inside_lab_root() else cfg.HOST_REQUIREMENTS
     return [req for req in requirements
             if not (Path(req.path).exists() if req.path.startswith("/") else shutil.which(req.path))]
 
 
-def check_host(requirements=cfg.HOST_REQUIREMENTS) -> None:
+def check_host(requirements=None) -> None:
     """Raise LabError naming the packages to install if any requirement is missing."""
     missing = missing_requirements(requirements)
     if missing:

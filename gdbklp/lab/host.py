@@ -31,7 +31,7 @@ def main(argv=None) -> int:
         if problem:
             print(f"bootstrap: {problem}", file=sys.stderr)
             return 1
-        print(" ".join(sorted({r.package for r in missing_requirements(cfg.HOST_REQUIREMENTS)})))
+        print(" ".join(sorted({r.package for r in missing_requirements()})))
         return 0
     print("usage: python3 -m gdbklp.lab.host missing-packages", file=sys.stderr)
     return 2

@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -63,8 +64,10 @@ class WatchedGuest:
             self.gdb.interrupt()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "report.json"
-            options = dataclasses.replace(options or WatchOptions(), quiet=True, report=str(path))
+            # gdb runs the guest in the background here: klp-watch may park
+            options = dataclasses.replace(options or WatchOptions(), quiet=True, report=str(path), background=True)
             self.gdb.console(options.command())
+            mode = json.loads(self.gdb.console("klp-watch status --json"))["mode"]
             self.gdb.cont()
             try:
                 status, output = self.guest.run(command, timeout)
@@ -72,7 +75,7 @@ class WatchedGuest:
             except LabError as e:  # the guest died or hung: the report so far still counts
                 output, outcome = "", f"guest command did not finish: {e}"
             finally:
-                if options.mode != "breakpoint":
+                if mode != "breakpoint":
                     # end the pauses first, so that none resumes the guest after our interrupt
                     end_watch_running(self.gdb)
                 if self.gdb.running:
