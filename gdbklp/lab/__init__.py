@@ -1,5 +1,12 @@
 """The gdbklp lab: a ppc64le live-patching guest in QEMU, built from Debian packages."""
 
+import sys
+
 
 class LabError(Exception):
     """A lab failure the user can act on; str() is one complete line."""
+
+
+def log(msg: str) -> None:
+    """A progress line of the lab's set-up, on stderr."""
+    print(f"[lab] {msg}", file=sys.stderr, flush=True)

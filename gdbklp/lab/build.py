@@ -17,21 +17,16 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdbklp.lab import LabError
+from gdbklp.lab import LabError, log
 from gdbklp.lab import config as cfg
 from gdbklp.lab import root as labroot
 
 MANIFEST = "manifest.json"
 EDITED = ".edited"  # in a source tree while a variant's edits are applied to it
-
-
-def log(msg: str) -> None:
-    print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
 def missing_requirements(requirements=None) -> list[cfg.HostRequirement]:
@@ -356,6 +351,8 @@ def apt_options(suite: str, arch: str = "ppc64el") -> tuple[Path, list[str]]:
         "-o", f"Dir::Etc::SourceList={sources}", "-o", f"Dir::Etc::SourceParts={apt_dir / 'sources.d'}",
         "-o", f"Dir::State::Lists={apt_dir / 'lists'}", "-o", f"Dir::Cache={apt_dir}",
         "-o", "Debug::NoLocking=1",
+        # the cache belongs to the user running the lab, not to apt's sandbox user
+        "-o", "APT::Sandbox::User=root",
     ]
 
 

@@ -19,9 +19,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 from gdbklp.lab import LabError
 from gdbklp.lab import config as cfg
@@ -188,8 +187,9 @@ class Guest:
             stderr_path = self.workdir / "qemu.stderr"
             with open(stderr_path, "w") as err:
                 self.proc = subprocess.Popen(
-                    self.command_line(port), env={**os.environ, **dict(self.emulator.env)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=err, preexec_fn=_die_with_parent, start_new_session=True)
+                    self.command_line(port), env={**os.environ, **dict(self.emulator.env)},
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                    preexec_fn=_die_with_parent, start_new_session=True)
             _live_guests.add(self)
             self._reader = threading.Thread(target=self._read_console, daemon=True)
             self._reader.start()

@@ -4,38 +4,32 @@ and runs the lab with (config.LAB_ROOT).
 Debian 12 has gcc 12, which cannot build the kernels from 6.6 on with
 -fpatchable-function-entry, and QEMU 7.2, whose gdbstub flushes the whole
 translation cache at every stop. Rather than two toolchains chosen per host,
-every host makes the same Debian 13 root with mmdebstrap (about 25 s and
-740 MB, once) and runs the lab's build commands in it with bubblewrap:
+every host makes the same Debian 13 root with mmdebstrap (21-25 s and
+740 MB here, once per package list) and runs the lab's build commands in it with bubblewrap:
 the same compiler makes the same kernel on every host, and the lab's QEMU is
 the root's (trixie-backports, >= 10.2) everywhere.
 
 The root is built in a ".partial" directory and renamed when complete, so a
 failed build is never reused. Its directory is named after a hash of
-config.LAB_ROOT; /etc/gdbklp-lab-root inside it lists the installed package
-versions, and marks the system as the lab root when a command (the CI's
-Debian 13 run) executes inside it.
+config.LAB_ROOT; /etc/gdbklp-root inside it names the root and lists the
+installed package versions, and tells a command that runs inside (CI's run
+on the other release) that it is in the lab root.
 """
 
 import hashlib
 import json
-import os
 import shutil
 import struct
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from gdbklp.lab import LabError
+from gdbklp.lab import LabError, log
 from gdbklp.lab import config as cfg
 
 STAMP = "etc/gdbklp-root"  # in a root: "# gdbklp root SUITE KEY", then "package version" lines
 NETWORK_ERRORS = ("Temporary failure resolving", "Could not resolve", "Failed to fetch",
                   "Could not connect", "Unable to connect", "Network is unreachable", "Connection timed out")
-
-
-def log(msg: str) -> None:
-    print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
 def root_key(spec: cfg.DebianRoot) -> str:
@@ -125,7 +119,8 @@ def wrap(cmd: list, cwd: Path | str | None = None, *, spec: cfg.DebianRoot = cfg
     root = ensure_root(spec)
     if root == Path("/"):
         return [str(c) for c in cmd]
-    argv = ["bwrap", "--bind", str(root), "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+    argv = ["bwrap", "--bind", str(root), "/", "--dev", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp", "--chmod", "1777", "/tmp",  # apt verifies signatures there as _apt
             "--die-with-parent", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"]
     cfg.cache_root().mkdir(parents=True, exist_ok=True)
     for path in (cfg.cache_root(), cfg.REPO_ROOT):
