@@ -167,6 +167,7 @@ def task_rows(status: dict) -> list[dict]:
 def render_header(s: Snapshot) -> list:
     st = s.status
     return [("bold", f" gdbklp watch  guest: {s.guest}  design: {st.get('design', '?')}  "
+                     f"mode: {st.get('mode') or '?'}  "
                      f"redirections: {st.get('redirections', 0)} ({s.rate:.1f}/s)  "
                      f"violations: {st.get('violations', 0)}"
                      + (f"  samples: {st['samples']}" if st.get("samples") else "") + "\n"),
@@ -355,8 +356,10 @@ def cmd_watch(args) -> int:
                 gdb.connect(watched.port, watched.host, timeout=30)
             except LabError as e:
                 raise LabError(f"cannot attach to the gdbstub: {str(e).strip().splitlines()[-1]}") from None
+            # gdb runs the guest in the background: klp-watch may park it (the faster
+            # mode on a QEMU that flushes its translations at every stop)
             options = WatchOptions(quiet=True, report=str(args.report), sample=args.sample,
-                                   resolve_indirect=args.resolve_indirect)
+                                   resolve_indirect=args.resolve_indirect, background=True)
             try:
                 gdb.console(options.command())
             except LabError as e:  # no live patching, another kernel: gdbklp's one line

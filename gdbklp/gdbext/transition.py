@@ -29,12 +29,17 @@ def transition_state(kernel: Kernel) -> dict:
     for task in tasks.all_tasks():
         who = tasks.identity(task)
         state = patches.patch_state(task)
-        holders = replaced_on_stack([f.function for f in stacks.stack_of_task(kernel, task).walk.frames], replaced)
-        record = {"task": task, "pid": who.pid, "comm": who.comm, "patch_state": PATCH_STATE_NAMES.get(state, str(state)),
-                  "held_by": holders}
+        record = {"task": task, "pid": who.pid, "comm": who.comm, "patch_state": PATCH_STATE_NAMES.get(state, str(state))}
+        try:
+            frames = stacks.stack_of_task(kernel, task).walk.frames
+        except gdb.MemoryError as e:
+            # a task exiting while the guest was stopped: its stack may be freed
+            # already, and its saved stack pointer leads nowhere
+            frames, record["unreadable"] = [], f"its stack is unreadable ({e})"
+        holders = record["held_by"] = replaced_on_stack([f.function for f in frames], replaced)
         if state != goal:
             pending.append(record)
-        elif check_switched_task(state, goal, holders):
+        elif "unreadable" not in record and check_switched_task(state, goal, holders):
             violations.append(record)
     return {"in_transition": True, "patch": patch["mod"]["name"].string(), "target_state": PATCH_STATE_NAMES[goal],
             "replaced": sorted(replaced), "pending": pending, "switched_too_early": violations}
@@ -46,7 +51,8 @@ def format_state(data: dict) -> str:
     lines = [f"klp-transition: {data['patch']} going to {data['target_state']}; "
              f"tasks not switched yet: {len(data['pending'])}"]
     for t in data["pending"]:
-        held = ", ".join(t["held_by"]) or "nothing replaced on its stack (switches at its next chance)"
+        held = ", ".join(t["held_by"]) or t.get("unreadable") \
+            or "nothing replaced on its stack (switches at its next chance)"
         lines.append(f"  pid {t['pid']:>6} {t['comm']:<16} {t['patch_state']:<14} held by: {held}")
     for t in data["switched_too_early"]:
         lines.append(f"  VIOLATION of invariant 12: pid {t['pid']} {t['comm']} is {t['patch_state']} "
