@@ -84,6 +84,7 @@ def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb,
     gdb.cont()
 
 
+@needs_parking
 def test_a_park_left_by_a_gdb_that_died_holds_tasks_until_a_gdb_undoes_it(lab, tmp_path):
     with booted(lab, workdir=tmp_path) as guest:
         with attached(guest, lab.vmlinux) as gdb:

@@ -29,7 +29,8 @@ def transition_state(kernel: Kernel) -> dict:
     for task in tasks.all_tasks():
         who = tasks.identity(task)
         state = patches.patch_state(task)
-        record = {"task": task, "pid": who.pid, "comm": who.comm, "patch_state": PATCH_STATE_NAMES.get(state, str(state))}
+        record = {"task": task, "pid": who.pid, "comm": who.comm,
+                  "patch_state": PATCH_STATE_NAMES.get(state, str(state))}
         try:
             frames = stacks.stack_of_task(kernel, task).walk.frames
         except gdb.MemoryError as e:

@@ -6,9 +6,8 @@ import subprocess
 import sys
 import time
 
-from gdbklp.lab import build, session, workload
+from gdbklp.lab import LabError, build, host, session, workload
 from gdbklp.lab import root as labroot
-from gdbklp.lab import LabError, host
 from gdbklp.lab.config import DEFAULT_TRAMPOLINE, OTHER_RELEASE_ROOTS, QEMUS, REPO_ROOT, TRAMPOLINES
 from gdbklp.lab.gdbmi import LOADER
 from gdbklp.lab.qemu import Guest, emulator, kernel_cmdline
@@ -39,7 +38,8 @@ def gdb_command(vmlinux, port: int) -> list[str]:
 
 def cmd_boot(args) -> int:
     images = build.build_all()
-    guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped, emulator=lab_emulator(args),
+    guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
+                  emulator=lab_emulator(args),
                   append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run,
                                         trampoline=args.trampoline))
     with guest.start():

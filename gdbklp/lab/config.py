@@ -193,7 +193,8 @@ DEFAULT_TRAMPOLINE = "livepatch-stack"
 # stop) and the host's (Debian 12: 7.2, which flushes). $GDBKLP_QEMU chooses.
 QEMUS = {
     "lab": "the lab root's qemu-system-ppc64 (trixie-backports)",
-    "host": "the host's qemu-system-ppc64 (Debian 12: 7.2, Debian 13: 10.0; both flush their translations at every stop)",
+    "host": "the host's qemu-system-ppc64 (Debian 12: 7.2, Debian 13: 10.0; "
+            "both flush their translations at every stop)",
 }
 DEFAULT_QEMU = "lab"
 
