@@ -18,6 +18,7 @@ on the other release) that it is in the lab root.
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -122,6 +123,8 @@ def wrap(cmd: list, cwd: Path | str | None = None, *, spec: cfg.DebianRoot = cfg
     argv = ["bwrap", "--bind", str(root), "/", "--dev", "/dev", "--proc", "/proc",
             "--tmpfs", "/tmp", "--chmod", "1777", "/tmp",  # apt verifies signatures there as _apt
             "--die-with-parent", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"]
+    if os.geteuid() == 0:  # keep root's capabilities inside: a command there may use bubblewrap itself
+        argv += ["--cap-add", "ALL"]
     cfg.cache_root().mkdir(parents=True, exist_ok=True)
     for path in (cfg.cache_root(), cfg.REPO_ROOT):
         argv += ["--bind", str(path), str(path)]
