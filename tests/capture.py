@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdbklp.abi.elf import read_elf_symbols, read_loaded_bytes  # noqa: E402
 from gdbklp.lab import build, session  # noqa: E402
+from gdbklp.lab import root as labroot  # noqa: E402
 from gdbklp.lab import workload  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -50,10 +51,12 @@ def capture_module_code(ko: Path, names) -> dict:
     cross = build.cfg.KERNEL.cross_compile
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "text"
-        subprocess.run([cross + "objcopy", "-O", "binary", "--only-section=.text", str(ko), str(text)], check=True)
+        # the lab root's binutils (the host has none)
+        subprocess.run(labroot.wrap([cross + "objcopy", "-O", "binary", "--only-section=.text", str(ko), str(text)],
+                                    binds=(tmp,)), check=True)
         code = text.read_bytes()
     out = {}
-    for line in subprocess.run([cross + "nm", "-S", str(ko)], check=True, capture_output=True,
+    for line in subprocess.run(labroot.wrap([cross + "nm", "-S", str(ko)]), check=True, capture_output=True,
                                text=True).stdout.splitlines():
         fields = line.split()
         if len(fields) == 4 and fields[3] in names and fields[2] in "tT":

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gdbklp.lab import build, session
+from gdbklp.lab import root as labroot
 
 REPO = Path(__file__).resolve().parent.parent
 GDB = shutil.which("gdb-multiarch")
@@ -50,6 +51,12 @@ def gdb(guest, lab):
     with session.attached(guest, lab.vmlinux) as g:
         g.cont()
         yield g
+
+
+def in_lab_root(*cmd, where: Path) -> None:
+    """Run a tool of the lab root (the cross toolchain, cpio: the host has
+    none of them) on files under where."""
+    subprocess.run(labroot.wrap(list(cmd), where, binds=(where,)), check=True)
 
 
 def run_gdb_batch(*commands: str, args=(), timeout=120) -> subprocess.CompletedProcess:

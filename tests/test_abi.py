@@ -1,12 +1,11 @@
 """Pure ABI knowledge: call-site classes, livepatch_handler decoding, ELF symbols."""
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import in_lab_root
 from gdbklp.abi import callsite, elf, ppc
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.livepatch import (LayoutError, decode_livepatch_handler, entries, find_unredirected_exits,
@@ -132,16 +131,13 @@ def test_read_elf_symbols_rejects_other_architectures():
         elf.read_elf_symbols(Path("/usr/bin/true"))
 
 
+@pytest.mark.lab  # the lab root's cross toolchain
 def test_read_elf_symbols_rejects_stripped(tmp_path):
-    strip = shutil.which("powerpc64le-linux-gnu-strip")
-    gcc = shutil.which("powerpc64le-linux-gnu-gcc")
-    if not (strip and gcc):
-        pytest.fail("the cross toolchain is part of the lab's requirements")
     src = tmp_path / "f.c"
     src.write_text("int f(void) { return 1; }\n")
     obj = tmp_path / "f.o"
-    subprocess.run([gcc, "-c", "-o", obj, src], check=True)
-    subprocess.run([strip, obj], check=True)
+    in_lab_root("powerpc64le-linux-gnu-gcc", "-c", "-o", obj, src, where=tmp_path)
+    in_lab_root("powerpc64le-linux-gnu-strip", obj, where=tmp_path)
     with pytest.raises(elf.ElfError, match="has no symbol table"):
         elf.read_elf_symbols(obj)
 

@@ -1,10 +1,9 @@
 """gdbklp inside the real gdb-multiarch: loading, and one clear line for bad input."""
 
-import subprocess
 
 import pytest
 
-from conftest import PARKING, REPO, gdb_major, run_gdb_batch
+from conftest import PARKING, REPO, gdb_major, in_lab_root, run_gdb_batch
 
 pytestmark = [pytest.mark.lab, pytest.mark.smoke]  # gdb-multiarch (no guest)
 
@@ -59,9 +58,9 @@ def cross_object(tmp_path, source, strip=False):
     src = tmp_path / "k.c"
     src.write_text(source)
     obj = tmp_path / "vmlinux"
-    subprocess.run(["powerpc64le-linux-gnu-gcc", "-nostdlib", "-static", "-o", obj, src], check=True)
+    in_lab_root("powerpc64le-linux-gnu-gcc", "-nostdlib", "-static", "-o", obj, src, where=tmp_path)
     if strip:
-        subprocess.run(["powerpc64le-linux-gnu-strip", obj], check=True)
+        in_lab_root("powerpc64le-linux-gnu-strip", obj, where=tmp_path)
     return obj
 
 

@@ -111,10 +111,10 @@ def host_settings() -> list[Path]:
 
 
 def wrap(cmd: list, cwd: Path | str | None = None, *, spec: cfg.DebianRoot = cfg.LAB_ROOT,
-         settings: bool = False) -> list[str]:
+         binds=(), settings: bool = False) -> list[str]:
     """cmd as run inside a root (the lab root by default) with bubblewrap:
-    the root as /, the lab cache and the repository bound at their own paths
-    (so paths in build trees are the same inside and out), a private /tmp;
+    the root as /, the lab cache, the repository and binds bound at their own
+    paths (so paths in build trees are the same inside and out), a private /tmp;
     with settings, also the host's CA bundle and pip settings (host_settings).
     Inside that root already, cmd itself."""
     root = ensure_root(spec)
@@ -126,7 +126,7 @@ def wrap(cmd: list, cwd: Path | str | None = None, *, spec: cfg.DebianRoot = cfg
     if os.geteuid() == 0:  # keep root's capabilities inside: a command there may use bubblewrap itself
         argv += ["--cap-add", "ALL"]
     cfg.cache_root().mkdir(parents=True, exist_ok=True)
-    for path in (cfg.cache_root(), cfg.REPO_ROOT):
+    for path in (cfg.cache_root(), cfg.REPO_ROOT, *binds):
         argv += ["--bind", str(path), str(path)]
     if settings:
         for path in host_settings():
