@@ -83,11 +83,12 @@ def ensure_root(spec: cfg.DebianRoot = cfg.LAB_ROOT) -> Path:
         return final
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    log(f"making the lab root ({spec.suite}, {len(spec.packages) + len(spec.backports)} packages) in {final}")
+    what = "the lab root" if spec == cfg.LAB_ROOT else f"a Debian {spec.suite} root"
+    log(f"making {what} ({spec.suite}, {len(spec.packages) + len(spec.backports)} packages) in {final}")
     proc = subprocess.run(mmdebstrap_command(spec, partial), capture_output=True, text=True)
     if proc.returncode != 0 or not (partial / STAMP).exists():
         shutil.rmtree(partial, ignore_errors=True)
-        raise archive_failure(proc.stdout + proc.stderr, f"making the lab root {final.name}")
+        raise archive_failure(proc.stdout + proc.stderr, f"making {what} {final.name}")
     if final.is_symlink() or final.is_file():
         final.unlink()
     shutil.rmtree(final, ignore_errors=True)
