@@ -14,15 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 GDB = shutil.which("gdb-multiarch")
 
 
-def gdb_major() -> int:
-    """gdb-multiarch's major version ("GNU gdb (Debian 16.3-1) 16.3" -> 16)."""
-    first = subprocess.run([GDB, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    return int(first.split()[-1].split(".")[0])
-
-
-# klp-watch refuses --park under a gdb newer than the one it is tested with (gdbext/parking.py)
-PARKING = GDB is not None and gdb_major() <= 13
-needs_parking = pytest.mark.skipif(not PARKING, reason="gdb 16 aborts in parked watches: klp-watch refuses --park")
+# gdb 16.3 aborts ("Recursive internal problem.") in parked watches when it
+# runs inside the lab root's bubblewrap sandbox, which only CI's run on the
+# other release does; on a Debian 13 installation they pass
+PARKING = not labroot.inside_lab_root()
+needs_parking = pytest.mark.skipif(not PARKING, reason="gdb 16.3 aborts in parked watches inside the lab root's "
+                                   "sandbox (README: Known problem)")
 LAB_FIXTURES = {"lab", "guest", "gdb", "klp_watch"}
 
 

@@ -3,7 +3,7 @@
 
 import pytest
 
-from conftest import PARKING, REPO, gdb_major, in_lab_root, run_gdb_batch
+from conftest import REPO, in_lab_root, run_gdb_batch
 
 pytestmark = [pytest.mark.lab, pytest.mark.smoke]  # gdb-multiarch (no guest)
 
@@ -128,11 +128,3 @@ def test_a_gdb_older_than_supported_is_refused_in_one_line():
     assert "gdbklp: not loaded: RuntimeError: gdbklp needs gdb 99.0 or newer; this is gdb " in proc.stdout
     assert 'Undefined command: "klp-watch"' in proc.stderr
 
-
-def test_parking_is_refused_where_gdb_aborts_in_it():
-    proc = run_gdb_batch("klp-watch start --park")
-    assert_no_traceback(proc)
-    if PARKING:  # gdb 13: on to the next check
-        assert proc.stderr.strip() == "klp-watch: no vmlinux loaded: use 'file vmlinux' first"
-    else:
-        assert proc.stderr.strip().startswith(f"klp-watch: --park is not available under gdb {gdb_major()}.")

@@ -32,23 +32,6 @@ from gdbklp.gdbext.pauses import PeriodicPauses
 FASTEST = 0.0005  # seconds the guest runs between pauses while tasks keep arriving at P3
 SLOWEST = 0.008   # ... after pauses that found none: the longest a task can wait at P3
 PARKED = ppc.BRANCH_TO_SELF.to_bytes(4, "little")
-# gdb 16.3 (Debian 13) aborts with "Recursive internal problem" in the
-# pauses of a parked watch once the guest has been interrupted and resumed
-# before it (seen in every such run; a watch started on a guest never
-# stopped before ran through). Parking is tested on gdb 13.1 only.
-PARKING_TESTED_GDB = 13
-
-
-def unavailable() -> str | None:
-    """Why parking cannot be used under this gdb, in one line; None if it can."""
-    major = int(gdb.VERSION.split(".")[0])
-    if major > PARKING_TESTED_GDB:
-        return (f"--park is not available under gdb {gdb.VERSION.split()[0]}: gdb 16.3 aborts with an internal "
-                f"error in a parked watch's pauses (parking is tested on gdb {PARKING_TESTED_GDB}); "
-                "watch with breakpoints (the faster mode on QEMU 10.2 and newer anyway)")
-    return None
-
-
 def guest_stopped() -> bool:
     thread = gdb.selected_thread()
     return thread is not None and thread.is_valid() and not thread.is_running()

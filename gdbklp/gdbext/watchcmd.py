@@ -54,9 +54,8 @@ def new_watch(kernel: Kernel, options: WatchOptions) -> Watch:
     """A watch of the design asked for, or of the one the running kernel uses,
     in the mode asked for, or else the one measured fastest on this QEMU."""
     qemu = target.qemu_version()
-    can_park = parking.unavailable() is None
     if options.design == "livepatch-stack" or options.sample:  # sampling checks the livepatch stacks
-        return Watch(kernel, options.resolved(qemu, can_park))
+        return Watch(kernel, options.resolved(qemu))
     from gdbklp.gdbext import rfcwatch  # the RFC model is optional: the merged one works without it
     entry = rfcwatch.live_redirect_entry(kernel, kernel.livepatch_layout().address)
     if entry is not None:
@@ -67,15 +66,14 @@ def new_watch(kernel: Kernel, options: WatchOptions) -> Watch:
     if options.design == "rfc":
         raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
                           "(the merged design), or its text is not readable yet: no RFC redirect path to watch")
-    return Watch(kernel, options.resolved(qemu, can_park))
+    return Watch(kernel, options.resolved(qemu))
 
 
 def mode_advice(asked: WatchOptions, watch: Watch) -> str | None:
     """A line for a user who left the mode to klp-watch on a QEMU where
     another mode would be faster, if there is one."""
     qemu = target.qemu_version()
-    if asked.mode != "auto" or not watch.options.breakpoint or not watch.CAN_PARK or not flushes_at_stops(qemu) \
-            or parking.unavailable():
+    if asked.mode != "auto" or not watch.options.breakpoint or not watch.CAN_PARK or not flushes_at_stops(qemu):
         return None
     return (f"klp-watch: QEMU {'.'.join(map(str, qemu))} flushes its translations at every breakpoint stop: "
             "with the guest run in the background (continue &, gdb/MI), --park is faster on it")
@@ -112,8 +110,6 @@ class KlpWatch(Command):
         global _watch
         if options.problem():
             raise GdbklpError(options.problem())
-        if options.park and parking.unavailable():
-            raise GdbklpError(parking.unavailable())
         if _watch is not None and _watch.report.ended is None:
             raise GdbklpError("a watch is already running (klp-watch stop first)")
         kernel = current_kernel()
