@@ -32,6 +32,8 @@ from gdbklp.gdbext.pauses import PeriodicPauses
 FASTEST = 0.0005  # seconds the guest runs between pauses while tasks keep arriving at P3
 SLOWEST = 0.008   # ... after pauses that found none: the longest a task can wait at P3
 PARKED = ppc.BRANCH_TO_SELF.to_bytes(4, "little")
+
+
 def guest_stopped() -> bool:
     thread = gdb.selected_thread()
     return thread is not None and thread.is_valid() and not thread.is_running()

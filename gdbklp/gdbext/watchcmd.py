@@ -62,7 +62,7 @@ def new_watch(kernel: Kernel, options: WatchOptions) -> Watch:
         if options.park:
             raise GdbklpError("--park holds tasks where C returns into livepatch_handler, but the running "
                               "kernel redirects through the RFC mini frame: watch it without --park")
-        return rfcwatch.RfcWatch(kernel, entry, options.resolved(qemu, can_park=False))
+        return rfcwatch.RfcWatch(kernel, entry, options.resolved(qemu, can_park=rfcwatch.RfcWatch.CAN_PARK))
     if options.design == "rfc":
         raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
                           "(the merged design), or its text is not readable yet: no RFC redirect path to watch")
