@@ -3,6 +3,7 @@ named for every redirection, indirect calls included."""
 
 import json
 import re
+import shlex
 
 import pytest
 
@@ -70,11 +71,14 @@ def test_klp_frames_sees_the_comm_after_exec(guest, gdb):
 
 
 def test_watch_table_has_one_row_per_task_incarnation(guest, gdb):
-    # short-lived shells that each make 2 redirections (pid reuse of the
-    # task_struct), then one that makes 3, execs, and makes 4 more
-    script = ("for i in 1 2 3 4 5 6; do sh -c 'echo pid $$; echo local 2 > /proc/klp_lab/run'; done; "
+    # short-lived shells that each make 2 redirections, then one that makes
+    # 3, execs, and makes 4 more.  The shells run on one vCPU with a pause
+    # between them, so that the freed task_struct (freed after an RCU grace
+    # period, into that CPU's slab) is the next fork's: the pid-reuse case.
+    shells = ("for i in 1 2 3 4 5 6; do sh -c 'echo pid $$; echo local 2 > /proc/klp_lab/run'; usleep 200000; done; "
               "sh -c 'echo pid $$; echo local 3 > /proc/klp_lab/run; "
               "exec busybox sh -c \"echo local 4 > /proc/klp_lab/run\"'")
+    script = f"busybox taskset 1 sh -c {shlex.quote(shells)}"
     watched = WatchedGuest(guest, gdb)
     report = watched.watch(script)
     WatchedGuest.assert_clean(report)
