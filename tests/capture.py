@@ -1,4 +1,5 @@
-"""Capture test data from the lab into tests/data/ (run: .venv/bin/python tests/capture.py [--code-only]).
+"""Capture test data from the lab into tests/data/
+(run: .venv/bin/python tests/capture.py [--code-only] [--kernel GENERATION]).
 
 livepatch_handler.json, ftrace_caller.json, ftrace_regs_caller.json: each
 trampoline's code bytes, read from the lab vmlinux's ELF program headers
@@ -8,6 +9,9 @@ for the RFC flavours' redirect paths and helpers (klp_rfc_*.json,
 KLP_return_helper*.json).
 
 replacements.json: code of some replacements C from klp_lab_patch.ko.
+
+With --kernel (a generation other than the default): only the trampolines'
+code, into tests/data/GENERATION/.
 
 stacks/*.json: stack images (see capture_gdb.py) taken from the running lab:
 a task stopped at the entry of each call kind's replacement C, and a task
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdbklp.abi.elf import read_elf_symbols, read_loaded_bytes  # noqa: E402
 from gdbklp.lab import build, session  # noqa: E402
+from gdbklp.lab import config as cfg  # noqa: E402
 from gdbklp.lab import root as labroot  # noqa: E402
 from gdbklp.lab import workload  # noqa: E402
 
@@ -35,20 +40,25 @@ CODE = {"livepatch_handler": 128, "ftrace_caller": 256, "ftrace_regs_caller": 51
         # the RFC flavours (qemu-images/kernel-patches): redirect paths and their helpers
         "klp_rfc_redirect": 96, "KLP_return_helper": 32,
         "klp_rfc_fixed_redirect": 96, "KLP_return_helper_fixed": 32}
+# the trampolines (without a symbol size in 7.x: whole enough to reach their exits)
+GENERATION_CODE = {"livepatch_handler": 128, "ftrace_caller": 512, "ftrace_regs_caller": 768}
 # replacements from klp_lab_patch.ko: their prologues and stack-argument accesses
 # (relocations unapplied: calls read as `bl .`, which no test follows)
 MODULE_CODE = ("klp_lab_c_local", "klp_lab_c_many_args", "klp_lab_c_varargs")
 
 
-def capture_code(vmlinux: Path, name: str, length: int) -> dict:
-    address = read_elf_symbols(vmlinux).address(name)
-    return {"source": "lab vmlinux (Linux 6.1, Debian linux-source-6.1)",
+def capture_code(vmlinux: Path, name: str, length: int, kernel: str = cfg.DEFAULT_KERNEL) -> dict:
+    """The symbol's code: length bytes, or its whole size if that is longer."""
+    symbols = read_elf_symbols(vmlinux)
+    address = symbols.address(name)
+    length = max(length, symbols.lookup(address)[0].size or 0)
+    return {"source": f"lab vmlinux (Linux {kernel}, Debian linux-source-{kernel})",
             "address": address, "code": read_loaded_bytes(vmlinux, address, length).hex()}
 
 
 def capture_module_code(ko: Path, names) -> dict:
     """{name: code hex} of functions in a module object, from its .text."""
-    cross = build.cfg.KERNEL.cross_compile
+    cross = cfg.KERNEL.cross_compile
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "text"
         # the lab root's binutils (the host has none)
@@ -91,6 +101,14 @@ def capture_stacks(images: build.LabImages, out: Path) -> None:
 
 
 def main() -> None:
+    kernel = sys.argv[sys.argv.index("--kernel") + 1] if "--kernel" in sys.argv else cfg.DEFAULT_KERNEL
+    if kernel != cfg.DEFAULT_KERNEL:
+        images = build.build_all(kernel=kernel)
+        (DATA / kernel).mkdir(exist_ok=True)
+        for name, length in GENERATION_CODE.items():
+            (DATA / kernel / f"{name}.json").write_text(
+                json.dumps(capture_code(images.vmlinux, name, length, kernel), indent=1) + "\n")
+        return
     images = build.build_all()
     DATA.mkdir(exist_ok=True)
     for name, length in CODE.items():

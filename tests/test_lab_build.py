@@ -1,5 +1,6 @@
 """The lab builder: cache verification, config fragments, cpio, host checks."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -68,12 +69,31 @@ def test_fragment_applied_and_verified(tmp_path):
     assert build.unmet_fragment_lines(config, values) == ["CONFIG_C=4 (got 8)"]
 
 
-def test_lab_fragment_has_live_patching():
-    values = build.read_fragment(cfg.KERNEL.fragment)
-    for name in ("CONFIG_LIVEPATCH", "CONFIG_LIVEPATCH_64", "CONFIG_MPROFILE_KERNEL",
-                 "CONFIG_DYNAMIC_FTRACE_WITH_REGS"):
-        assert values.get(name) == "y", name
+# what each generation's fragments must give: how ftrace enters a function
+ENTRY_OPTIONS = {
+    "6.1": ("CONFIG_MPROFILE_KERNEL", "CONFIG_GDBKLP_RFC_TRAMPOLINES"),
+    "6.12": ("CONFIG_ARCH_USING_PATCHABLE_FUNCTION_ENTRY",),
+    "7.3": ("CONFIG_ARCH_USING_PATCHABLE_FUNCTION_ENTRY", "CONFIG_PPC_FTRACE_OUT_OF_LINE",
+            "CONFIG_DYNAMIC_FTRACE_WITH_CALL_OPS"),
+}
+
+
+@pytest.mark.parametrize("name", cfg.KERNELS)
+def test_lab_fragments_have_live_patching(name):
+    values = build.read_fragments(cfg.KERNELS[name])
+    for option in ("CONFIG_LIVEPATCH", "CONFIG_LIVEPATCH_64", "CONFIG_DYNAMIC_FTRACE_WITH_REGS",
+                   *ENTRY_OPTIONS[name]):
+        assert values.get(option) == "y", option
     assert values.get("CONFIG_SAMPLE_LIVEPATCH") == "m"  # livepatch-sample.ko goes into the initramfs
+    # -mprofile-kernel only where asked for: the newer generations use the patchable entry
+    assert (values.get("CONFIG_MPROFILE_KERNEL") == "y") == (name == "6.1")
+
+
+def test_later_fragment_lines_win(tmp_path):
+    (tmp_path / "a.config").write_text("CONFIG_A=y\nCONFIG_B=y\n")
+    (tmp_path / "b.config").write_text("# CONFIG_A is not set\nCONFIG_C=m\n")
+    kernel = dataclasses.replace(cfg.KERNEL, fragments=(tmp_path / "a.config", tmp_path / "b.config"))
+    assert build.read_fragments(kernel) == {"CONFIG_A": "n", "CONFIG_B": "y", "CONFIG_C": "m"}
 
 
 @pytest.mark.lab  # the lab root's cpio

@@ -28,6 +28,10 @@ class LivepatchHandlerLayout:
     magic: int
     call_to_c: int          # address of the bctrl that enters C (P1's branch)
     pushed_before_call: bool = True  # livepatch_sp is stored back before the bctrl
+    # where the handler takes RA and C from at its entry: LR and CTR up to 6.12,
+    # r0 and LR with out-of-line ftrace stubs (what ftrace_caller must leave there)
+    ra_register: str = "lr"
+    c_register: str = "ctr"
 
     @property
     def return_point(self) -> int:
@@ -48,14 +52,19 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
     """Decode the push half of livepatch_handler from its code bytes.
 
     Registers are followed in program order: what a register holds when it
-    is stored (the TOC, the return address from mflr, a constant from
-    lis/ori) decides which slot the store fills.
+    is stored decides which slot the store fills: r2's entry value the TOC
+    slot, another register's entry value (LR through mflr, or r0) the RA
+    slot, a constant from lis/ori the magic. C is what CTR holds at the
+    bctrl (its entry value, or LR's moved there with mflr/mtctr).
     """
     insns = ppc.words(code)[:max_insns]
-    holds: dict[int, object] = {2: "toc"}  # register -> "toc" | "ra" | "ti" | "sp" | int constant
+    # register -> ("entry", name) | "ti" | "sp" | int constant; unwritten ones hold their entry value
+    holds: dict[int, object] = {}
+    value = lambda reg: holds.get(reg, ("entry", f"r{reg}"))
+    spr = {8: ("entry", "lr"), 9: ("entry", "ctr")}
     paca_off = ti_off = size = None
     slots: dict[str, int] = {}
-    magic = None
+    magic = ra_register = None
     stored_sp = False
     for i, word in enumerate(insns):
         here = address + 4 * i
@@ -68,8 +77,10 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
             holds[d.rt] = "sp"
         elif ppc.is_addi(word) and holds.get(d.ra) == "sp" and d.rt == d.ra and size is None:
             size = d.disp
-        elif word & 0xFC1FFFFF == ppc.MFLR_R0:  # mflr rX
-            holds[(word >> 21) & 31] = "ra"
+        elif word & 0xFC1FFFFF in (ppc.MFLR_R0, ppc.MFLR_R0 | 0x10000):  # mflr rX, mfctr rX
+            holds[(word >> 21) & 31] = spr[8 if word & 0x10000 == 0 else 9]
+        elif word & 0xFC1FFFFF in (ppc.MTLR_R0, ppc.MTLR_R0 | 0x10000):  # mtlr rX, mtctr rX
+            spr[8 if word & 0x10000 == 0 else 9] = value((word >> 21) & 31)
         elif word >> 26 == 15 and (word >> 16) & 31 == 0:  # lis rX,imm
             holds[(word >> 21) & 31] = (word & 0xFFFF) << 16
         elif word >> 26 == 24 and isinstance(holds.get((word >> 21) & 31), int):  # ori rA,rS,imm
@@ -77,12 +88,14 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
         elif ppc.is_std(word) and holds.get(d.ra) == "ti" and d.disp == ti_off and holds.get(d.rt) == "sp":
             stored_sp = True
         elif ppc.is_std(word) and holds.get(d.ra) == "sp" and size is not None:
-            value = holds.get(d.rt)
-            if value in ("toc", "ra"):
-                slots[value] = d.disp
-            elif isinstance(value, int):
+            stored = value(d.rt)
+            if stored == ("entry", "r2"):
+                slots["toc"] = d.disp
+            elif isinstance(stored, tuple):
+                slots["ra"], ra_register = d.disp, stored[1]
+            elif isinstance(stored, int):
                 slots["magic"] = d.disp
-                magic = value
+                magic = stored
         elif word == ppc.BCTRL:
             if "magic" not in slots and None not in (ti_off, size):
                 # the push stores no magic: take the slot and value its return half checks
@@ -92,13 +105,16 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
             missing = [n for n, v in (("ld rX,OFF(r13)", paca_off), ("ld rY,OFF(rX)", ti_off),
                                       ("addi rY,rY,SIZE", size)) if v is None]
             missing += [f"std of the {s} slot" for s in ("toc", "ra", "magic") if s not in slots]
+            if not isinstance(spr[9], tuple):
+                missing.append("register holding C at its entry moved to CTR")
             if missing:
                 raise LayoutError(f"livepatch_handler at {address:#x}: no {', '.join(missing)} "
                                   f"before the bctrl at {here:#x}")
             return LivepatchHandlerLayout(
                 address=address, paca_thread_info=paca_off, ti_livepatch_sp=ti_off,
                 entry_size=size, toc_slot=slots["toc"], ra_slot=slots["ra"],
-                magic_slot=slots["magic"], magic=magic, call_to_c=here, pushed_before_call=stored_sp)
+                magic_slot=slots["magic"], magic=magic, call_to_c=here, pushed_before_call=stored_sp,
+                ra_register=ra_register, c_register=spr[9][1])
     raise LayoutError(f"livepatch_handler at {address:#x}: no bctrl in its first "
                       f"{len(insns)} instructions")
 

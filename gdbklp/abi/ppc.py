@@ -14,6 +14,7 @@ BLR = 0x4E800020
 BCTR = 0x4E800420
 BRANCH_TO_SELF = 0x48000000  # b . (I-form, LI 0): a vCPU that reaches it stays there
 MFLR_R0 = 0x7C0802A6
+MTLR_R0 = 0x7C0803A6
 STACK_END_MAGIC = 0x57AC6E9D
 MSR_PR = 1 << 14  # problem state: the vCPU (or the interrupted context) runs user code
 

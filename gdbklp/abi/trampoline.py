@@ -207,17 +207,19 @@ class Finding:
 VOLATILE = ("r0", *(f"r{n}" for n in range(3, 13)), "ctr")
 
 
-def lint_livepatch_handler(code: bytes, address: int) -> list[Finding]:
+def lint_livepatch_handler(code: bytes, address: int, ra: str = "lr", c: str = "ctr") -> list[Finding]:
     """Prove from the code that the return half undoes exactly what the push half did.
 
-    Symbolic run: at the entry r1 = sp, r2 = toc, r13 = paca, LR = ra,
-    CTR = c; memory holds what it holds (the same address loads the same
-    symbol). C is entered at the bctrl and returns to the next instruction
+    Symbolic run: at the entry r1 = sp, r2 = toc, r13 = paca, RA in
+    register ra and C in register c (where ftrace_caller leaves them:
+    gdbklp.abi.ftrace.decode_handler_entry); memory holds what it holds
+    (the same address loads the same symbol). C is entered at the bctrl and returns to the next instruction
     (P3) with LR = P3, r2 its own TOC, the volatile registers clobbered and
     r1, r13 and memory as they were (its ELFv2 duties).
     """
     m = Machine(read_register=lambda name: Sym(name), load=lambda a: Sym(f"[{text(a)}]"))
     p1, _ = m.run(code, address, address, "call")
+    entered = m.get("ctr")
     pushed = dict(m.memory)
     stores_before = len(m.stores)
     for name in VOLATILE:
@@ -230,13 +232,14 @@ def lint_livepatch_handler(code: bytes, address: int) -> list[Finding]:
     def check(ok: bool, what: str, where: int) -> None:
         out.append(Finding(ok, where, what))
 
-    ra_slot = next((a for a, v in pushed.items() if v == Sym("lr")), None)
+    check(entered == Sym(c), f"the bctrl enters C: CTR is {text(entered)}, C came in {c}", m.writer.get("ctr", p1))
+    ra_slot = next((a for a, v in pushed.items() if v == Sym(ra)), None)
     toc_slot = next((a for a, v in pushed.items() if v == Sym("r2")), None)
     sp_cells = [a for a, v in pushed.items() if isinstance(v, Sym) and v.name.startswith("[") and v.offset]
     lr = m.regs.get("lr")
-    check(lr == Sym("lr"), f"the return goes to RA: LR at the blr is {text(lr)}"
+    check(lr == Sym(ra), f"the return goes to RA (in {ra} at the entry): LR at the blr is {text(lr)}"
           + (f", loaded from {text(_load_address(m, lr))}, while RA was saved to {text(ra_slot)}"
-             if lr != Sym("lr") else f" (from the slot RA was saved to, {text(ra_slot)})"),
+             if lr != Sym(ra) else f" (from the slot RA was saved to, {text(ra_slot)})"),
           m.writer.get("lr", blr))
     r2 = m.get("r2")
     check(r2 == Sym("r2"), f"r2 is A's again: {text(r2)}"

@@ -9,6 +9,7 @@ trusted. A no-change rebuild therefore only hashes files.
 
 import contextlib
 import fcntl
+import functools
 import gzip
 import hashlib
 import io
@@ -216,10 +217,18 @@ def make_cmd(kernel: cfg.KernelConfig, *args) -> list[str]:
     return ["make", f"-j{jobs}", f"ARCH={kernel.arch}", f"CROSS_COMPILE={kernel.cross_compile}", *args]
 
 
+def read_fragments(kernel: cfg.KernelConfig) -> dict[str, str]:
+    """The generation's fragments merged in order (a later line wins)."""
+    merged: dict[str, str] = {}
+    for path in kernel.fragments:
+        merged.update(read_fragment(path))
+    return merged
+
+
 def build_kernel(kernel: cfg.KernelConfig = cfg.KERNEL) -> StepResult:
     """Configure and build vmlinux; the build tree stays for module builds."""
     source, tarball_digest = kernel_source(kernel)
-    fragment = read_fragment(kernel.fragment)
+    fragment = read_fragments(kernel)
     parts = {
         "tarball": tarball_digest,
         "fragment": fragment,
@@ -241,7 +250,7 @@ def build_kernel(kernel: cfg.KernelConfig = cfg.KERNEL) -> StepResult:
         run(make(*kernel.build_targets), cwd=source, log_file=out / "build.log")
         os.link(obj / "vmlinux", out / "vmlinux")
 
-    return cached_step("kernel", parts, ("vmlinux", "build/.config"), build)
+    return cached_step(f"kernel-{kernel.name}", parts, ("vmlinux", "build/.config"), build)
 
 
 def apply_edits(tree: Path, edits) -> dict[Path, tuple[bytes, os.stat_result]]:
@@ -308,8 +317,9 @@ def files_digest(paths) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(paths)}
 
 
-def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, edits: tuple = ()) -> StepResult:
-    """The lab's modules against kernel; edits (a mutant's, paths modules/NAME)
+def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, edits: tuple = (),
+                  generation: cfg.KernelConfig = cfg.KERNEL) -> StepResult:
+    """The lab's modules against kernel (a build of generation); edits (a mutant's, paths modules/NAME)
     are applied to the step's own copy of the sources."""
     sources = [p for p in modules.source_dir.iterdir() if p.is_file()]
     parts = {"kernel": kernel.key, "sources": files_digest(sources), "from_kernel": modules.from_kernel}
@@ -323,14 +333,14 @@ def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, 
         for path in sources:
             shutil.copy2(path, src / path.name)
         apply_edits(src, [(Path(path).relative_to("modules"), old, new) for path, old, new in edits])
-        run(make_cmd(cfg.KERNEL, "-C", str(kernel / "build"), f"M={src}", "modules"),
+        run(make_cmd(generation, "-C", str(kernel / "build"), f"M={src}", "modules"),
             log_file=out / "build.log")
         for name in outputs:
             os.link(src / name, out / name)
         for path in modules.from_kernel:
             shutil.copy2(kernel / "build" / path, out / Path(path).name)
 
-    return cached_step("modules", parts, outputs + tuple(Path(p).name for p in modules.from_kernel), build)
+    return cached_step(f"modules-{generation.name}", parts, outputs + tuple(Path(p).name for p in modules.from_kernel), build)
 
 
 # ---- initramfs ----------------------------------------------------------
@@ -356,10 +366,17 @@ def apt_options(suite: str, arch: str = "ppc64el") -> tuple[Path, list[str]]:
     ]
 
 
+@functools.cache
+def native_architecture() -> str:
+    """The lab root's dpkg architecture (the machine's)."""
+    return run(["dpkg", "--print-architecture"]).strip()
+
+
 def fetch_package(package: cfg.DebianPackage) -> Path:
     """The package's .deb in the cache, downloaded by the lab root's apt if
     it is not there yet (a cached one is used without the network)."""
-    apt_dir, opts = apt_options(package.suite)
+    arch = package.arch if package.arch != "all" else native_architecture()
+    apt_dir, opts = apt_options(package.suite, arch)
     debs = apt_dir / "debs"
     found = sorted(debs.glob(f"{package.name}_*.deb")) if debs.exists() else []
     if found:
@@ -453,6 +470,7 @@ def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.IN
 
 @dataclass(frozen=True)
 class LabImages:
+    kernel: cfg.KernelConfig  # the generation
     vmlinux: Path
     kernel_build: Path
     modules: Path
@@ -472,19 +490,22 @@ def cache_lock():
         yield
 
 
-def build_all(mutant: cfg.Mutant | None = None) -> LabImages:
-    """Build (or verify the cached) kernel, modules and initramfs; with a
-    mutant, its kernel variant and/or modules instead."""
+def build_all(mutant: cfg.Mutant | None = None, kernel: str = cfg.DEFAULT_KERNEL) -> LabImages:
+    """Build (or verify the cached) kernel of one generation (a name in
+    config.KERNELS), its modules and initramfs; with a mutant, its kernel
+    variant and/or modules instead (on the mutant's generation)."""
+    generation = cfg.KERNELS[mutant.kernel if mutant else kernel]
     with cache_lock():
-        kernel = build_kernel()
-        modules = build_modules(kernel, edits=mutant.module_edits if mutant else ())
+        built = build_kernel(generation)
+        modules = build_modules(built, edits=mutant.module_edits if mutant else (), generation=generation)
         initramfs = build_initramfs(modules)
-        vmlinux = kernel / "vmlinux"
+        vmlinux = built / "vmlinux"
         if mutant and mutant.kernel_edits:
-            vmlinux = build_kernel_variant(mutant.name, mutant.kernel_edits) / "vmlinux"
+            vmlinux = build_kernel_variant(mutant.name, mutant.kernel_edits, generation) / "vmlinux"
     return LabImages(
+        kernel=generation,
         vmlinux=vmlinux,
-        kernel_build=kernel / "build",
+        kernel_build=built / "build",
         modules=modules.directory,
         initramfs=initramfs / "initramfs.cpio.gz",
     )

@@ -8,7 +8,8 @@ import time
 
 from gdbklp.lab import LabError, build, host, session, workload
 from gdbklp.lab import root as labroot
-from gdbklp.lab.config import DEFAULT_TRAMPOLINE, OTHER_RELEASE_ROOTS, QEMUS, REPO_ROOT, TRAMPOLINES
+from gdbklp.lab.config import (DEFAULT_KERNEL, DEFAULT_TRAMPOLINE, KERNELS, OTHER_RELEASE_ROOTS, QEMUS, REPO_ROOT,
+                               TRAMPOLINES)
 from gdbklp.lab.gdbmi import LOADER
 from gdbklp.lab.qemu import Guest, emulator, kernel_cmdline
 from gdbklp.options import WatchOptions
@@ -21,10 +22,25 @@ def lab_emulator(args):
     return chosen
 
 
+def lab_images(args) -> build.LabImages:
+    """The chosen generation's images, built or verified; a trampoline the
+    generation does not have is refused before anything is built."""
+    kernel = KERNELS[args.kernel]
+    trampoline = getattr(args, "trampoline", None)
+    if trampoline and trampoline not in kernel.trampolines:
+        raise LabError(f"the {kernel.name} lab has no {trampoline} trampoline "
+                       f"(it has: {', '.join(kernel.trampolines)})")
+    return build.build_all(kernel=kernel.name)
+
+
 def cmd_build(args) -> int:
-    images = build.build_all()
+    images = lab_images(args)
+    print(f"kernel: {images.kernel.name} ({images.kernel.summary})")
     for name, path in vars(images).items():
-        print(f"{name}: {path}")
+        if name != "kernel":
+            print(f"{name}: {path}")
+    print(f"build your patch modules against: make -C {images.kernel_build} "
+          f"ARCH={images.kernel.arch} CROSS_COMPILE={images.kernel.cross_compile} M=$PWD")
     print(f"lab root: {labroot.ensure_root()}")
     for which in QEMUS:
         print(f"qemu ({which}): {emulator(which).describe()}")
@@ -37,7 +53,7 @@ def gdb_command(vmlinux, port: int) -> list[str]:
 
 
 def cmd_boot(args) -> int:
-    images = build.build_all()
+    images = lab_images(args)
     guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
                   emulator=lab_emulator(args),
                   append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run,
@@ -54,7 +70,7 @@ def cmd_boot(args) -> int:
 
 
 def cmd_gdb(args) -> int:
-    images = build.build_all()
+    images = lab_images(args)
     if args.port:
         return subprocess.call(gdb_command(images.vmlinux, args.port))
     with session.booted(images, smp=args.smp, trampoline=args.trampoline, emulator=lab_emulator(args)) as guest:
@@ -63,7 +79,7 @@ def cmd_gdb(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    images = build.build_all()
+    images = lab_images(args)
     trampoline = TRAMPOLINES[args.trampoline]
     kinds = args.kinds or ",".join(trampoline.kinds)
     run_args = f"-t {args.tasks} -n {args.calls} -k {kinds}"
@@ -113,7 +129,14 @@ def cmd_other_release(args) -> int:
                                         REPO_ROOT, spec=spec, settings=True))
 
 
+def add_kernel_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
+                        help="the lab kernel generation: " + "; ".join(
+                            f"{k.name}: {k.summary}" for k in KERNELS.values()) + f" (default {DEFAULT_KERNEL})")
+
+
 def add_guest_options(parser: argparse.ArgumentParser) -> None:
+    add_kernel_option(parser)
     parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
                         help="; ".join(f"{t.name}: {t.summary}" for t in TRAMPOLINES.values()))
     parser.add_argument("--qemu", choices=tuple(QEMUS), default=None,
@@ -124,6 +147,7 @@ def add_guest_options(parser: argparse.ArgumentParser) -> None:
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="lab_command", required=True)
     p = sub.add_parser("build", help="build (or verify the cached) kernel, modules and initramfs")
+    add_kernel_option(p)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("boot", help="boot the lab guest and wait (Ctrl-C stops it)")

@@ -91,37 +91,73 @@ OTHER_RELEASE_ROOTS = {
 
 @dataclass(frozen=True)
 class DebianPackage:
-    """A Debian package fetched into the lab cache by the lab root's apt (for
-    ppc64el, the guest's architecture), never installed anywhere."""
+    """A Debian package fetched into the lab cache by the lab root's apt,
+    never installed anywhere."""
 
     name: str
     suite: str
     member: str  # the file wanted from it, a path inside the package
+    # the archive index apt reads: the guest's architecture for its binaries;
+    # "all" (architecture-independent: every index lists it) reads the lab
+    # root's own, the one a mirror keeps in step first
+    arch: str = "ppc64el"
+
+
+def linux_source(version: str, suite: str) -> DebianPackage:
+    """Debian's kernel source tarball of one upstream version."""
+    return DebianPackage(f"linux-source-{version}", suite, f"usr/src/linux-source-{version}.tar.xz", arch="all")
+
+
+KERNEL_FRAGMENTS = IMAGES_DIR / "kernel"
 
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """One lab kernel generation: its source, configuration and what it can run."""
+
+    name: str     # what --kernel calls it
+    summary: str  # how ftrace enters a function and reaches livepatch_handler
     source: DebianPackage  # the tarball of Debian's linux-source package
-    arch: str
-    cross_compile: str
-    # make targets run in order before the fragment is applied
-    base_configs: tuple[str, ...]
-    fragment: Path
+    # fragments applied in order over base_configs (a later line wins)
+    fragments: tuple[Path, ...]
+    # the file holding ftrace_caller and livepatch_handler (what trampoline mutants edit)
+    ftrace_source: str
+    # the trampoline designs (TRAMPOLINES) it has; the first is the default
+    trampolines: tuple[str, ...] = ("livepatch-stack",)
     # applied in order with patch -p1 to the extracted source
     patches: tuple[Path, ...] = ()
+    arch: str = "powerpc"
+    cross_compile: str = "powerpc64le-linux-gnu-"
+    # make targets run in order before the fragments are applied
+    base_configs: tuple[str, ...] = ("tinyconfig", "64-bit.config", "le.config")
     # "modules" also writes Module.symvers and the module linker script
     build_targets: tuple[str, ...] = ("vmlinux", "modules")
 
 
-KERNEL = KernelConfig(
-    source=DebianPackage("linux-source-6.1", "bookworm", "usr/src/linux-source-6.1.tar.xz"),
-    arch="powerpc",
-    cross_compile="powerpc64le-linux-gnu-",
-    base_configs=("tinyconfig", "64-bit.config", "le.config"),
-    fragment=IMAGES_DIR / "kernel.config",
-    # the 2015 RFC's trampolines, chosen at boot with klp_trampoline=
-    patches=(IMAGES_DIR / "kernel-patches" / "0001-powerpc-klp-rfc-trampolines.patch",),
-)
+KERNELS = {k.name: k for k in (
+    KernelConfig(
+        "6.1", "-mprofile-kernel (bl _mcount after mflr r0), livepatch_handler takes RA from LR",
+        linux_source("6.1", "bookworm"),
+        (KERNEL_FRAGMENTS / "common.config", KERNEL_FRAGMENTS / "6.1.config"),
+        ftrace_source="arch/powerpc/kernel/trace/ftrace_mprofile.S",
+        trampolines=("livepatch-stack", "rfc-fixed", "rfc"),
+        # the 2015 RFC's trampolines, chosen at boot with klp_trampoline=
+        patches=(IMAGES_DIR / "kernel-patches" / "0001-powerpc-klp-rfc-trampolines.patch",)),
+    KernelConfig(
+        "6.12", "-fpatchable-function-entry (mflr r0; bl ftrace_caller at the local entry), "
+                "livepatch_handler as in 6.1",
+        linux_source("6.12", "trixie"),
+        (KERNEL_FRAGMENTS / "common.config", KERNEL_FRAGMENTS / "6.12.config"),
+        ftrace_source="arch/powerpc/kernel/trace/ftrace_entry.S"),
+    KernelConfig(
+        "7.3", "patchable entry with out-of-line ftrace stubs and call ops, "
+               "livepatch_handler takes RA from r0 and C from LR",
+        linux_source("7.3", "trixie-backports"),
+        (KERNEL_FRAGMENTS / "common.config", KERNEL_FRAGMENTS / "7.3.config"),
+        ftrace_source="arch/powerpc/kernel/trace/ftrace_entry.S"),
+)}
+DEFAULT_KERNEL = "6.1"
+KERNEL = KERNELS[DEFAULT_KERNEL]
 
 
 @dataclass(frozen=True)
@@ -228,7 +264,7 @@ QEMU = QemuConfig(
 
 # ---- mutants: one defect each, to prove each check catches what it claims ------
 
-FTRACE_S = "arch/powerpc/kernel/trace/ftrace_mprofile.S"
+FTRACE_S = KERNELS["6.1"].ftrace_source
 MODULE_LOADER = "arch/powerpc/kernel/module_64.c"
 PATCH_MODULE = "modules/klp_lab_patch.c"  # modules/: a file of qemu-images/modules
 
@@ -251,6 +287,7 @@ class Mutant:
     edits: tuple[tuple[str, str, str], ...]
     run: str           # klplab-run arguments that exercise it
     trampoline: str = DEFAULT_TRAMPOLINE
+    kernel: str = "6.1"  # the generation (KERNELS) it edits
 
     @property
     def kernel_edits(self) -> tuple[tuple[str, str, str], ...]:
