@@ -146,19 +146,34 @@ def _checked_magic(insns: list[int], ti_off: int) -> tuple[int, int] | None:
     return None
 
 
+def find_redirect_branches(code: bytes, address: int, livepatch_handler: int) -> list[int]:
+    """The conditional branches to livepatch_handler in an ftrace trampoline's code."""
+    return [address + 4 * i for i, word in enumerate(ppc.words(code))
+            if ppc.conditional_branch_target(word, address + 4 * i) == livepatch_handler]
+
+
 def find_unredirected_exits(code: bytes, address: int, livepatch_handler: int) -> list[int]:
     """Where an ftrace trampoline continues into the traced function itself.
 
-    ftrace_caller and ftrace_regs_caller end with `bne- livepatch_handler;
-    bctr`: the conditional branch is taken when the ftrace handler changed
-    the NIP (a redirection), the bctr is taken when it did not. At that bctr
-    the trampoline's frame is gone: CTR is the traced function B just after
-    its profiling call, LR is the return address into its caller A, r1 is
-    A's stack pointer. Returns the address of each such bctr in code.
+    ftrace_caller and ftrace_regs_caller end with `bne- livepatch_handler`,
+    taken when the ftrace handler changed the NIP (a redirection), then the
+    way back into B when it did not: up to 6.12 a `bctr` (CTR is B just
+    after its profiling call, LR the return address into A); with
+    out-of-line stubs a `blr` (LR is the stub's `mtlr r0`, which puts RA,
+    kept in r0, back into LR before the stub branches into B), after a
+    conditional `bnectr` taken only for an ftrace direct call. At that exit
+    the trampoline's frame is gone and r1 is A's stack pointer. Returns
+    the address of each such exit in code.
     """
     insns = ppc.words(code)
-    return [address + 4 * (i + 1) for i, (word, after) in enumerate(zip(insns, insns[1:]))
-            if after == ppc.BCTR and ppc.conditional_branch_target(word, address + 4 * i) == livepatch_handler]
+    exits = []
+    for branch in find_redirect_branches(code, address, livepatch_handler):
+        j = (branch - address) // 4 + 1
+        while j < len(insns) and ppc.is_conditional_bcctr(insns[j]):
+            j += 1
+        if j < len(insns) and insns[j] in (ppc.BCTR, ppc.BLR):
+            exits.append(address + 4 * j)
+    return exits
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ def is_mtctr(word: int) -> bool:
     return word & 0xFC1FFFFF == 0x7C0903A6
 
 
+def is_conditional_bcctr(word: int) -> bool:
+    """bcctr with a condition (bnectr crN and its kin), no link."""
+    return word & 0xFC0007FF == 0x4C000420 and (word >> 21) & 0x14 != 0x14
+
+
 def may_change_ctr(word: int, address: int, start: int, end: int) -> bool:
     """Can executing word at address, in a function occupying [start, end),
     leave CTR changed when the function returns? True for mtctr, for any

@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from gdbklp.abi import ppc
+from gdbklp.abi.ftrace import HandlerEntry
 from gdbklp.abi.livepatch import LayoutError, LivepatchHandlerLayout, decode_livepatch_handler
 
 MAX_INSNS = 64
@@ -331,3 +332,32 @@ def decode_layout(code: bytes, address: int) -> LivepatchHandlerLayout:
     if isinstance(stored, int) and stored != layout.magic:
         return dataclasses.replace(layout, magic=stored)
     return layout
+
+
+# ---- the hand-off: what ftrace_caller leaves, what livepatch_handler takes ------------
+
+def lint_handler_entry(name: str, entry: HandlerEntry, layout: LivepatchHandlerLayout) -> list[Finding]:
+    """Invariant 14, from the code: at livepatch_handler's entry RA and C are in the
+    registers the handler takes them from, and the ftrace trampoline name has
+    put back A's r1, r2 and every non-volatile register (r14..r31; with
+    out-of-line stubs it keeps its own return address in r15)."""
+    where = entry.branch
+
+    def registers(names: tuple[str, ...]) -> str:
+        return " and ".join(names) or "no register"
+
+    return [
+        Finding(layout.ra_register in entry.ra_registers, where,
+                f"{name} leaves RA in {registers(entry.ra_registers)}; livepatch_handler takes it from "
+                f"{layout.ra_register}"),
+        Finding(layout.c_register in entry.c_registers, where,
+                f"{name} leaves C in {registers(entry.c_registers)}; livepatch_handler takes it from "
+                f"{layout.c_register}"),
+        Finding(entry.frame_popped and entry.toc_restored, where,
+                f"{name} gives A's r1 and r2 back before livepatch_handler: r1 "
+                f"{'popped' if entry.frame_popped else 'NOT popped'}, r2 "
+                f"{'restored' if entry.toc_restored else 'NOT restored'}"),
+        Finding(not entry.clobbered, where,
+                f"{name} restores the non-volatile registers on the way to livepatch_handler"
+                + (f": not {', '.join(entry.clobbered)}" if entry.clobbered else "")),
+    ]

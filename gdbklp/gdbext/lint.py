@@ -7,6 +7,10 @@
   compared with struct paca_struct and struct thread_info; and, run as a
   register and memory machine (gdbklp.abi.trampoline), that its return half
   pops exactly what its push half pushed, each deviation at its instruction;
+- the hand-off: each ftrace trampoline, followed from its entry to its
+  branch to livepatch_handler, leaves RA and C in the registers the handler
+  takes them from and restores A's r1, r2 and non-volatile registers
+  (invariant 14; gdbklp.gdbext.handler);
 - where the ftrace trampolines send a redirected call: their `bne-` as the
   running kernel has it (a kernel may retarget it at boot), else as the file;
 - an RFC mini-frame path (the one in use, or the one --rfc names, read from
@@ -20,39 +24,14 @@ import json
 
 import gdb
 
-from gdbklp.abi import rfc, trampoline
+from gdbklp.abi import rfc
 from gdbklp.abi.livepatch import LayoutError
 from gdbklp.gdbext import target, vcpus
+from gdbklp.gdbext.handler import handler_findings
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
 from gdbklp.gdbext.probes import redirect_branches
 from gdbklp.gdbext.rfcwatch import live_redirect_entry
-
-DWARF_OFFSETS = (
-    ("paca_thread_info", "struct paca_struct", "__current"),
-    ("ti_livepatch_sp", "struct thread_info", "livepatch_sp"),
-)
-
-
-def lint_livepatch_handler(kernel: Kernel) -> list[rfc.Finding]:
-    layout = kernel.livepatch_layout()
-    out = [rfc.Finding(True, layout.address,
-                       f"livepatch_handler pushes {layout.entry_size} bytes [TOC at {layout.toc_slot}, RA at "
-                       f"{layout.ra_slot}, magic {layout.magic:#x} at {layout.magic_slot}] on "
-                       f"thread_info(PACA+{layout.paca_thread_info})->livepatch_sp(+{layout.ti_livepatch_sp}); "
-                       f"C returns to {layout.return_point:#x}")]
-    for field_name, type_name, member in DWARF_OFFSETS:
-        expected = target.dwarf_offset(type_name, member) if kernel.has_dwarf else None
-        if expected is not None:
-            used = getattr(layout, field_name)
-            out.append(rfc.Finding(used == expected, layout.address,
-                                   f"it uses offset {used} for {type_name}.{member}; DWARF says {expected}"))
-    try:
-        out += trampoline.lint_livepatch_handler(kernel.handler_code(), layout.address)
-    except LayoutError as e:  # an instruction the machine does not model: refused, by address
-        out.append(rfc.Finding(False, layout.address, str(e)))
-    return out
-
 
 def rfc_path(kernel: Kernel, spec: str | None, live: int | None) -> tuple[int, object] | None:
     """(entry, read_code) of the RFC path to lint: the one named, else the one in use."""
@@ -80,7 +59,7 @@ class KlpLint(Command):
     def run(self, args: argparse.Namespace) -> None:
         kernel = current_kernel()
         handler = kernel.require_livepatch()
-        findings = lint_livepatch_handler(kernel)
+        findings = handler_findings(kernel)
         live = None
         if gdb.selected_thread() is not None:
             vcpus.select_kernel_vcpu()  # the branches are read from kernel memory

@@ -72,7 +72,6 @@ class ModuleList:
         out = []
         for address, _ in signature:
             mod = gdb.Value(address).cast(module_ptr).dereference()
-            layout = mod["core_layout"]
             kallsyms = mod["kallsyms"].dereference()
             count = int(kallsyms["num_symtab"])
             symtab = target.read_memory(int(kallsyms["symtab"]), count * elf.SYM_SIZE) if count else b""
@@ -81,9 +80,20 @@ class ModuleList:
             strtab = target.read_memory(int(kallsyms["strtab"]), max(name_offsets, default=0) + 256)
             name = mod["name"].string()
             symbols = elf.SymbolTable(elf.parse_symbols(symtab, strtab), owner=name)
-            base, size = int(layout["base"]), int(layout["size"])
-            out.append(ObjectInfo(name, base, size, symbols, module_toc(symbols, base, int(layout["text_size"]))))
+            base, size, text_size = core_memory(mod)
+            out.append(ObjectInfo(name, base, size, symbols, module_toc(symbols, base, text_size)))
         return out
+
+
+def core_memory(mod: gdb.Value) -> tuple[int, int, int]:
+    """(base, size, text size) of a module's core memory: one core_layout up to
+    Linux 6.3; from 6.4 one region per kind, of which the text (mem[MOD_TEXT])
+    is what return addresses and call sites fall in."""
+    if any(f.name == "core_layout" for f in mod.type.fields()):
+        layout = mod["core_layout"]
+        return int(layout["base"]), int(layout["size"]), int(layout["text_size"])
+    text = mod["mem"][int(gdb.parse_and_eval("MOD_TEXT"))]
+    return int(text["base"]), int(text["size"]), int(text["size"])
 
 
 def module_toc(symbols: elf.SymbolTable, base: int, text_size: int) -> int | None:

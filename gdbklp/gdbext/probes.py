@@ -5,7 +5,7 @@ guest boots)."""
 import gdb
 
 from gdbklp.abi import ppc
-from gdbklp.abi.livepatch import find_unredirected_exits
+from gdbklp.abi.livepatch import find_redirect_branches, find_unredirected_exits
 from gdbklp.gdbext import events
 from gdbklp.gdbext.kernel import Kernel
 from gdbklp.gdbext.unwinder import stop_unwinder
@@ -27,8 +27,8 @@ def trampoline_code(kernel: Kernel):
 
 def redirect_branches(kernel: Kernel, handler: int) -> list[int]:
     """The `bne- livepatch_handler` of each ftrace trampoline, as the vmlinux file has them."""
-    return sorted({exit_ - 4 for _, address, code in trampoline_code(kernel)
-                   for exit_ in find_unredirected_exits(code, address, handler)})
+    return sorted({branch for _, address, code in trampoline_code(kernel)
+                   for branch in find_redirect_branches(code, address, handler)})
 
 
 def unredirected_exits(kernel: Kernel, handler: int) -> tuple[list[int], list[str]]:

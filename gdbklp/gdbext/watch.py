@@ -18,7 +18,9 @@ goes down.
 
 import gdb
 
+from gdbklp.abi import ppc
 from gdbklp.abi.callsite import CallSite
+from gdbklp.abi.ftrace import decode_ool_stub
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
 from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, EventContext, ReturnSample,
                                    Violation, check_balance, check_consistency, check_predicted_return,
@@ -27,10 +29,11 @@ from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
 from gdbklp.abi.livepatch import LayoutError, paca_load_target
 from gdbklp.abi.livepatch import entries as livepatch_entries
 from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection, patched_by
-from gdbklp.abi.trampoline import lint_livepatch_handler, predict_return
+from gdbklp.abi.trampoline import predict_return
 from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.events import cache_until
+from gdbklp.gdbext.handler import handler_findings
 from gdbklp.gdbext.kernel import Kernel
 from gdbklp.gdbext.probes import TRACE_TRAMPOLINES, Probe, unredirected_exits
 from gdbklp.options import WatchOptions
@@ -102,11 +105,7 @@ class Watch:
     def diagnose_push(self) -> str:
         """Where a state found wrong at P3 comes from, as the static model of the
         handler tells: its push half (the instruction), or C, if push and pop are sound."""
-        try:
-            defects = [f for f in lint_livepatch_handler(self.handler_code, self.layout.address) if not f.ok]
-        except LayoutError as e:
-            self.report.notes.append(f"static model of livepatch_handler: {e}")
-            return ""
+        defects = [f for f in handler_findings(self.kernel) if not f.ok]
         for f in defects:
             self.report.notes.append(f"static model of livepatch_handler: {f.text} "
                                      f"({self.kernel.describe(f.address)}, {f.address:#x})")
@@ -139,7 +138,9 @@ class Watch:
         if self.consistency:
             exits, notes = unredirected_exits(self.kernel, self.layout.address)
             self.report.notes += notes
-            probes += [self.probe(address, self.on_unredirected) for address in exits]
+            for address in exits:
+                through_stub = self.kernel.code(address, 4) == ppc.BLR.to_bytes(4, "little")
+                probes.append(self.probe(address, lambda through_stub=through_stub: self.on_unredirected(through_stub)))
             if not exits:
                 self.report.notes.append("calls that are not redirected are not checked: no exit "
                                          f"(bctr) found in {' or '.join(TRACE_TRAMPOLINES)}")
@@ -320,13 +321,27 @@ class Watch:
 
     # ---- calls that ftrace did not redirect ----------------------------------
 
-    def on_unredirected(self) -> bool:
-        """At a trampoline's bctr into B: a live-patched B running its own code must
+    def unredirected_call(self, through_stub: bool) -> tuple[int, int]:
+        """(where the call goes on, RA) at a trampoline's exit for a call it did not
+        redirect: at a bctr, CTR and LR; at a blr (out-of-line stubs), LR is the
+        stub's `mtlr r0`, so RA is in r0, and the stub's branch goes into B."""
+        if not through_stub:
+            return target.register("ctr"), target.register("lr")
+        lr = target.register("lr")
+        stub = decode_ool_stub(target.read_memory(lr - 8, 16), lr - 8)
+        if stub is None:
+            raise GdbklpError(f"the ftrace exit at {target.register('pc'):#x} returns to {lr:#x}, "
+                              "which is not in an out-of-line ftrace stub (mflr r0; bl; mtlr r0; b)")
+        return stub.returns_to, target.register("r0")
+
+    def on_unredirected(self, through_stub: bool = False) -> bool:
+        """At a trampoline's exit into B: a live-patched B running its own code must
         be right, and a replacement C must never be entered from here, past
         livepatch_handler (nothing would save A's TOC and return address)."""
-        target_function = self.kernel.function_start(target.register("ctr"))
+        going_to, ra = self.unredirected_call(through_stub)
+        target_function = self.kernel.function_start(going_to)
         if target_function in set(patches.replacements(self.kernel).values()):
-            return self.on_replacement_without_handler(target_function)
+            return self.on_replacement_without_handler(target_function, ra)
         patched = target_function
         replacement = patches.replacement_of(self.kernel, patched)
         if replacement is None or replacement == patched:  # not live-patched, or an atomic-replace nop
@@ -336,16 +351,16 @@ class Watch:
         violations = [v] if v else []
         who = tasks.identity(task)
         stamp(violations, self.context(who, vcpus.current_cpu(), call_site=NOT_REDIRECTED,
-                                       caller=self.kernel.describe(target.register("lr")),
+                                       caller=self.kernel.describe(ra),
                                        patched=self.describe(patched), replacement=self.describe(replacement)))
         self.report.old_code_calls[self.describe(patched)] += 1
         self.report.add_violations(who, violations)
         self.publish(violations)
         return self.stop_wanted(violations)
 
-    def on_replacement_without_handler(self, replacement: int) -> bool:
+    def on_replacement_without_handler(self, replacement: int, ra: int) -> bool:
         """ftrace's exit for calls it did not redirect branches into C itself."""
-        lr, exit_ = target.register("lr"), target.register("pc")
+        exit_ = target.register("pc")
         task = tasks.current_task(self.kernel)
         who = tasks.identity(task)
         patched = patched_by(replacement, patches.replacements(self.kernel))
@@ -354,7 +369,7 @@ class Watch:
                       f"the trampoline's exit at {self.kernel.describe(exit_)} ({exit_:#x}) branches to C directly",
                       diagnosis=f"the ftrace trampoline's redirect decision, before P1 ({self.kernel.describe(exit_)})")
         violations = stamp([v], self.context(who, vcpus.current_cpu(), call_site=NOT_REDIRECTED,
-                                             caller=self.kernel.describe(lr), patched=self.describe(patched),
+                                             caller=self.kernel.describe(ra), patched=self.describe(patched),
                                              replacement=self.describe(replacement)))
         self.report.add_violations(who, violations)
         self.publish(violations)
