@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gdbklp.lab import build, session
+from gdbklp.lab import config as cfg
 from gdbklp.lab import root as labroot
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,10 +32,35 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.lab)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernels", default=cfg.DEFAULT_KERNEL, metavar="GENERATIONS",
+                     help="lab kernel generations the tests marked `generations` run on: comma-separated "
+                          f"names of {', '.join(cfg.KERNELS)}, or all (default: {cfg.DEFAULT_KERNEL})")
+
+
+def kernels_under_test(config) -> list[str]:
+    value = config.getoption("--kernels")
+    names = list(cfg.KERNELS) if value == "all" else value.split(",")
+    unknown = [n for n in names if n not in cfg.KERNELS]
+    if unknown:
+        raise pytest.UsageError(f"--kernels: no lab generation {', '.join(unknown)} (known: {', '.join(cfg.KERNELS)})")
+    return names
+
+
+def pytest_generate_tests(metafunc):
+    """A `generations` test that uses the lab runs on every generation --kernels
+    names, unless it chooses its generations itself (parametrizing lab)."""
+    chosen = any("lab" in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))
+    if "lab" in metafunc.fixturenames and metafunc.definition.get_closest_marker("generations") and not chosen:
+        metafunc.parametrize("lab", kernels_under_test(metafunc.config), indirect=True, scope="session",
+                             ids=lambda name: f"linux-{name}")
+
+
 @pytest.fixture(scope="session")
-def lab():
-    """The lab images, built (or verified in the cache) once per test run."""
-    return build.build_all()
+def lab(request):
+    """The lab images of one generation (by default the default one), built
+    (or verified in the cache) once per test run."""
+    return build.build_all(kernel=getattr(request, "param", cfg.DEFAULT_KERNEL))
 
 
 @pytest.fixture(scope="module")

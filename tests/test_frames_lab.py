@@ -7,7 +7,8 @@ import pytest
 
 from gdbklp.lab import workload
 
-pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+# gdb-multiarch, a QEMU guest; on each generation --kernels names
+pytestmark = [pytest.mark.lab, pytest.mark.generations]
 
 CALL_SITE = workload.CALLER_CALL_SITE
 

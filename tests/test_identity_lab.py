@@ -14,7 +14,8 @@ from gdbklp.lab.gdbmi import GdbCommandError
 from gdbklp.lab.session import WatchedGuest
 from gdbklp.options import WatchOptions
 
-pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+# gdb-multiarch, a QEMU guest; on each generation --kernels names
+pytestmark = [pytest.mark.lab, pytest.mark.generations]
 
 
 def frames_of(gdb, pid: int) -> dict:

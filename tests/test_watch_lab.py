@@ -10,12 +10,14 @@ import pytest
 
 from conftest import GDB, REPO, needs_parking
 from gdbklp.lab import LabError, workload
+from gdbklp.lab import config as cfg
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import WatchedGuest, attached, booted, watch_workload
 from gdbklp.options import WatchOptions
 from gdbklp.report import WatchReport
 
-pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+# gdb-multiarch, a QEMU guest; on each generation --kernels names
+pytestmark = [pytest.mark.lab, pytest.mark.generations]
 
 pytest_plugins = ["gdbklp.testing"]
 
@@ -113,10 +115,18 @@ FAULTS = {
 }
 
 
+# one fault per invariant family, on the generations other than the default
+FAMILIES = ("fault-toc-slot", "fault-magic", "fault-ra", "fault-unbalanced")
+OTHER_KERNELS = [name for name in cfg.KERNELS if name != cfg.DEFAULT_KERNEL]
+
+
 @pytest.mark.smoke
-@pytest.mark.parametrize("fault,options", [(fault, WatchOptions()) for fault in FAULTS] +
-                         [pytest.param(fault, WatchOptions(park=True), marks=needs_parking)
-                          for fault in ("fault-magic", "fault-toc-slot")],
+@pytest.mark.parametrize("lab,fault,options",
+                         [(cfg.DEFAULT_KERNEL, fault, WatchOptions()) for fault in FAULTS] +
+                         [pytest.param(cfg.DEFAULT_KERNEL, fault, WatchOptions(park=True), marks=needs_parking)
+                          for fault in ("fault-magic", "fault-toc-slot")] +
+                         [(kernel, fault, WatchOptions()) for kernel in OTHER_KERNELS for fault in FAMILIES],
+                         indirect=["lab"],
                          ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
 def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault, options):
     kind, invariant, goes_down = FAULTS[fault]
