@@ -103,12 +103,15 @@ def current_task(kernel: Kernel) -> int:
 
 
 def all_tasks() -> list[int]:
-    """Every task_struct (threads included), from init_task's lists (needs DWARF)."""
-    out = []
+    """Every task_struct (threads included), from init_task's lists (needs DWARF):
+    each process on init_task.tasks, its threads on signal->thread_head (every
+    kernel since 3.14; task_struct.thread_group is gone from 6.7 on)."""
+    out = {}
     for proc in [gdb.parse_and_eval("init_task"), *target.kernel_list("&init_task.tasks", TASK, "tasks")]:
-        out.append(int(proc.address))
-        out += [int(t.address) for t in target.kernel_list(proc["thread_group"].address, TASK, "thread_group")]
-    return out
+        out[int(proc.address)] = None
+        for thread in target.kernel_list(proc["signal"]["thread_head"].address, TASK, "thread_node"):
+            out[int(thread.address)] = None
+    return list(out)
 
 
 def find_task(kernel: Kernel, spec: str) -> int:
