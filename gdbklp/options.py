@@ -31,6 +31,7 @@ class WatchOptions:
     breakpoint: bool = False
     background: bool = False
     resolve_indirect: bool = False
+    handoff: bool = False
     design: str = "auto"
 
     @property
@@ -72,6 +73,8 @@ class WatchOptions:
             return f"{' and '.join(chosen)} are {('two', 'three')[len(chosen) - 2]} ways of watching: choose one"
         if self.sample and self.resolve_indirect:
             return "--resolve-indirect holds redirections at P1: sampling holds none"
+        if self.sample and self.handoff:
+            return "--handoff stops at P0 and at livepatch_handler's entry: sampling stops nowhere"
         return None
 
     @classmethod
@@ -110,6 +113,10 @@ def add_start_arguments(start: argparse.ArgumentParser) -> None:
                        help="name B and C of every indirect call: also hold each redirection at P1 (the "
                             "trampoline's bctrl, C in CTR), a breakpoint stop or a park there; without it "
                             "they are named where the patch's functions or C's code tell, else '?'")
+    start.add_argument("--handoff", action="store_true",
+                       help="also check ftrace's hand-off to livepatch_handler (invariant 14): breakpoints at "
+                            "the ftrace trampolines' entry (P0) and the handler's entry, two more stops per "
+                            "redirection, where RA, C, r1, r2 and r14..r31 must have come through")
     start.add_argument("--design", choices=DESIGNS, default="auto",
                        help="the trampoline design to model; auto: where the running kernel's ftrace "
                             "trampolines send redirected calls (livepatch_handler, or an RFC mini-frame path)")

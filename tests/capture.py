@@ -11,7 +11,8 @@ KLP_return_helper*.json).
 replacements.json: code of some replacements C from klp_lab_patch.ko.
 
 With --kernel (a generation other than the default): only the trampolines'
-code, into tests/data/GENERATION/.
+code, into tests/data/GENERATION/, and on 7.3 an out-of-line stub read from
+the running guest (ool_stub.json).
 
 stacks/*.json: stack images (see capture_gdb.py) taken from the running lab:
 a task stopped at the entry of each call kind's replacement C, and a task
@@ -100,6 +101,31 @@ def capture_stacks(images: build.LabImages, out: Path) -> None:
         guest.wait_done(start, 60)
 
 
+STUB_PROBE = """import json
+from gdbklp.abi import ppc
+from gdbklp.gdbext import target
+function = int(gdb.parse_and_eval('$klp_addr("{function}")'))
+words = ppc.words(target.read_memory(function, 32))
+site = next(function + 4 * i for i, w in enumerate(words) if w & 0xFC000003 == 0x48000000)
+stub = ppc.branch_target(int.from_bytes(target.read_memory(site, 4), "little"), site)
+print(json.dumps({{"function": function, "site": site, "site_word": target.read_memory(site, 4).hex(),
+                  "address": stub, "code": target.read_memory(stub, 16).hex()}}))
+"""
+
+
+def capture_ool_stub(images: build.LabImages, function: str = "klp_lab_b_local") -> dict:
+    """The out-of-line stub of a live-patched (so traced) module function, read
+    from the running guest: its address and 16 bytes, and the site in the
+    function that branches to it."""
+    with session.booted(images) as guest, session.attached(guest, images.vmlinux) as gdb:
+        gdb.console("klp-frames")  # reads the module list
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = Path(tmp) / "stub_probe.py"
+            probe.write_text(STUB_PROBE.format(function=function))
+            data = json.loads(gdb.console(f"source {probe}").strip().splitlines()[-1])
+    return {"source": f"the lab guest (Linux {images.kernel.name}): {function}'s out-of-line stub", **data}
+
+
 def main() -> None:
     kernel = sys.argv[sys.argv.index("--kernel") + 1] if "--kernel" in sys.argv else cfg.DEFAULT_KERNEL
     if kernel != cfg.DEFAULT_KERNEL:
@@ -108,6 +134,8 @@ def main() -> None:
         for name, length in GENERATION_CODE.items():
             (DATA / kernel / f"{name}.json").write_text(
                 json.dumps(capture_code(images.vmlinux, name, length, kernel), indent=1) + "\n")
+        if images.kernel.name == "7.3":
+            (DATA / kernel / "ool_stub.json").write_text(json.dumps(capture_ool_stub(images), indent=1) + "\n")
         return
     images = build.build_all()
     DATA.mkdir(exist_ok=True)

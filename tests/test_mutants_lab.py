@@ -2,6 +2,8 @@
 of the lab caught with its invariant, at its first redirection, before the
 guest goes down, with the instruction or code point responsible."""
 
+import dataclasses
+
 import pytest
 
 from conftest import needs_parking
@@ -13,29 +15,38 @@ from gdbklp.options import WatchOptions
 pytestmark = pytest.mark.lab  # builds lab variants, boots QEMU guests
 
 FAST = ("pop-16-bytes", "push-no-magic", "c-clobbers-toc-slot")
+# out-of-line ftrace stubs (7.3): invariant 14, by the hand-off probes or the stub check
+OOL = ("ool-r15-clobbered", "ool-handler-ra-from-lr", "ool-stub-skips-an-instruction")
+# klp-lint proves these code points from the code: defective where a mutant edits them
+STATICALLY_CHECKED = ("push half", "return half", "ftrace exit", "ftrace stubs")
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize("options", [WatchOptions(), pytest.param(WatchOptions(park=True), marks=needs_parking)],
-                         ids=["breakpoint", "park"])
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name,options",
+                         [(name, WatchOptions()) for name in FAST + OOL] +
+                         [pytest.param(name, WatchOptions(park=True), marks=needs_parking) for name in FAST],
+                         ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
 def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):
     mutant = MUTANTS[name]
     images = build.build_all(mutant)
+    options = dataclasses.replace(options, handoff=mutant.handoff)
     with booted(images, trampoline=mutant.trampoline, workdir=tmp_path) as guest, \
             attached(guest, images.vmlinux) as gdb:
         gdb.cont()
         report = WatchedGuest(guest, gdb).watch(f"klplab-run -r {mutant.run}", 120, options)
         gdb.interrupt()
         lint = gdb.console("klp-lint")
-    # klp-lint proves the handler from its code: defective where the mutant edits it
-    assert lint.strip().endswith("klp-lint: " + ("defects found" if mutant.code_point in ("push half", "return half")
+    assert lint.strip().endswith("klp-lint: " + ("defects found" if mutant.code_point in STATICALLY_CHECKED
                                                 else "clean")), lint
     assert report.violations, f"{name} not detected:\n{report.format_text()}"
     first = report.violations[0]
     assert (first.invariant, first.seq) == (mutant.invariant, 0), report.format_text()
     assert report.violations_at_down is None or report.violations_at_down > 0  # before the guest went down
-    if mutant.code_point == "return half":
+    if mutant.handoff:
+        assert first.diagnosis.startswith("ftrace's hand-off"), first.format_text()
+    elif mutant.code_point == "ftrace stubs":
+        assert first.diagnosis.startswith("the stub area"), first.format_text()
+    elif mutant.code_point == "return half":
         assert first.diagnosis.startswith("in livepatch_handler's return half"), first.format_text()
     elif mutant.code_point == "push half":
         assert "livepatch_handler is defective (static model)" in first.diagnosis, first.format_text()

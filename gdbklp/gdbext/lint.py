@@ -11,6 +11,8 @@
   branch to livepatch_handler, leaves RA and C in the registers the handler
   takes them from and restores A's r1, r2 and non-volatile registers
   (invariant 14; gdbklp.gdbext.handler);
+- the out-of-line ftrace stubs in use (6.13+): each as ftrace made it, its
+  branch back at the site that leads to it (invariant 14);
 - where the ftrace trampolines send a redirected call: their `bne-` as the
   running kernel has it (a kernel may retarget it at boot), else as the file;
 - an RFC mini-frame path (the one in use, or the one --rfc names, read from
@@ -28,6 +30,7 @@ from gdbklp.abi import rfc
 from gdbklp.abi.livepatch import LayoutError
 from gdbklp.gdbext import target, vcpus
 from gdbklp.gdbext.handler import handler_findings
+from gdbklp.gdbext.handoff import ool_stub_violations
 from gdbklp.gdbext.commands import Command, GdbklpError
 from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
 from gdbklp.gdbext.probes import redirect_branches
@@ -44,6 +47,20 @@ def rfc_path(kernel: Kernel, spec: str | None, live: int | None) -> tuple[int, o
         except ValueError:
             raise GdbklpError(f"no symbol {spec} in {kernel.vmlinux}") from None
     return entry, kernel.code
+
+
+def stub_findings(kernel) -> list[rfc.Finding]:
+    """The out-of-line ftrace stubs in use (invariant 14), if the kernel has them."""
+    try:
+        corrupted, checked = ool_stub_violations(kernel)
+    except gdb.MemoryError as e:
+        return [rfc.Finding(False, 0, f"the out-of-line ftrace stubs are not readable: {e}")]
+    if not checked:
+        return []
+    first = kernel.symbols.address("ftrace_ool_stub_text") or 0
+    return [rfc.Finding(not corrupted, first, f"{checked} out-of-line ftrace stubs in use, {len(corrupted)} "
+                                              "not as ftrace made them")] + \
+        [rfc.Finding(False, address, f"{v.title}: {v.found} (expected {v.expected})") for address, v in corrupted]
 
 
 class KlpLint(Command):
@@ -84,6 +101,7 @@ class KlpLint(Command):
             except LayoutError as e:
                 findings.append(rfc.Finding(False, entry, f"cannot follow the redirect path at "
                                                           f"{kernel.describe(entry)}: {e}"))
+        findings += stub_findings(kernel)
         verdict = "clean" if all(f.ok for f in findings) else "defects found"
         if args.json:
             gdb.write(json.dumps({"verdict": verdict, "findings": [

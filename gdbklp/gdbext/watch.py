@@ -16,6 +16,8 @@ panic(), never hit while all is well, record what the guest did when it
 goes down.
 """
 
+import dataclasses
+
 import gdb
 
 from gdbklp.abi import ppc
@@ -26,7 +28,7 @@ from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, Eve
                                    Violation, check_balance, check_consistency, check_predicted_return,
                                    check_return, stamp)
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
-from gdbklp.abi.livepatch import LayoutError, paca_load_target
+from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.livepatch import entries as livepatch_entries
 from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection, patched_by
 from gdbklp.abi.trampoline import predict_return
@@ -34,6 +36,7 @@ from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
 from gdbklp.gdbext.commands import GdbklpError
 from gdbklp.gdbext.events import cache_until
 from gdbklp.gdbext.handler import handler_findings
+from gdbklp.gdbext.handoff import HandoffProbes, ool_stub_violations
 from gdbklp.gdbext.kernel import Kernel
 from gdbklp.gdbext.probes import TRACE_TRAMPOLINES, Probe, unredirected_exits
 from gdbklp.options import WatchOptions
@@ -101,6 +104,8 @@ class Watch:
                               f"store livepatch_sp before its bctrl at {self.layout.call_to_c:#x}, so P1 "
                               "cannot tell which redirection it enters")
         self.mode = None
+        self.stubs_checked = None  # the last ool_stub_violations() result looked at
+        self.stub_violations_seen: set[str] = set()
 
     def diagnose_push(self) -> str:
         """Where a state found wrong at P3 comes from, as the static model of the
@@ -115,9 +120,40 @@ class Watch:
         return "between P1 and P3, while C ran: the static model proves livepatch_handler's push and pop sound"
 
     def start(self) -> None:
-        """Insert the probes (or start the pauses) of the mode the options ask for."""
+        """Insert the probes (or start the pauses) of the mode the options ask for;
+        check the out-of-line ftrace stubs before any redirection uses them."""
+        if self.options.handoff and self.design != Watch.design:
+            raise GdbklpError(f"--handoff checks the hand-off to livepatch_handler: the {self.design} design "
+                              "does not use it")
         self.report.mode = self.options.mode
         self.mode = MODES[self.options.mode](self)
+        if self.options.handoff:
+            self.probes += HandoffProbes(self).probes
+        self.check_ool_stubs()
+
+    def check_ool_stubs(self) -> None:
+        """Invariant 14 over the out-of-line ftrace stubs, once per module list
+        (a module loaded since may have brought, or overwritten, stubs)."""
+        try:
+            found = ool_stub_violations(self.kernel)
+        except gdb.MemoryError as e:  # before boot, say: checked again when the modules change
+            self.report.notes.append(f"out-of-line ftrace stubs not readable yet: {e}")
+            return
+        if found is self.stubs_checked:
+            return
+        self.stubs_checked = found
+        violations, checked = found
+        if checked:
+            self.report.notes.append(f"{checked} out-of-line ftrace stubs checked (invariant 14), "
+                                     f"{len(violations)} corrupted")
+        fresh = [dataclasses.replace(v) for _, v in violations if v.found not in self.stub_violations_seen]
+        self.stub_violations_seen.update(v.found for v in fresh)
+        for v in fresh:
+            v.diagnosis = "the stub area of its owner: ftrace's stub setup, or a relocation written over it"
+        who = TaskIdentity(0, comm="(stubs)")
+        stamp(fresh, self.context(who, -1, call_site="ool stub"))
+        self.report.add_violations(who, fresh)
+        self.publish(fresh)
 
     def probe(self, address: int, handler) -> Probe:
         return Probe(address, handler, self.record_error)
@@ -257,6 +293,7 @@ class Watch:
     def on_return(self) -> bool:
         s = self.read_return_state()
         facts = code_facts(self.kernel)
+        self.check_ool_stubs()  # nothing to read unless the module list changed
         check = check_return(s, facts)
         if check.entry is not None and facts.view.object_at(check.entry.ra) is None:
             facts = code_facts(self.kernel, covering=check.entry.ra)  # A in a module loaded since?

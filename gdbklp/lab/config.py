@@ -265,6 +265,8 @@ QEMU = QemuConfig(
 # ---- mutants: one defect each, to prove each check catches what it claims ------
 
 FTRACE_S = KERNELS["6.1"].ftrace_source
+FTRACE_ENTRY_S = KERNELS["7.3"].ftrace_source
+FTRACE_C = "arch/powerpc/kernel/trace/ftrace.c"
 MODULE_LOADER = "arch/powerpc/kernel/module_64.c"
 PATCH_MODULE = "modules/klp_lab_patch.c"  # modules/: a file of qemu-images/modules
 
@@ -281,13 +283,15 @@ class Mutant:
     """
 
     name: str
-    code_point: str    # push half, return half, ftrace decision, RFC path, RFC helper, module loader, C
+    # push half, return half, ftrace decision, ftrace exit, ftrace stubs, RFC path, RFC helper, module loader, C
+    code_point: str
     defect: str
     invariant: int     # the invariant that must catch it
     edits: tuple[tuple[str, str, str], ...]
     run: str           # klplab-run arguments that exercise it
     trampoline: str = DEFAULT_TRAMPOLINE
     kernel: str = "6.1"  # the generation (KERNELS) it edits
+    handoff: bool = False  # caught by klp-watch --handoff (invariant 14 at livepatch_handler's entry)
 
     @property
     def kernel_edits(self) -> tuple[tuple[str, str, str], ...]:
@@ -339,6 +343,19 @@ MUTANTS = {m.name: m for m in (
            ((PATCH_MODULE, "static noinline void new_body(unsigned long flags)\n{\n",
              "static noinline void new_body(unsigned long flags)\n{\n\tflags |= KLP_LAB_FAULT_TOC_SLOT;\n"),),
            "-t 1 -n 3 -k global"),
+    # out-of-line ftrace stubs (7.x): invariant 14
+    Mutant("ool-r15-clobbered", "ftrace exit", "ftrace_caller no longer puts A's r15 back: it keeps its own "
+           "return address (into the stub) there", 14,
+           ((FTRACE_ENTRY_S, "1:\tmtlr\tr3\n\t.if \\allregs == 0\n\tREST_GPR(15, r1)\n\t.endif\n",
+             "1:\tmtlr\tr3\n"),), "-t 1 -n 3 -k local", kernel="7.3", handoff=True),
+    Mutant("ool-handler-ra-from-lr", "push half", "livepatch_handler saves LR (C, with out-of-line stubs) as RA, "
+           "as it did before them", 14,
+           ((FTRACE_ENTRY_S, "\tstd\tr0, -16(r11)\n\tmflr\tr12\n",
+             "\tmflr\tr12\n\tstd\tr12, -16(r11)\n"),), "-t 1 -n 3 -k local", kernel="7.3", handoff=True),
+    Mutant("ool-stub-skips-an-instruction", "ftrace stubs", "a module's out-of-line stubs return to the traced "
+           "site + 8, past B's first instruction", 14,
+           ((FTRACE_C, "rec->ip + MCOUNT_INSN_SIZE, 0))", "rec->ip + (mod ? 2 : 1) * MCOUNT_INSN_SIZE, 0))"),),
+           "-t 1 -n 3 -k local", kernel="7.3"),
     Mutant("c-unbalanced", "C", "C leaves livepatch_sp one entry higher", 10,
            ((PATCH_MODULE, "static noinline void new_body(unsigned long flags)\n{\n",
              "static noinline void new_body(unsigned long flags)\n{\n\tflags |= KLP_LAB_FAULT_UNBALANCED;\n"),),
