@@ -112,8 +112,9 @@ def read_loaded_bytes(path: Path, address: int, length: int) -> bytes:
     raise ElfError(f"{address:#x} is in no loaded segment of {path}")
 
 
-def read_elf_symbols(path: Path) -> SymbolTable:
-    """The .symtab of a ppc64le ELF file; ElfError if it is not one or has none."""
+def _sections(path: Path) -> tuple[bytes, list[tuple], int]:
+    """(file bytes, section headers, index of the section name table) of a
+    ppc64le ELF file; ElfError if it is not one."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -124,13 +125,30 @@ def read_elf_symbols(path: Path) -> SymbolTable:
     if data[4] != 2 or data[5] != 1:
         raise ElfError(f"{path} is not a 64-bit little-endian ELF file")
     hdr = _EHDR.unpack_from(data)
-    machine, shoff, shentsize, shnum = hdr[2], hdr[6], hdr[11], hdr[12]
+    machine, shoff, shentsize, shnum, shstrndx = hdr[2], hdr[6], hdr[11], hdr[12], hdr[13]
     if machine != EM_PPC64:
         raise ElfError(f"{path} is not a ppc64 ELF file (e_machine {machine})")
-    sections = [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
+    return data, [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)], shstrndx
+
+
+def read_elf_symbols(path: Path) -> SymbolTable:
+    """The .symtab of a ppc64le ELF file; ElfError if it is not one or has none."""
+    data, sections, _ = _sections(path)
     for sh in sections:
         if sh[1] == 2:  # SHT_SYMTAB; sh_link names its string table
             strtab = sections[sh[6]]
             return SymbolTable(parse_symbols(data[sh[4]:sh[4] + sh[5]],
                                              data[strtab[4]:strtab[4] + strtab[5]]))
     raise ElfError(f"{path} has no symbol table (stripped?)")
+
+
+def read_modinfo(path: Path) -> dict[str, str]:
+    """A kernel module's .modinfo (vermagic=..., name=..., livepatch=Y, ...)."""
+    data, sections, shstrndx = _sections(path)
+    names = sections[shstrndx]
+    for sh in sections:
+        name = data[names[4] + sh[0]:].split(b"\0", 1)[0]
+        if name == b".modinfo":
+            entries = data[sh[4]:sh[4] + sh[5]].split(b"\0")
+            return dict(e.decode(errors="replace").partition("=")[::2] for e in entries if b"=" in e)
+    raise ElfError(f"{path} has no .modinfo: not a kernel module")

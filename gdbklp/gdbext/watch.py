@@ -136,7 +136,7 @@ class Watch:
         (a module loaded since may have brought, or overwritten, stubs)."""
         try:
             found = ool_stub_violations(self.kernel)
-        except gdb.MemoryError as e:  # before boot, say: checked again when the modules change
+        except gdb.error as e:  # before boot, say (a memory error): checked again when the modules change
             self.report.notes.append(f"out-of-line ftrace stubs not readable yet: {e}")
             return
         if found is self.stubs_checked:
@@ -245,7 +245,9 @@ class Watch:
         regs = (ReturnRegisters(target.register("r2"), target.register("ctr"), entry.toc)
                 if site is CallSite.INDIRECT else None)
         replacements = patches.replacements(self.kernel)
-        if p1 is None and map_may_be_stale(callee, regs, replacements, facts):
+        stale = map_may_be_stale(callee, regs, replacements, facts) if p1 is None else \
+            p1 not in replacements.values()
+        if stale:
             # a patch registered since its module appeared? (fresh_replacements checks the module list too)
             replacements, facts = patches.fresh_replacements(self.kernel), code_facts(self.kernel)
         return name_redirection(site, callee, regs, replacements, facts, p1)

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdbklp.abi.elf import ElfError, read_modinfo
 from gdbklp.lab import LabError, log
 from gdbklp.lab import config as cfg
 from gdbklp.lab import root as labroot
@@ -124,10 +125,11 @@ def cached_step(name: str, parts: dict, outputs: tuple[str, ...], build) -> Step
     return StepResult(directory, key, rebuilt=True)
 
 
-def run(cmd: list, cwd=None, log_file: Path | None = None) -> str:
-    """Run a build command in the lab root; return its output, or raise
-    LabError with the output's tail if it fails."""
-    argv = labroot.wrap(cmd, cwd)
+def run(cmd: list, cwd=None, log_file: Path | None = None, binds=()) -> str:
+    """Run a build command in the lab root (binds: more directories it may
+    use, at their own paths); return its output, or raise LabError with the
+    output's tail if it fails."""
+    argv = labroot.wrap(cmd, cwd, binds=binds)
     if log_file is None:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
@@ -438,7 +440,10 @@ class CpioWriter:
         return gzip.compress(self.buf.getvalue(), mtime=0)
 
 
-def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.INITRAMFS) -> StepResult:
+def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.INITRAMFS,
+                    extra_modules: tuple[Path, ...] = ()) -> StepResult:
+    """The initramfs: busybox, /init, the lab's programs and modules; with
+    extra_modules (a user's .ko files), those too, in /lib/modules/extra."""
     busybox = fetch_member(initramfs.busybox)
     parts = {
         "modules": modules.key,
@@ -449,10 +454,12 @@ def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.IN
         "cflags": initramfs.cflags,
         "cc": tool_version(cfg.KERNEL.cross_compile + "gcc"),
     }
+    if extra_modules:
+        parts["extra"] = {p.name: sha256_file(p) for p in extra_modules}
 
     def build(out: Path) -> None:
         cpio = CpioWriter()
-        for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+        for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "lib/modules/extra"):
             cpio.directory(d)
         cpio.file("init", initramfs.init.read_bytes(), 0o755)
         cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
@@ -463,6 +470,8 @@ def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.IN
             cpio.file(f"bin/{name}", (out / name).read_bytes(), 0o755)
         for ko in sorted(modules.directory.glob("*.ko")):
             cpio.file(f"lib/modules/{ko.name}", ko.read_bytes())
+        for ko in extra_modules:
+            cpio.file(f"lib/modules/extra/{ko.name}", ko.read_bytes())
         (out / "initramfs.cpio.gz").write_bytes(cpio.gzipped())
 
     return cached_step("initramfs", parts, ("initramfs.cpio.gz",), build)
@@ -490,15 +499,19 @@ def cache_lock():
         yield
 
 
-def build_all(mutant: cfg.Mutant | None = None, kernel: str = cfg.DEFAULT_KERNEL) -> LabImages:
+def build_all(mutant: cfg.Mutant | None = None, kernel: str = cfg.DEFAULT_KERNEL,
+              extra_modules: tuple[Path, ...] = ()) -> LabImages:
     """Build (or verify the cached) kernel of one generation (a name in
     config.KERNELS), its modules and initramfs; with a mutant, its kernel
-    variant and/or modules instead (on the mutant's generation)."""
+    variant and/or modules instead (on the mutant's generation); with
+    extra_modules, an initramfs that also holds those (check_user_module)."""
     generation = cfg.KERNELS[mutant.kernel if mutant else kernel]
     with cache_lock():
         built = build_kernel(generation)
         modules = build_modules(built, edits=mutant.module_edits if mutant else (), generation=generation)
-        initramfs = build_initramfs(modules)
+        for ko in extra_modules:
+            check_user_module(ko, modules)
+        initramfs = build_initramfs(modules, extra_modules=tuple(extra_modules))
         vmlinux = built / "vmlinux"
         if mutant and mutant.kernel_edits:
             vmlinux = build_kernel_variant(mutant.name, mutant.kernel_edits, generation) / "vmlinux"
@@ -509,3 +522,35 @@ def build_all(mutant: cfg.Mutant | None = None, kernel: str = cfg.DEFAULT_KERNEL
         modules=modules.directory,
         initramfs=initramfs / "initramfs.cpio.gz",
     )
+
+
+# ---- a user's own modules -------------------------------------------------
+
+
+def check_user_module(ko: Path, lab_modules: StepResult) -> None:
+    """LabError, in one line, unless ko is a kernel module built for the lab
+    kernel its modules were built against (the same vermagic)."""
+    try:
+        info = read_modinfo(ko)
+    except ElfError as e:
+        raise LabError(str(e)) from None
+    lab = read_modinfo(next(lab_modules.directory.glob("*.ko")))
+    if info.get("vermagic") != lab["vermagic"]:
+        raise LabError(f"{ko} was built for '{info.get('vermagic', '?').strip()}', the lab kernel is "
+                       f"'{lab['vermagic'].strip()}': build it with 'gdbklp lab build-module'")
+
+
+def build_user_modules(source: Path, kernel: str = cfg.DEFAULT_KERNEL) -> list[Path]:
+    """Build the external module(s) in source (a directory with a Kbuild or
+    Makefile) against the lab kernel of a generation, with the lab root's
+    cross compiler: make -C <kernel build> M=<source> modules. Returns the
+    .ko files, which stay in source."""
+    source = Path(source).resolve()
+    if not source.is_dir():
+        raise LabError(f"{source} is not a directory of module sources")
+    generation = cfg.KERNELS[kernel]
+    with cache_lock():
+        built = build_kernel(generation)
+        log(f"building the modules in {source} against {built / 'build'}")
+        run(make_cmd(generation, "-C", str(built / "build"), f"M={source}", "modules"), binds=(source,))
+    return sorted(source.glob("*.ko"))

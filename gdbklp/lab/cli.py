@@ -5,6 +5,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from gdbklp.lab import LabError, build, host, session, workload
 from gdbklp.lab import root as labroot
@@ -78,7 +79,45 @@ def cmd_gdb(args) -> int:
         return subprocess.call(gdb_command(images.vmlinux, guest.gdb_port))
 
 
+def cmd_build_module(args) -> int:
+    for ko in build.build_user_modules(args.directory, args.kernel):
+        print(ko)
+    return 0
+
+
+def cmd_own_patch(args) -> int:
+    """demo --module/--run: the user's patch modules loaded into the lab guest
+    (the lab's own patch stays out), the command run under klp-watch."""
+    modules = tuple(Path(m).resolve() for m in args.module)
+    for ko in modules:
+        if not ko.is_file():
+            raise LabError(f"no module at {ko}")
+    kernel = KERNELS[args.kernel]
+    images = build.build_all(kernel=kernel.name, extra_modules=modules)
+    command = " && ".join([*(f"insmod /lib/modules/extra/{ko.name}" for ko in modules),
+                           "klplab_settle", args.run or "klplab-run -t 1 -n 5"])
+    qemu = lab_emulator(args)
+    print(f"booting the {kernel.name} lab with {', '.join(ko.name for ko in modules) or 'the lab patch'} ...",
+          flush=True)
+    with session.booted(images, patch=not modules, smp=args.smp, emulator=qemu) as guest:
+        with session.attached(guest, images.vmlinux) as gdb:
+            print(f"gdb attached; watching '{command}' ...", flush=True)
+            watched = session.WatchedGuest(guest, gdb)
+            report = watched.watch(command, args.timeout or 1800.0,
+                                   WatchOptions(resolve_indirect=not args.without_p1, handoff=args.handoff))
+    print(watched.last_output.rstrip())
+    print()
+    print(report.format_text())
+    if args.json:
+        report.write_json(args.json)
+        print(f"report: {args.json}")
+    clean = not (report.violations or report.errors or report.guest_events)
+    return 0 if clean and watched.last_status == 0 else 1
+
+
 def cmd_demo(args) -> int:
+    if args.module or args.run:
+        return cmd_own_patch(args)
     images = lab_images(args)
     trampoline = TRAMPOLINES[args.trampoline]
     kinds = args.kinds or ",".join(trampoline.kinds)
@@ -176,8 +215,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--without-p1", action="store_true",
                    help="one stop per redirection, not two: indirect calls' B and C are then named only "
                         "where the patch's functions or C's code tell (the lab's: not)")
+    p.add_argument("--handoff", action="store_true",
+                   help="with --module/--run: also check ftrace's hand-off to livepatch_handler (klp-watch "
+                        "--handoff, invariant 14)")
+    p.add_argument("--module", action="append", default=[], metavar="PATH.ko",
+                   help="your own live-patch module, built against the lab kernel (gdbklp lab build-module): "
+                        "loaded instead of the lab's patch, then --run is watched (repeatable)")
+    p.add_argument("--run", metavar="CMD", help="the guest shell command to watch (default with --module: "
+                                               "klplab-run -t 1 -n 5, every call kind)")
     add_guest_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("build-module", help="build your module sources against a lab kernel, with the lab "
+                                            "root's cross compiler (make -C BUILD M=DIRECTORY modules)")
+    p.add_argument("directory", type=Path, help="the module's sources, with a Kbuild or Makefile")
+    add_kernel_option(p)
+    p.set_defaults(func=cmd_build_module)
 
     p = sub.add_parser("other-release", help="run a command on this checkout in a root of the other supported "
                        "Debian release (on Debian 12: the lab root, Debian 13; on Debian 13: Debian 12)")

@@ -73,7 +73,7 @@ class WatchedGuest:
                 status, output = self.guest.run(command, timeout)
                 outcome = f"guest command exited {status}"
             except LabError as e:  # the guest died or hung: the report so far still counts
-                output, outcome = "", f"guest command did not finish: {e}"
+                status, output, outcome = None, "", f"guest command did not finish: {e}"
             finally:
                 if mode != "breakpoint":
                     # end the pauses first, so that none resumes the guest after our interrupt
@@ -83,7 +83,7 @@ class WatchedGuest:
                 self.gdb.console("klp-watch stop")
             report = WatchReport.read_json(path)
         report.notes.append(outcome)
-        self.last_output = output
+        self.last_output, self.last_status = output, status
         self.gdb.cont()
         return report
 
