@@ -77,7 +77,7 @@ class Kernel:
 
     def check_matches_target(self) -> None:
         """One-line error when the running kernel is not this vmlinux (their linux_banner
-        differ); nothing to say before the guest has booted (its memory is not readable)."""
+        differ); nothing to say before the guest has booted (no banner there yet)."""
         address = self.symbols.address("linux_banner")
         if address is None:
             return
@@ -86,7 +86,9 @@ class Kernel:
             theirs = target.read_memory(address, len(ours))
         except gdb.MemoryError:
             return
-        if theirs != ours and theirs.strip(b"\0"):
+        # before the kernel runs (stopped at the firmware), its address holds whatever
+        # the firmware put there: only another kernel's banner is a mismatch
+        if theirs != ours and theirs.startswith(b"Linux version"):
             raise GdbklpError(f"{self.vmlinux} does not match the running kernel: its linux_banner is "
                               f"{ours.decode(errors='replace').strip()!r}, the guest has "
                               f"{theirs.decode(errors='replace').strip()!r} there")
