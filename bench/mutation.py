@@ -55,6 +55,8 @@ def not_applicable(mutant: Mutant, options: WatchOptions) -> str | None:
     """Why a mode cannot watch a mutant's design, if it cannot."""
     if mutant.trampoline != DEFAULT_TRAMPOLINE and options.mode != "breakpoint":
         return "n/a (RFC design: no livepatch stack to park at or sample)"
+    if mutant.handoff and options.mode == "sample":
+        return "n/a (the hand-off is checked at breakpoints: --handoff)"
     return None
 
 
@@ -68,7 +70,8 @@ def watch_mutant(mutant: Mutant, images: build.LabImages, options: WatchOptions,
         gdb.cont()
         watched = session.WatchedGuest(guest, gdb)
         try:
-            report = watched.watch(f"klplab-run -r {mutant.run}", RUN_TIMEOUT, options)
+            report = watched.watch(f"klplab-run -r {mutant.run}", RUN_TIMEOUT,
+                                   dataclasses.replace(options, handoff=mutant.handoff))
         except LabError as e:  # e.g. the RFC model refuses --park
             return Outcome(False, [], None, False, False, False, note=f"n/a: {str(e).strip().splitlines()[-1]}")
     invariants = [v.invariant for v in report.violations]

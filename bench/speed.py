@@ -1,11 +1,12 @@
 """The speed programme: every way of watching the lab, on one workload, side by side.
 
     .venv/bin/python bench/speed.py [--args "KLPLAB-RUN ARGS"] [--rounds N] [--modes M,...] [--qemus Q,...]
+                                    [--kernels K,...]
 
-On each QEMU the lab runs (the lab root's, which does not flush its
-translations at a stop, and the host's), one after the other: one
-serve-mode guest and one gdb-multiarch over MI (as the monitor drives
-it). Each round runs the same workload (klplab-run ARGS) once per mode, the
+On each lab kernel generation (--kernels, default the default one) and each
+QEMU the lab runs (the lab root's, which does not flush its translations at
+a stop, and the host's), one after the other: one serve-mode guest and one
+gdb-multiarch over MI (as the monitor drives it). Each round runs the same workload (klplab-run ARGS) once per mode, the
 modes in turn:
 
   unwatched   gdb attached, no breakpoint, the guest running
@@ -43,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gdbklp.lab import build, session, workload  # noqa: E402
-from gdbklp.lab.config import QEMUS, REPO_ROOT  # noqa: E402
+from gdbklp.lab.config import DEFAULT_KERNEL, KERNELS, QEMUS, REPO_ROOT  # noqa: E402
 from gdbklp.lab.qemu import emulator  # noqa: E402
 from gdbklp.report import WatchReport  # noqa: E402
 from gdbklp.options import WatchOptions  # noqa: E402
@@ -187,26 +188,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES), help=f"some of: {', '.join(MODES)}")
     parser.add_argument("--qemus", default=",".join(QEMUS), help=f"some of: {', '.join(QEMUS)}")
+    parser.add_argument("--kernels", default=DEFAULT_KERNEL, help=f"some of: {', '.join(KERNELS)}")
     args = parser.parse_args()
     modes = [MODES[name.strip()] for name in args.modes.split(",")]
     emulators = [emulator(name.strip()) for name in args.qemus.split(",")]
     command = f"klplab-run -r {args.args}"
-    images = build.build_all()
-    results = {e.which: measure(images, e, modes, command, args.rounds) for e in emulators}
+    # one column per (kernel generation, QEMU)
+    setups = [(build.build_all(kernel=k.strip()), e) for k in args.kernels.split(",") for e in emulators]
+    names = [f"{images.kernel.name}/{e.which}" for images, e in setups]
+    results = {name: measure(images, e, modes, command, args.rounds) for name, (images, e) in zip(names, setups)}
     redirections = {count.redirections for _, counted in results.values() for count in counted.values()}
     assert len(redirections) == 1, f"the workload changed size: {redirections}"
-    print(f"workload: klplab-run {args.args} = {redirections.pop()} redirections; per QEMU one guest, "
-          f"modes in turn, median of {args.rounds} rounds")
-    for e in emulators:
-        print(f"  [{e.which}] {e.describe()}")
+    print(f"workload: klplab-run {args.args} = {redirections.pop()} redirections; per kernel and QEMU one "
+          f"guest, modes in turn, median of {args.rounds} rounds")
+    for name, (images, e) in zip(names, setups):
+        print(f"  [{name}] Linux {images.kernel.name} ({images.kernel.summary}) on {e.describe()}")
     columns = ("time", "slowdown", "stops/r", "debug/r", "pkts/stop", "events/s")
     group = " ".join(f"{c:>9}" for c in columns)
-    print(f"  {'':<11} " + " | ".join(f"{e.which:^{len(group)}}" for e in emulators))
-    print(f"  {'':<11} " + " | ".join(group for _ in emulators) + "  events (violations)")
+    print(f"  {'':<11} " + " | ".join(f"{name:^{len(group)}}" for name in names))
+    print(f"  {'':<11} " + " | ".join(group for _ in names) + "  events (violations)")
     for mode in modes:
         cells = []
-        for e in emulators:
-            timed, counted = results[e.which]
+        for name in names:
+            timed, counted = results[name]
             runs, count = timed[mode.name], counted[mode.name]
             seconds = median_seconds(runs)
             base = median_seconds(timed["unwatched"]) if "unwatched" in timed else 0
@@ -216,18 +220,18 @@ def main() -> None:
                       ratio(count.packets, count.stops, ".1f"),
                       f"{statistics.median(r.events / r.seconds for r in runs):.1f}")
             cells.append(" ".join(f"{v:>9}" for v in values))
-        violations = sum(r.violations for e in emulators for r in results[e.which][0][mode.name])
+        violations = sum(r.violations for name in names for r in results[name][0][mode.name])
         print(f"  {mode.name:<11} " + " | ".join(cells) + f"  {mode.events or '-'} ({violations})")
-    for e in emulators:
-        timed = results[e.which][0]
+    for name in names:
+        timed = results[name][0]
         if "gdb script" not in timed:
             continue
         naive = median_seconds(timed["gdb script"])
         base = median_seconds(timed["unwatched"]) if "unwatched" in timed else None
-        for name in ("precise", "precise+P1", "parking", "parking+P1"):
-            if name in timed:
-                seconds = median_seconds(timed[name])
-                print(f"  [{e.which}] {name} is {naive / seconds:.2f}x faster than the gdb script "
+        for mode_name in ("precise", "precise+P1", "parking", "parking+P1"):
+            if mode_name in timed:
+                seconds = median_seconds(timed[mode_name])
+                print(f"  [{name}] {mode_name} is {naive / seconds:.2f}x faster than the gdb script "
                       f"(watching cost {ratio(naive - base, seconds - base, '.2f') if base else '-'}x less)")
 
 

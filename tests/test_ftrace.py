@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gdbklp.abi import ppc
-from gdbklp.abi.ftrace import FtraceCodeError, decode_handler_entry, decode_ool_stub
+from gdbklp.abi.ftrace import FtraceCodeError, decode_handler_entry, decode_ool_stub, ool_stub_label
 from gdbklp.abi.handoff import NON_VOLATILE, FtraceEntry, check_handoff, check_ool_stub, traced_function_site
 from gdbklp.abi.livepatch import find_unredirected_exits
 from gdbklp.abi.trampoline import decode_layout, lint_handler_entry, lint_livepatch_handler
@@ -170,3 +170,12 @@ def test_handoff_under_ool(change, violated):
 def test_handoff_without_a_p0_at_this_sp():
     found = check_handoff(None, p0_registers(), "lr", "ctr", None, hex)
     assert [v.invariant for v in found] == [14] and "without an ftrace trampoline entry" in found[0].title
+
+
+@pytest.mark.parametrize("offset", [0, 4, 8, 12])
+def test_a_pc_in_a_stub_is_labelled_with_its_function(offset):
+    code = bytes.fromhex(STUB["code"])
+    read = memory({STUB["address"] - 12: b"\0" * 12 + code + b"\0" * 28})
+    label = ool_stub_label(STUB["address"] + offset, read, lambda a: f"B+{a - STUB['function']:#x}")
+    assert label == f"out-of-line ftrace stub of B+{STUB['site'] - STUB['function']:#x}"
+    assert ool_stub_label(STUB["address"] + 16, read, hex) is None  # past the stub

@@ -58,3 +58,19 @@ def test_your_own_patch_module_on_the_lab(lab):
     assert "local: klp_lab_b_local [klp_lab_target] -> my_local [my_patch]" in proc.stdout
     assert "global: klp_lab_b_global [klp_lab_target] -> my_global [my_patch]" in proc.stdout
     assert "local 4 0 4 0" in proc.stdout  # the guest's count: every local call reached my_local
+
+
+@pytest.mark.parametrize("lab", ["7.3"], indirect=True)
+def test_klp_frames_labels_an_out_of_line_stub(lab, tmp_path):
+    # at ftrace_caller's entry (P0) LR is the stub's `mtlr r0`: the frame it makes is named by the stub's function
+    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.console("break *ftrace_caller")
+        gdb.console("break *ftrace_regs_caller")
+        gdb.cont()
+        start = guest.send("echo 'local 1 0' > /proc/klp_lab/run")
+        gdb.wait_stopped(60)
+        frames = gdb.console("klp-frames")
+        gdb.console("delete")
+        gdb.cont()
+        guest.wait_done(start, 60)
+    assert "out-of-line ftrace stub of klp_lab_b_local+0x8 [klp_lab_target]" in frames, frames

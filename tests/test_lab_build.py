@@ -72,7 +72,7 @@ def test_fragment_applied_and_verified(tmp_path):
 # what each generation's fragments must give: how ftrace enters a function
 ENTRY_OPTIONS = {
     "6.1": ("CONFIG_MPROFILE_KERNEL", "CONFIG_GDBKLP_RFC_TRAMPOLINES"),
-    "6.12": ("CONFIG_ARCH_USING_PATCHABLE_FUNCTION_ENTRY",),
+    "6.12": ("CONFIG_ARCH_USING_PATCHABLE_FUNCTION_ENTRY", "CONFIG_GDBKLP_RFC_TRAMPOLINES"),
     "7.3": ("CONFIG_ARCH_USING_PATCHABLE_FUNCTION_ENTRY", "CONFIG_PPC_FTRACE_OUT_OF_LINE",
             "CONFIG_DYNAMIC_FTRACE_WITH_CALL_OPS"),
 }

@@ -6,12 +6,14 @@ import pytest
 
 from gdbklp.lab import workload
 from gdbklp.lab.gdbmi import GdbCommandError
-from gdbklp.lab.config import TRAMPOLINES
+from gdbklp.lab.config import KERNELS, TRAMPOLINES
 from gdbklp.lab.session import WatchedGuest, attached, booted
 
 pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
 
 HAZARDOUS = ("many_args", "varargs")
+# the generations whose lab kernel has the RFC trampolines
+RFC_KERNELS = [k.name for k in KERNELS.values() if "rfc" in k.trampolines]
 MULLW = 0x7D8C59D6  # mullw r12,r12,r11: no step of a redirect path
 
 
@@ -33,6 +35,7 @@ def test_merged_design_lints_clean(gdb):
     assert "cannot interpret `ld r12, 0x128(r13)`" in bad["findings"][-1]["text"]
 
 
+@pytest.mark.parametrize("lab", RFC_KERNELS, indirect=True)
 def test_rfc_fixed_clean_workload_and_hazards(lab, tmp_path):
     """rfc-fixed: every kind the design supports redirects cleanly under watch; the
     replacements with stack-passed arguments are reported as hazards with the reason."""
@@ -65,6 +68,7 @@ def test_rfc_fixed_clean_workload_and_hazards(lab, tmp_path):
             gdb.console("klp-watch start")
 
 
+@pytest.mark.parametrize("lab", RFC_KERNELS, indirect=True)
 def test_rfc_as_posted_fails_at_the_first_redirection(lab, tmp_path):
     """rfc: klp-lint finds the 0x18 constant and the lost return address; klp-watch
     reports the misrouted global call and the lost return address at the first

@@ -205,3 +205,16 @@ def decode_ool_stub(code: bytes, address: int) -> OolStub | None:
         return None
     return OolStub(address, calls, ppc.branch_target(words[3], address + 12))
 
+
+
+def ool_stub_label(pc: int, read, describe) -> str | None:
+    """"out-of-line ftrace stub of B+off" when pc is one of a stub's four
+    instructions (as the stop at ftrace_caller's entry has it in LR, say);
+    read(address, length) reads memory, describe names an address."""
+    code = read(pc - 12, 28)
+    for index in range(4):
+        start = pc - 4 * index
+        stub = decode_ool_stub(code[12 - 4 * index:28 - 4 * index], start)
+        if stub is not None:
+            return f"out-of-line ftrace stub of {describe(stub.returns_to - 4)}"
+    return None

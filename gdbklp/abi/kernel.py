@@ -89,6 +89,7 @@ class KernelView:
     livepatch: LivepatchHandlerLayout | None = None
     klp_return_helper: int | None = None
     thread_size: int = THREAD_SIZE_DEFAULT
+    ool_stubs: bool = False  # ftrace enters through out-of-line stubs (6.13+)
     _call_sites: dict[int, CallSite] = field(default_factory=dict)
 
     def object_at(self, address: int) -> ObjectInfo | None:

@@ -6,6 +6,7 @@ This is what klp-frames shows per thread; pure Python over a memory reader.
 from dataclasses import asdict, dataclass
 
 from gdbklp.abi.frames import Registers, Walk, walk_stack
+from gdbklp.abi.ftrace import ool_stub_label
 from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.livepatch import LivepatchStack, read_livepatch_stack
 
@@ -93,4 +94,19 @@ def decode_task_stack(label: str, regs: Registers, task: int, read, view: Kernel
         except Exception as e:
             livepatch = LivepatchStack(own, 0, [], [f"cannot read livepatch_sp: {e}"], {})
     walk = walk_stack(regs, read, view, base, livepatch.entries if livepatch else [])
+    if view.ool_stubs:
+        label_ool_stubs(walk, read, view)
     return TaskStack(label, task, pid, comm, regs, base, walk, livepatch)
+
+
+def label_ool_stubs(walk: Walk, read, view: KernelView) -> None:
+    """Name the out-of-line ftrace stub a frame is in: only the stopped pc and the
+    LR register can be in one (ftrace_caller saves the site in B, not the stub)."""
+    for frame in walk.frames:
+        if frame.kind in ("current", "lr"):
+            try:
+                label = ool_stub_label(frame.pc, read, view.describe)
+            except Exception:  # memory around pc not readable: the symbol label stays
+                continue
+            if label:
+                frame.function = label

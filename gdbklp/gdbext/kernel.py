@@ -107,7 +107,8 @@ class Kernel:
             self._view_objects = modules
             self._view = KernelView([self.vmlinux_object, *modules], layout,
                                     klp_return_helper=self.symbols.address("KLP_return_helper"),
-                                    thread_size=self.thread_size)
+                                    thread_size=self.thread_size,
+                                    ool_stubs=self.symbols.address("ftrace_ool_stub_text") is not None)
         return self._view
 
     def view_covering(self, address: int) -> KernelView:

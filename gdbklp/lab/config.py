@@ -148,7 +148,10 @@ KERNELS = {k.name: k for k in (
                 "livepatch_handler as in 6.1",
         linux_source("6.12", "trixie"),
         (KERNEL_FRAGMENTS / "common.config", KERNEL_FRAGMENTS / "6.12.config"),
-        ftrace_source="arch/powerpc/kernel/trace/ftrace_entry.S"),
+        ftrace_source="arch/powerpc/kernel/trace/ftrace_entry.S",
+        trampolines=("livepatch-stack", "rfc-fixed", "rfc"),
+        # the same RFC trampolines: ftrace_entry.S leaves RA in LR and r0 and C in CTR as 6.1's did
+        patches=(IMAGES_DIR / "kernel-patches" / "6.12" / "0001-powerpc-klp-rfc-trampolines.patch",)),
     KernelConfig(
         "7.3", "patchable entry with out-of-line ftrace stubs and call ops, "
                "livepatch_handler takes RA from r0 and C from LR",
