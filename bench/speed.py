@@ -16,6 +16,8 @@ modes in turn:
   precise     klp-watch start --breakpoint: one breakpoint stop per redirection
   precise+P1  klp-watch start --breakpoint --resolve-indirect: a second stop, at P1 (the
               bctrl into C), names every indirect call's B and C
+  precise+handoff  klp-watch start --breakpoint --handoff: two more stops, at
+              ftrace's entry (P0) and livepatch_handler's, check the hand-off
   parking     klp-watch start --park: every redirection held at P3 until a
               pause by interrupt checks it; no breakpoint stop
   parking+P1  klp-watch start --park --resolve-indirect: held at P1 too
@@ -107,10 +109,11 @@ class NaiveScript(Mode):
 
 
 class KlpWatch(Mode):
-    def __init__(self, name: str, sample_hz: float | None = None, park: bool = False, p1: bool = False):
+    def __init__(self, name: str, sample_hz: float | None = None, park: bool = False, p1: bool = False,
+                 handoff: bool = False):
         self.name = name
         self.options = WatchOptions(quiet=True, sample=sample_hz, park=park, resolve_indirect=p1,
-                                    breakpoint=not (sample_hz or park))
+                                    breakpoint=not (sample_hz or park), handoff=handoff)
         self.sampling = sample_hz is not None
         self.by_pauses = self.sampling or park  # the watch ends with the guest running
         self.events = "samples" if self.sampling else "redirections checked"
@@ -129,6 +132,7 @@ class KlpWatch(Mode):
 
 
 MODES = {m.name: m for m in (Mode(), NaiveScript(), KlpWatch("precise"), KlpWatch("precise+P1", p1=True),
+                             KlpWatch("precise+handoff", handoff=True),
                              KlpWatch("parking", park=True), KlpWatch("parking+P1", park=True, p1=True),
                              KlpWatch("10 Hz", sample_hz=10), KlpWatch("100 Hz", sample_hz=100))}
 

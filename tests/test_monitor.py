@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 from gdbklp.lab.session import booted
 
@@ -133,6 +135,7 @@ def gdbklp(*args):
     return [sys.executable, "-m", "gdbklp", *args]
 
 
+@pytest.mark.generations
 def test_monitor_watches_saves_and_detaches(lab, tmp_path):
     report = tmp_path / "report.json"
     with booted(lab, workdir=tmp_path) as guest:

@@ -17,6 +17,7 @@ from gdbklp.gdbext.events import cache_until
 from gdbklp.gdbext.kernel import Kernel
 from gdbklp.gdbext.probes import TRACE_TRAMPOLINES
 
+MAX_HELD = 64  # P0 records kept per task: a task nests redirections a few deep at most
 # the vmlinux's stub areas: (array symbol, count symbol)
 VMLINUX_STUB_AREAS = (("ftrace_ool_stub_text", "ftrace_ool_stub_text_count"),
                       ("ftrace_ool_stub_text_end", "ftrace_ool_stub_text_end_count"))
@@ -42,7 +43,10 @@ class HandoffProbes:
 
     def on_ftrace_entry(self) -> bool:
         regs = self.registers()
-        self.at_p0.setdefault(tasks.current_task(self.kernel), {})[regs["r1"]] = FtraceEntry(regs)
+        held = self.at_p0.setdefault(tasks.current_task(self.kernel), {})
+        if len(held) >= MAX_HELD:  # P0s of calls ftrace did not redirect are never taken back
+            held.clear()
+        held[regs["r1"]] = FtraceEntry(regs)
         return False
 
     def on_handler_entry(self) -> bool:

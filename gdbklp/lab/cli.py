@@ -40,8 +40,9 @@ def cmd_build(args) -> int:
     for name, path in vars(images).items():
         if name != "kernel":
             print(f"{name}: {path}")
-    print(f"build your patch modules against: make -C {images.kernel_build} "
-          f"ARCH={images.kernel.arch} CROSS_COMPILE={images.kernel.cross_compile} M=$PWD")
+    print(f"build your patch modules with: gdbklp lab build-module --kernel {images.kernel.name} DIRECTORY "
+          f"(make -C {images.kernel_build} ARCH={images.kernel.arch} "
+          f"CROSS_COMPILE={images.kernel.cross_compile} M=DIRECTORY modules, in the lab root)")
     print(f"lab root: {labroot.ensure_root()}")
     for which in QEMUS:
         print(f"qemu ({which}): {emulator(which).describe()}")
