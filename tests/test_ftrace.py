@@ -95,7 +95,8 @@ def test_an_instruction_the_walk_does_not_know_is_refused_by_address():
     code, address = load("7.3", "ftrace_caller")
     words = ppc.words(code)
     words[3] = 0x7C6321D6  # mullw r3,r3,r4
-    with pytest.raises(FtraceCodeError, match=rf"ftrace_caller: cannot model `mullw r3, r3, r4` .* at {address + 12:#x}"):
+    refusal = rf"ftrace_caller: cannot model `mullw r3, r3, r4` .* at {address + 12:#x}"
+    with pytest.raises(FtraceCodeError, match=refusal):
         decode_handler_entry(b"".join(w.to_bytes(4, "little") for w in words), address, handler_address("7.3"))
 
 

@@ -176,10 +176,10 @@ class Watch:
             self.report.notes += notes
             for address in exits:
                 through_stub = self.kernel.code(address, 4) == ppc.BLR.to_bytes(4, "little")
-                probes.append(self.probe(address, lambda through_stub=through_stub: self.on_unredirected(through_stub)))
+                probes.append(self.probe(address, lambda stub=through_stub: self.on_unredirected(stub)))
             if not exits:
                 self.report.notes.append("calls that are not redirected are not checked: no exit "
-                                         f"(bctr) found in {' or '.join(TRACE_TRAMPOLINES)}")
+                                         f"(bctr or blr) found in {' or '.join(TRACE_TRAMPOLINES)}")
         for name in GUEST_DOWN:
             address = self.kernel.symbols.address(name)
             if address is not None:

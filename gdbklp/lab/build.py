@@ -321,8 +321,9 @@ def files_digest(paths) -> dict[str, str]:
 
 def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, edits: tuple = (),
                   generation: cfg.KernelConfig = cfg.KERNEL) -> StepResult:
-    """The lab's modules against kernel (a build of generation); edits (a mutant's, paths modules/NAME)
-    are applied to the step's own copy of the sources."""
+    """The lab's modules against kernel (a build of generation); edits (a
+    mutant's, paths modules/NAME) are applied to the step's own copy of the
+    sources."""
     sources = [p for p in modules.source_dir.iterdir() if p.is_file()]
     parts = {"kernel": kernel.key, "sources": files_digest(sources), "from_kernel": modules.from_kernel}
     if edits:
@@ -342,7 +343,8 @@ def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, 
         for path in modules.from_kernel:
             shutil.copy2(kernel / "build" / path, out / Path(path).name)
 
-    return cached_step(f"modules-{generation.name}", parts, outputs + tuple(Path(p).name for p in modules.from_kernel), build)
+    from_kernel = tuple(Path(p).name for p in modules.from_kernel)
+    return cached_step(f"modules-{generation.name}", parts, outputs + from_kernel, build)
 
 
 # ---- initramfs ----------------------------------------------------------

@@ -23,15 +23,16 @@ def lab_emulator(args):
     return chosen
 
 
-def lab_images(args) -> build.LabImages:
-    """The chosen generation's images, built or verified; a trampoline the
-    generation does not have is refused before anything is built."""
+def lab_images(args, extra_modules: tuple[Path, ...] = ()) -> build.LabImages:
+    """The chosen generation's images (with extra_modules in the initramfs),
+    built or verified; a trampoline the generation does not have is refused
+    before anything is built."""
     kernel = KERNELS[args.kernel]
     trampoline = getattr(args, "trampoline", None)
     if trampoline and trampoline not in kernel.trampolines:
         raise LabError(f"the {kernel.name} lab has no {trampoline} trampoline "
                        f"(it has: {', '.join(kernel.trampolines)})")
-    return build.build_all(kernel=kernel.name)
+    return build.build_all(kernel=kernel.name, extra_modules=extra_modules)
 
 
 def cmd_build(args) -> int:
@@ -93,14 +94,13 @@ def cmd_own_patch(args) -> int:
     for ko in modules:
         if not ko.is_file():
             raise LabError(f"no module at {ko}")
-    kernel = KERNELS[args.kernel]
-    images = build.build_all(kernel=kernel.name, extra_modules=modules)
+    images = lab_images(args, modules)
     command = " && ".join([*(f"insmod /lib/modules/extra/{ko.name}" for ko in modules),
                            "klplab_settle", args.run or "klplab-run -t 1 -n 5"])
     qemu = lab_emulator(args)
-    print(f"booting the {kernel.name} lab with {', '.join(ko.name for ko in modules) or 'the lab patch'} ...",
+    print(f"booting the {images.kernel.name} lab with {', '.join(ko.name for ko in modules) or 'the lab patch'} ...",
           flush=True)
-    with session.booted(images, patch=not modules, smp=args.smp, emulator=qemu) as guest:
+    with session.booted(images, patch=not modules, smp=args.smp, trampoline=args.trampoline, emulator=qemu) as guest:
         with session.attached(guest, images.vmlinux) as gdb:
             print(f"gdb attached; watching '{command}' ...", flush=True)
             watched = session.WatchedGuest(guest, gdb)
