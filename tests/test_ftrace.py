@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from gdbklp.abi import ppc
-from gdbklp.abi.ftrace import FtraceCodeError, decode_handler_entry, decode_ool_stub, ool_stub_label
-from gdbklp.abi.handoff import NON_VOLATILE, FtraceEntry, check_handoff, check_ool_stub, traced_function_site
+from gdbklp.abi.ftrace import NON_VOLATILE, FtraceCodeError, decode_handler_entry, decode_ool_stub, ool_stub_label
+from gdbklp.abi.handoff import FtraceEntry, check_handoff, check_ool_stub, traced_function_site
 from gdbklp.abi.livepatch import find_unredirected_exits
 from gdbklp.abi.trampoline import decode_layout, lint_handler_entry, lint_livepatch_handler
 

@@ -15,7 +15,8 @@ following values through its frame, so that livepatch_handler's own
 assumption can be checked against it (invariant 14) instead of being assumed.
 
 An out-of-line stub is four instructions, `mflr r0; bl ftrace_caller;
-mtlr r0; b B+4`, reached from B's patched `b stub`; decode_ool_stub reads one.
+mtlr r0; b site+4`, reached from the `b stub` at the site in B (its first
+instruction after the local entry); decode_ool_stub reads one.
 """
 
 from dataclasses import dataclass

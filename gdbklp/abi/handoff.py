@@ -20,10 +20,9 @@ over the stub area breaks this without any redirection showing it first.
 from dataclasses import dataclass
 
 from gdbklp.abi import ppc
-from gdbklp.abi.ftrace import OolStub, decode_ool_stub
+from gdbklp.abi.ftrace import NON_VOLATILE, OolStub, decode_ool_stub
 from gdbklp.abi.invariants import Violation
 
-NON_VOLATILE = tuple(f"r{n}" for n in range(14, 32))
 HANDOFF_REGISTERS = ("r0", "r1", "r2", "lr", "ctr", *NON_VOLATILE)
 
 
