@@ -140,8 +140,11 @@ def test_no_qemu_survives_its_owner(lab, tmp_path, how):
     qemu_pid = int(owner.stdout.readline())
     assert not process_gone(qemu_pid, timeout=0.5)
     owner.send_signal(how)
-    owner.wait(timeout=30)
-    assert process_gone(qemu_pid), f"QEMU {qemu_pid} survived {how.name} of its owner"
+    try:
+        assert process_gone(qemu_pid), f"QEMU {qemu_pid} survived {how.name} of its owner"
+        owner.wait(timeout=30)  # and the owner ends (Ctrl-C on `gdbklp lab boot`)
+    finally:
+        owner.kill()
 
 
 def test_context_manager_leaves_no_qemu(lab, tmp_path):

@@ -40,8 +40,12 @@ def _close_all_guests() -> None:
         guest.close()
 
 
-def _on_sigterm(signum, frame):
+def _on_signal(signum, frame):
+    """SIGTERM or SIGINT: the guests go first, while the process is whole, then
+    the signal's usual outcome (exit 143; KeyboardInterrupt)."""
     _close_all_guests()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -180,8 +184,9 @@ class Guest:
     def start(self, attempts: int = 3) -> "Guest":
         """Start QEMU; a gdbstub port taken in the meantime is replaced by another."""
         if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-                signal.signal(signal.SIGTERM, _on_sigterm)
+            for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+                if signal.getsignal(signum) in (default, None):
+                    signal.signal(signum, _on_signal)
         for _ in range(attempts):
             port = free_port()
             stderr_path = self.workdir / "qemu.stderr"
