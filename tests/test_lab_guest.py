@@ -128,8 +128,11 @@ def process_gone(pid: int, timeout: float = 10.0) -> bool:
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_no_qemu_survives_its_owner(lab, tmp_path, how):
+    # SIGINT as a terminal's Ctrl-C delivers it: a background job of a
+    # non-interactive shell (CI started with `&`) inherits it ignored
     script = textwrap.dedent(f"""
-        import time
+        import signal, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from gdbklp.lab.qemu import Guest, kernel_cmdline
         g = Guest({str(lab.vmlinux)!r}, {str(lab.initramfs)!r}, append=kernel_cmdline(),
                   workdir={str(tmp_path)!r}).start()
