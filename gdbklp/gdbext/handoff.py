@@ -82,8 +82,9 @@ def stub_areas(kernel: Kernel) -> list[tuple[str, int, int]]:
     areas = []
     for array, count in VMLINUX_STUB_AREAS:
         address, counter = kernel.symbols.address(array), kernel.symbols.address(count)
-        if address is not None and counter is not None:
-            areas.append(("vmlinux", address, int.from_bytes(target.read_memory(counter, 4), "little")))
+        count = int.from_bytes(target.read_memory(counter, 4), "little") if counter is not None else 0
+        if address is not None and count:
+            areas.append(("vmlinux", address, count))
     for mod in target.kernel_list("&modules", "struct module", "list"):
         arch = mod["arch"]
         stubs, used = int(arch["ool_stubs"]), int(arch["ool_stub_index"])

@@ -34,10 +34,18 @@ def _memory_value(address: int, length: int) -> gdb.Value:
     return gdb.Value(address).cast(array.pointer()).dereference()
 
 
+# a value bigger than gdb's max-value-size (64 KiB by default) is refused:
+# longer reads (the out-of-line stub areas, say) go in pieces
+VALUE_CHUNK = 32 * 1024
+
+
 def read_memory(address: int, length: int) -> bytes:
     """Guest memory, read through the selected vCPU's MMU context."""
-    if _THROUGH_VALUES and length > 0:
-        return _memory_value(address, length).bytes
+    if length <= 0:  # gdb 16's Inferior.read_memory refuses a zero count
+        return b""
+    if _THROUGH_VALUES:
+        return b"".join(_memory_value(start, min(VALUE_CHUNK, address + length - start)).bytes
+                        for start in range(address, address + length, VALUE_CHUNK))
     return gdb.selected_inferior().read_memory(address, length).tobytes()
 
 
