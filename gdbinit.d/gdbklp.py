@@ -30,10 +30,11 @@ def _add_environment() -> None:
 
 def _check_gdb_version() -> None:
     import gdb
-    from gdbklp.lab.config import MIN_GDB
+
+    from gdbklp import versions
     version = tuple(int(part) for part in gdb.VERSION.split()[0].split(".")[:2] if part.isdigit())
-    if version < MIN_GDB:
-        raise RuntimeError(f"gdbklp needs gdb {'.'.join(map(str, MIN_GDB))} or newer; this is gdb {gdb.VERSION}")
+    if version < versions.MIN_GDB:
+        raise RuntimeError(f"gdbklp needs gdb {versions.dotted(versions.MIN_GDB)} or newer; this is gdb {gdb.VERSION}")
 
 
 try:

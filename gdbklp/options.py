@@ -5,17 +5,9 @@ import argparse
 import shlex
 from dataclasses import dataclass, fields, replace
 
+from gdbklp.versions import flushes_at_stops
+
 DESIGNS = ("auto", "livepatch-stack", "rfc")
-# QEMU's gdbstub flushed its whole translation cache at every breakpoint or
-# step stop until 10.2 (upstream dropped the tb_flush in gdb_vm_state_change).
-QEMU_WITHOUT_STOP_FLUSH = (10, 2)
-
-
-def flushes_at_stops(qemu_version: tuple[int, ...] | None) -> bool:
-    """Whether a breakpoint stop makes this QEMU re-translate the guest's
-    working set (unknown versions are taken not to: no advice is better
-    than wrong advice)."""
-    return qemu_version is not None and qemu_version < QEMU_WITHOUT_STOP_FLUSH
 
 
 @dataclass

@@ -103,7 +103,7 @@ def capture_stacks(images: build.LabImages, out: Path) -> None:
 
 STUB_PROBE = """import json
 from gdbklp.abi import ppc
-from gdbklp.gdbext import target
+from gdbklp.gdbext.inferior import target
 function = int(gdb.parse_and_eval('$klp_addr("{function}")'))
 words = ppc.words(target.read_memory(function, 32))
 site = next(function + 4 * i for i, w in enumerate(words) if w & 0xFC000003 == 0x48000000)

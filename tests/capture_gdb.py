@@ -19,9 +19,9 @@ import gdb
 from gdbklp.abi.frames import Registers
 from gdbklp.abi.invariants import CodeFacts, ReturnSample, check_return
 from gdbklp.abi.taskstack import decode_task_stack
-from gdbklp.gdbext import stacks, target, tasks, vcpus
-from gdbklp.gdbext.commands import Command
-from gdbklp.gdbext.kernel import kernel as current_kernel
+from gdbklp.gdbext.inferior import stacks, target, tasks, vcpus
+from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 
 def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | None) -> dict:

@@ -99,12 +99,12 @@ def test_commands_without_a_target(tmp_path, command):
 
 
 def test_a_broken_part_does_not_stop_the_rest():
-    proc = run_gdb_batch("python import gdbklp.gdbext as g; g.load(('watchcmd', 'no_such_part'))",
+    proc = run_gdb_batch("python import gdbklp.gdbext as g; g.load(('commands.watch', 'commands.no_such_part'))",
                          "help klp-watch")
     assert_no_traceback(proc)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("gdbklp:")]
     assert lines == ["gdbklp: part 'no_such_part' not loaded: "
-                     "ModuleNotFoundError: No module named 'gdbklp.gdbext.no_such_part'"]
+                     "ModuleNotFoundError: No module named 'gdbklp.gdbext.commands.no_such_part'"]
     assert "Watch live-patch redirections per task" in proc.stdout
 
 
@@ -122,7 +122,7 @@ def test_missing_environment_is_one_line(monkeypatch):
 
 def test_a_gdb_older_than_supported_is_refused_in_one_line():
     pretend_newer_minimum = f"python import sys; sys.path.insert(0, {str(REPO)!r}); " \
-                            "import gdbklp.lab.config as c; c.MIN_GDB = (99, 0)"
+                            "import gdbklp.versions as v; v.MIN_GDB = (99, 0)"
     proc = run_gdb_batch("help klp-watch", args=("-ex", pretend_newer_minimum))
     assert_no_traceback(proc)
     assert "gdbklp: not loaded: RuntimeError: gdbklp needs gdb 99.0 or newer; this is gdb " in proc.stdout

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_gdb_batch
 from gdbklp.lab import LabError, build, config as cfg, qemu, root as labroot
 from gdbklp.lab.session import booted
-from gdbklp.options import flushes_at_stops
+from gdbklp.versions import flushes_at_stops
 
 pytestmark = pytest.mark.lab
 

@@ -59,7 +59,7 @@ def p3_word(gdb) -> str:
 @needs_parking
 def test_parking_checks_every_redirection_without_a_breakpoint_at_p3(guest, gdb, lab):
     gdb.interrupt()
-    gdb.console("python gdb.set_convenience_variable('klp_p3', __import__('gdbklp.gdbext.kernel', "
+    gdb.console("python gdb.set_convenience_variable('klp_p3', __import__('gdbklp.gdbext.inferior.kernel', "
                 "fromlist=['kernel']).kernel().livepatch_layout().return_point)")
     original = p3_word(gdb)
     gdb.cont()

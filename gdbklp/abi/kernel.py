@@ -1,6 +1,6 @@
 """Static knowledge of a running kernel, as plain data: symbols, objects, TOCs.
 
-Built by the gdb side (gdbklp.gdbext.target) from the vmlinux ELF file and the
+Built by the gdb side (gdbklp.gdbext.inferior.target) from the vmlinux ELF file and the
 module list in guest memory, or by the tests from a capture. Everything the
 stack walker and the checks ask about addresses goes through here.
 """

@@ -6,7 +6,8 @@ a part that fails to load prints one line and the others still load.
 
 import importlib
 
-PARTS = ("symbols", "watchcmd", "frames", "unwinder", "transition", "lint")
+# the gdb commands and functions, each a part of its own under commands/
+PARTS = tuple(f"commands.{name}" for name in ("symbols", "watch", "frames", "unwinder", "transition", "lint"))
 loaded: dict[str, object] = {}
 failed: dict[str, str] = {}
 

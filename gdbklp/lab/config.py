@@ -33,8 +33,6 @@ class HostRequirement:
 # needs the same few packages on each: everything the lab is built and run
 # with comes from the lab root (LAB_ROOT), so every host builds it alike.
 SUPPORTED_RELEASES = {"12": "bookworm", "13": "trixie"}
-MIN_GDB = (13, 1)    # the oldest gdb-multiarch gdbklp is tested with (Debian 12's)
-MIN_QEMU = (7, 2)    # the oldest qemu-system-ppc64 the lab runs on (Debian 12's)
 
 HOST_REQUIREMENTS = (
     HostRequirement("gdb-multiarch", "gdb-multiarch"),

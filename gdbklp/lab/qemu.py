@@ -25,6 +25,7 @@ from pathlib import Path
 from gdbklp.lab import LabError
 from gdbklp.lab import config as cfg
 from gdbklp.lab import root as labroot
+from gdbklp.versions import MIN_QEMU, dotted
 
 PR_SET_PDEATHSIG = 1
 _live_guests: "set[Guest]" = set()
@@ -136,9 +137,9 @@ def emulator(which: str | None = None, qemu: cfg.QemuConfig = cfg.QEMU) -> Emula
     found = Emulator(which, tuple(argv), tuple(env.items()), version)
     if not found.version_number:
         raise LabError(f"{' '.join(argv)} --version did not say its version: {(out.stdout + out.stderr).strip()[:200]}")
-    if found.version_number < cfg.MIN_QEMU:
+    if found.version_number < MIN_QEMU:
         raise LabError(f"{qemu.program} is QEMU {'.'.join(map(str, found.version_number))}; "
-                       f"the lab needs QEMU {'.'.join(map(str, cfg.MIN_QEMU))} or newer")
+                       f"the lab needs QEMU {dotted(MIN_QEMU)} or newer")
     return found
 
 

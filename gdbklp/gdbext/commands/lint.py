@@ -28,13 +28,14 @@ import gdb
 
 from gdbklp.abi import rfc
 from gdbklp.abi.livepatch import LayoutError
-from gdbklp.gdbext import target, vcpus
-from gdbklp.gdbext.handler import handler_findings
-from gdbklp.gdbext.handoff import ool_stub_violations
-from gdbklp.gdbext.commands import Command, GdbklpError
-from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
-from gdbklp.gdbext.probes import redirect_branches
-from gdbklp.gdbext.rfcwatch import live_redirect_entry
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.inferior import target, vcpus
+from gdbklp.gdbext.inferior.kernel import Kernel
+from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
+from gdbklp.gdbext.inferior.stubs import ool_stub_violations
+from gdbklp.gdbext.inferior.trampolines import handler_findings, live_redirect_entry, redirect_branches
+
 
 def rfc_path(kernel: Kernel, spec: str | None, live: int | None) -> tuple[int, object] | None:
     """(entry, read_code) of the RFC path to lint: the one named, else the one in use."""

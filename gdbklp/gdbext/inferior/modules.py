@@ -11,7 +11,8 @@ import gdb
 
 from gdbklp.abi import elf
 from gdbklp.abi.kernel import ObjectInfo, toc_from_global_entry
-from gdbklp.gdbext import events, target
+from gdbklp.gdbext import events
+from gdbklp.gdbext.inferior import target
 
 MODULE_NAME_BYTES = 56
 

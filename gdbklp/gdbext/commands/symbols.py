@@ -10,9 +10,9 @@ stops in a live-patch replacement without loading any .ko file.
 
 import gdb
 
-from gdbklp.gdbext import vcpus
-from gdbklp.gdbext.commands import GdbklpError
-from gdbklp.gdbext.kernel import kernel as current_kernel
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext.inferior import vcpus
+from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 
 class KlpAddr(gdb.Function):

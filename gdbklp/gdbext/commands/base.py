@@ -6,10 +6,7 @@ import gdb
 
 from gdbklp.abi.elf import ElfError
 from gdbklp.abi.livepatch import LayoutError
-
-
-class GdbklpError(Exception):
-    """A user-facing failure; str() is one complete line."""
+from gdbklp.errors import GdbklpError
 
 
 class _Parser(argparse.ArgumentParser):

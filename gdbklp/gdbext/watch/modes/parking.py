@@ -25,9 +25,9 @@ or stop, which put the instruction back from the vmlinux file.
 import gdb
 
 from gdbklp.abi import ppc
-from gdbklp.gdbext import target, vcpus
-from gdbklp.gdbext.kernel import Kernel
-from gdbklp.gdbext.pauses import PeriodicPauses
+from gdbklp.gdbext.inferior import target, vcpus
+from gdbklp.gdbext.inferior.kernel import Kernel
+from gdbklp.gdbext.watch.modes.pauses import PeriodicPauses
 
 FASTEST = 0.0005  # seconds the guest runs between pauses while tasks keep arriving at P3
 SLOWEST = 0.008   # ... after pauses that found none: the longest a task can wait at P3

@@ -9,10 +9,10 @@ kept across one: each event is reported with the task as it was then.
 import gdb
 
 from gdbklp.abi.kernel import TaskIdentity
-from gdbklp.gdbext import target
-from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.events import RAN, cache_until
-from gdbklp.gdbext.kernel import Kernel
+from gdbklp.gdbext.inferior import target
+from gdbklp.gdbext.inferior.kernel import Kernel
 
 TASK = "struct task_struct"
 IDENTITY_FIELDS = ("pid", "comm", "self_exec_id")

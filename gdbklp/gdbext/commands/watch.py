@@ -8,11 +8,16 @@ import os
 
 import gdb
 
-from gdbklp.gdbext import parking, target, vcpus
-from gdbklp.gdbext.commands import Command, GdbklpError
-from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
-from gdbklp.gdbext.watch import Watch
-from gdbklp.options import WatchOptions, add_start_arguments, flushes_at_stops
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.inferior import target, vcpus
+from gdbklp.gdbext.inferior.kernel import Kernel
+from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
+from gdbklp.gdbext.inferior.trampolines import live_redirect_entry
+from gdbklp.gdbext.watch.model import Watch
+from gdbklp.gdbext.watch.modes import parking
+from gdbklp.options import WatchOptions, add_start_arguments
+from gdbklp.versions import flushes_at_stops
 
 _watch: Watch | None = None
 
@@ -56,13 +61,13 @@ def new_watch(kernel: Kernel, options: WatchOptions) -> Watch:
     qemu = target.qemu_version()
     if options.design == "livepatch-stack" or options.sample:  # sampling checks the livepatch stacks
         return Watch(kernel, options.resolved(qemu))
-    from gdbklp.gdbext import rfcwatch  # the RFC model is optional: the merged one works without it
-    entry = rfcwatch.live_redirect_entry(kernel, kernel.livepatch_layout().address)
+    from gdbklp.gdbext.watch import rfc_model  # optional: the merged model works without it
+    entry = live_redirect_entry(kernel, kernel.livepatch_layout().address)
     if entry is not None:
         if options.park:
             raise GdbklpError("--park holds tasks where C returns into livepatch_handler, but the running "
                               "kernel redirects through the RFC mini frame: watch it without --park")
-        return rfcwatch.RfcWatch(kernel, entry, options.resolved(qemu, can_park=rfcwatch.RfcWatch.CAN_PARK))
+        return rfc_model.RfcWatch(kernel, entry, options.resolved(qemu, can_park=rfc_model.RfcWatch.CAN_PARK))
     if options.design == "rfc":
         raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
                           "(the merged design), or its text is not readable yet: no RFC redirect path to watch")

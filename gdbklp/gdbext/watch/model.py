@@ -22,23 +22,36 @@ import gdb
 
 from gdbklp.abi import ppc
 from gdbklp.abi.callsite import CallSite
-from gdbklp.abi.ftrace import decode_ool_stub
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
-from gdbklp.abi.invariants import (KLP_UNDEFINED, NOT_REDIRECTED, CodeFacts, EventContext, ReturnSample,
-                                   Violation, check_balance, check_consistency, check_predicted_return,
-                                   check_return, stamp)
+from gdbklp.abi.ftrace import decode_ool_stub
+from gdbklp.abi.invariants import (
+    KLP_UNDEFINED,
+    NOT_REDIRECTED,
+    CodeFacts,
+    EventContext,
+    ReturnSample,
+    Violation,
+    check_balance,
+    check_consistency,
+    check_predicted_return,
+    check_return,
+    stamp,
+)
 from gdbklp.abi.kernel import KernelView, TaskIdentity, local_entry
-from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.livepatch import entries as livepatch_entries
+from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection, patched_by
 from gdbklp.abi.trampoline import predict_return
-from gdbklp.gdbext import parking, patches, sampler, target, tasks, vcpus
-from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.events import cache_until
-from gdbklp.gdbext.handler import handler_findings
-from gdbklp.gdbext.handoff import HandoffProbes, ool_stub_violations
-from gdbklp.gdbext.kernel import Kernel
-from gdbklp.gdbext.probes import TRACE_TRAMPOLINES, Probe, unredirected_exits
+from gdbklp.gdbext.inferior import patches, target, tasks, vcpus
+from gdbklp.gdbext.inferior.kernel import Kernel
+from gdbklp.gdbext.inferior.stubs import ool_stub_violations
+from gdbklp.gdbext.inferior.trampolines import TRACE_TRAMPOLINES, handler_findings, unredirected_exits
+from gdbklp.gdbext.watch.handoff import HandoffProbes
+from gdbklp.gdbext.watch.modes import parking
+from gdbklp.gdbext.watch.modes import sampling as sampler
+from gdbklp.gdbext.watch.probes import Probe
 from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection, WatchReport
 

@@ -11,9 +11,9 @@ import gdb
 from gdbklp.abi.frames import Registers
 from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.taskstack import TaskStack, decode_task_stack
-from gdbklp.gdbext import target, tasks, vcpus
 from gdbklp.gdbext.events import RAN, cache_until
-from gdbklp.gdbext.kernel import Kernel
+from gdbklp.gdbext.inferior import target, tasks, vcpus
+from gdbklp.gdbext.inferior.kernel import Kernel
 
 
 def registers(state: dict) -> Registers:

@@ -11,34 +11,18 @@ import dataclasses
 
 import gdb
 
-from gdbklp.abi import naming, ppc, rfc
+from gdbklp.abi import naming, rfc
 from gdbklp.abi.invariants import Violation, stamp
 from gdbklp.abi.livepatch import LayoutError
-from gdbklp.gdbext import patches, target, tasks, vcpus
-from gdbklp.gdbext.commands import GdbklpError
-from gdbklp.gdbext.kernel import Kernel
-from gdbklp.gdbext.probes import Probe, redirect_branches
-from gdbklp.gdbext.watch import Watch, code_facts
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext.inferior import patches, target, tasks, vcpus
+from gdbklp.gdbext.inferior.kernel import Kernel
+from gdbklp.gdbext.watch.model import Watch, code_facts
+from gdbklp.gdbext.watch.probes import Probe
 from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection
 
 C_CODE_BYTES = 512  # a replacement's code when its symbol has no size
-
-
-def live_redirect_entry(kernel: Kernel, handler: int) -> int | None:
-    """Where the running kernel's ftrace trampolines send a redirected call, when
-    that is not livepatch_handler (their branch is read from memory, not the file:
-    a kernel may retarget it at boot). None when it is livepatch_handler, or the
-    kernel's text cannot be read yet (the guest has not booted)."""
-    for branch in redirect_branches(kernel, handler):
-        try:
-            word = int.from_bytes(target.read_memory(branch, 4), "little")
-        except gdb.MemoryError:
-            return None
-        entry = ppc.conditional_branch_target(word, branch)
-        if entry is not None and entry != handler:
-            return entry
-    return None
 
 
 def decode_trampoline(kernel: Kernel, entry: int) -> rfc.RfcTrampoline:

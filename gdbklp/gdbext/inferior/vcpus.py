@@ -4,8 +4,8 @@ numbers threads 1..N for vCPUs 0..N-1)."""
 import gdb
 
 from gdbklp.abi.ppc import MSR_PR
-from gdbklp.gdbext import target
-from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext.inferior import target
 
 STATE_REGISTERS = ("pc", "lr", "r1", "r2", "r13", "msr")
 

@@ -14,9 +14,10 @@ import json
 import gdb
 
 from gdbklp.abi.invariants import PATCH_STATE_NAMES, check_switched_task, replaced_on_stack
-from gdbklp.gdbext import patches, stacks, tasks, target, vcpus
-from gdbklp.gdbext.commands import Command
-from gdbklp.gdbext.kernel import Kernel, kernel as current_kernel
+from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.inferior import patches, stacks, target, tasks, vcpus
+from gdbklp.gdbext.inferior.kernel import Kernel
+from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 
 def transition_state(kernel: Kernel) -> dict:

@@ -12,8 +12,8 @@ import time
 
 import gdb
 
-from gdbklp.gdbext import vcpus
-from gdbklp.gdbext.unwinder import stop_unwinder
+from gdbklp.gdbext.inferior import vcpus
+from gdbklp.gdbext.unwind import handle_stops
 
 LOST_INTERRUPT_SECONDS = 0.5  # no stop this long after our interrupt: it was lost, send another
 
@@ -34,7 +34,7 @@ class PeriodicPauses:
         self.pausing = False   # a pause's work is posted, not run yet
         self.vcpus = vcpus.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
         # each pause prints where the guest was: no source line (a file read per
-        # pause), no arguments (read from a frame stop_unwinder does not describe)
+        # pause), no arguments (read from a frame the stop-handling unwinder does not describe)
         self.frame_info = gdb.parameter("print frame-info")
         self.frame_arguments = gdb.parameter("print frame-arguments")
         gdb.execute("set print frame-info short-location")
@@ -59,7 +59,7 @@ class PeriodicPauses:
         self.resumed.set()
         gdb.execute(f"set print frame-info {self.frame_info}")
         gdb.execute(f"set print frame-arguments {self.frame_arguments}")
-        stop_unwinder.enabled = False
+        handle_stops(False)
         if not self.our_interrupt and not self.pausing:
             self._disconnect()
 
@@ -88,7 +88,7 @@ class PeriodicPauses:
             return
         self.our_interrupt = True
         self.interrupted_at = time.monotonic()
-        stop_unwinder.enabled = True
+        handle_stops(True)
         gdb.execute("interrupt", to_string=True)
 
     def _interrupt_again(self) -> None:
@@ -105,7 +105,7 @@ class PeriodicPauses:
         self.our_interrupt = False
         if not isinstance(event, gdb.SignalEvent):
             # a probe stopped the guest for the user before our interrupt did
-            stop_unwinder.enabled = False
+            handle_stops(False)
             self.resumed.set()
             return
         self.pausing = True
@@ -125,7 +125,7 @@ class PeriodicPauses:
         self.paused += time.monotonic() - self.interrupted_at
         self.watch.report.pauses = self.pauses
         self.watch.report.pause_ms = 1000 * self.paused / self.pauses
-        stop_unwinder.enabled = False
+        handle_stops(False)
         if keep_stopped:
             gdb.invalidate_cached_frames()  # the user gets the guest: frames from gdb's own unwinders
             self._disconnect()

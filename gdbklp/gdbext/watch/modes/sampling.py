@@ -23,7 +23,7 @@ sampling stays what its rate makes it:
 It catches corruption that persists until a sample looks, not each event;
 the redirection-time invariants (1, 3, 9, and 12 at each call) need the
 precise mode's breakpoints or parking. Sampling needs background execution
-(see gdbklp.gdbext.pauses).
+(see gdbklp.gdbext.watch.modes.pauses).
 """
 
 import time
@@ -32,11 +32,19 @@ import gdb
 
 from gdbklp.abi import ppc
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
-from gdbklp.abi.invariants import (SAMPLE, EventContext, Violation, check_balance, check_settled_task,
-                                   check_switched_task, replaced_on_stack, stamp)
+from gdbklp.abi.invariants import (
+    SAMPLE,
+    EventContext,
+    Violation,
+    check_balance,
+    check_settled_task,
+    check_switched_task,
+    replaced_on_stack,
+    stamp,
+)
 from gdbklp.abi.livepatch import read_livepatch_stack
-from gdbklp.gdbext import patches, stacks, target, tasks, vcpus
-from gdbklp.gdbext.pauses import PeriodicPauses
+from gdbklp.gdbext.inferior import patches, stacks, target, tasks, vcpus
+from gdbklp.gdbext.watch.modes.pauses import PeriodicPauses
 
 SLEEPER_SHARE = 0.02  # of the guest's time, spent checking tasks that are not on a vCPU
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)

@@ -8,17 +8,16 @@ trampoline frame gives gdb the caller: pc = RA and r2 = the saved TOC from
 the matching livepatch-stack entry, r1 unchanged (livepatch_handler has no
 frame of its own).
 
-    klp-unwinder on|off|status
+A second unwinder serves gdbklp's own stops (probes, pauses): while one is
+handled, the innermost frame is made from registers alone (see
+StopHandlingUnwinder); handling_stop() switches it on for that time.
 """
-
-import argparse
 
 import gdb
 from gdb.unwinder import Unwinder, register_unwinder
 
-from gdbklp.gdbext import stacks, vcpus
-from gdbklp.gdbext.commands import Command
-from gdbklp.gdbext.kernel import kernel as current_kernel
+from gdbklp.gdbext.inferior import stacks, vcpus
+from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 NAME = "gdbklp-livepatch"
 NONVOLATILE = ("r13", *(f"r{n}" for n in range(14, 32)), "cr")
@@ -117,24 +116,20 @@ class StopHandlingUnwinder(Unwinder):
         return pending_frame.create_unwind_info(FrameId(sp, sp))
 
 
-stop_unwinder = StopHandlingUnwinder()
-register_unwinder(None, stop_unwinder, replace=True)  # gdb puts it first in line, before the one above
+_stop_unwinder = StopHandlingUnwinder()
+register_unwinder(None, _stop_unwinder, replace=True)  # gdb puts it first in line, before the one above
 
 
-class KlpUnwinder(Command):
-    """Switch gdbklp's live-patch trampoline unwinder: on | off | status."""
-
-    name = "klp-unwinder"
-
-    def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("state", choices=("on", "off", "status"))
-
-    def run(self, args: argparse.Namespace) -> None:
-        if args.state != "status":
-            unwinder.enabled = args.state == "on"
-            gdb.invalidate_cached_frames()
-        error = f" (last error: {unwinder.last_error})" if unwinder.last_error else ""
-        gdb.write(f"klp-unwinder: {'on' if unwinder.enabled else 'off'}{error}\n")
+def handle_stops(enabled: bool) -> None:
+    """Make the innermost frame from registers alone (True) while gdbklp
+    handles a stop of its own, or give frames back to gdb's unwinders (False)."""
+    _stop_unwinder.enabled = enabled
 
 
-KlpUnwinder()
+def livepatch_unwinder(enabled: bool | None = None) -> LivepatchUnwinder:
+    """The trampoline unwinder, switched on or off if enabled is given
+    (gdb's cached frames are then forgotten)."""
+    if enabled is not None:
+        unwinder.enabled = enabled
+        gdb.invalidate_cached_frames()
+    return unwinder

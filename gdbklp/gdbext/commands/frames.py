@@ -9,9 +9,10 @@ import json
 
 import gdb
 
-from gdbklp.gdbext import stacks, target, tasks, vcpus
-from gdbklp.gdbext.commands import Command, GdbklpError
-from gdbklp.gdbext.kernel import kernel as current_kernel
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.inferior import stacks, target, tasks, vcpus
+from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 
 class KlpFrames(Command):

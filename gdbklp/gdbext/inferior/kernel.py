@@ -11,9 +11,10 @@ from gdbklp.abi import elf
 from gdbklp.abi.kernel import THREAD_SIZE_DEFAULT, VMLINUX, KernelView, ObjectInfo
 from gdbklp.abi.livepatch import LivepatchHandlerLayout
 from gdbklp.abi.trampoline import decode_layout
-from gdbklp.gdbext import events, target
-from gdbklp.gdbext.commands import GdbklpError
-from gdbklp.gdbext.modules import ModuleList
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext import events
+from gdbklp.gdbext.inferior import target
+from gdbklp.gdbext.inferior.modules import ModuleList
 
 HANDLER_BYTES = 256  # livepatch_handler's code, both halves
 BANNER_BYTES = 256

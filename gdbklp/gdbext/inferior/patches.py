@@ -9,10 +9,10 @@ import struct
 
 import gdb
 
-from gdbklp.gdbext import target
-from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.events import RAN, cache_until
-from gdbklp.gdbext.kernel import Kernel
+from gdbklp.gdbext.inferior import target
+from gdbklp.gdbext.inferior.kernel import Kernel
 
 
 def klp_funcs(patch: gdb.Value):

@@ -8,9 +8,8 @@ import re
 
 import gdb
 
-from gdbklp.gdbext.commands import GdbklpError
+from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.events import cache_until
-
 
 # QEMU's gdbstub reads and writes memory through the MMU of the vCPU that
 # gdb last selected with an Hg packet. From gdb 14 on, Inferior.read_memory
