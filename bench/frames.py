@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdbklp.abi.frames import HEADER_BYTES  # noqa: E402
+from gdbklp.abi.frames import HEADER_AND_MARKER_BYTES  # noqa: E402
 from gdbklp.lab import build, session  # noqa: E402
 
 READ_PACKET = re.compile(r"Sending packet: \$m([0-9a-f]+),([0-9a-f]+)#")
@@ -56,13 +56,13 @@ def main() -> None:
     frames = [sum(len(s["frames"]) for s in data["stacks"]) for _, data, _ in rest]
     median = statistics.median(t for t, _, _ in rest)
     packets = [len(p) for _, _, p in rest]
-    headers = [sum(1 for n in p if n == HEADER_BYTES) for _, _, p in rest]
+    headers = [sum(1 for n in p if n == HEADER_AND_MARKER_BYTES) for _, _, p in rest]
     print(f"klp-frames --all, {threads} vCPUs, {frames[0]} frames, one call per stop")
     print(f"  first stop (module symbols, trampoline layout): {first[0] * 1000:.0f} ms, {len(first[2])} read packets")
     print(f"  later stops (median of {len(rest)}): {median * 1000:.0f} ms = {median * 1000 / threads:.0f} ms "
           f"per thread; {statistics.median(packets):.0f} read packets = "
           f"{statistics.median(packets) / frames[0]:.2f} per frame, of which frame headers "
-          f"{statistics.median(headers) / frames[0]:.2f} per frame (one {HEADER_BYTES}-byte read each)")
+          f"{statistics.median(headers) / frames[0]:.2f} per frame (one {HEADER_AND_MARKER_BYTES}-byte read each)")
 
 
 if __name__ == "__main__":

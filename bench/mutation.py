@@ -1,8 +1,8 @@
 """The mutation bench: every mutant of the lab, watched in each mode.
 
-    .venv/bin/python bench/mutation.py [--mutants NAME,...] [--modes precise,park,sample]
+    .venv/bin/python bench/mutation.py [--mutants NAME,...] [--modes breakpoint,park,sample]
 
-Each mutant (gdbklp.lab.config.MUTANTS: a small edit of livepatch_handler,
+Each mutant (gdbklp.lab.mutants.MUTANTS: a small edit of livepatch_handler,
 ftrace_caller, the RFC paths, the module loader or C) is built as a lab
 variant (a kernel variant from the lab's build tree, or modules), booted,
 and its workload run under klp-watch in each mode. Per mutant and mode:
@@ -20,11 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gdbklp.lab import LabError, build, session  # noqa: E402
-from gdbklp.lab.config import DEFAULT_TRAMPOLINE, MUTANTS, Mutant  # noqa: E402
-from gdbklp.options import WatchOptions  # noqa: E402
+from gdbklp.errors import GdbklpError  # noqa: E402
+from gdbklp.lab import build, session  # noqa: E402
+from gdbklp.lab.config import DEFAULT_TRAMPOLINE  # noqa: E402
+from gdbklp.lab.mutants import MUTANTS, Mutant  # noqa: E402
+from gdbklp.options import Mode, WatchOptions  # noqa: E402
 
-MODES = {"precise": WatchOptions(), "park": WatchOptions(park=True), "sample": WatchOptions(sample=100)}
+MODES = {Mode.BREAKPOINT: WatchOptions(breakpoint=True), Mode.PARK: WatchOptions(park=True),
+         Mode.SAMPLE: WatchOptions(sample=100)}
 RUN_TIMEOUT = 120.0
 
 
@@ -53,9 +56,9 @@ class Outcome:
 
 def not_applicable(mutant: Mutant, options: WatchOptions) -> str | None:
     """Why a mode cannot watch a mutant's design, if it cannot."""
-    if mutant.trampoline != DEFAULT_TRAMPOLINE and options.mode != "breakpoint":
+    if mutant.trampoline != DEFAULT_TRAMPOLINE and options.mode is not Mode.BREAKPOINT:
         return "n/a (RFC design: no livepatch stack to park at or sample)"
-    if mutant.handoff and options.mode == "sample":
+    if mutant.handoff and options.mode is Mode.SAMPLE:
         return "n/a (the hand-off is checked at breakpoints: --handoff)"
     return None
 
@@ -72,11 +75,12 @@ def watch_mutant(mutant: Mutant, images: build.LabImages, options: WatchOptions,
         try:
             report = watched.watch(f"klplab-run -r {mutant.run}", RUN_TIMEOUT,
                                    dataclasses.replace(options, handoff=mutant.handoff))
-        except LabError as e:  # e.g. the RFC model refuses --park
+        except GdbklpError as e:  # e.g. the RFC model refuses --park
             return Outcome(False, [], None, False, False, False, note=f"n/a: {str(e).strip().splitlines()[-1]}")
     invariants = [v.invariant for v in report.violations]
     ordered = sorted(set(invariants), key=lambda i: (i != mutant.invariant, invariants.index(i)))
-    before = report.violations_at_down is None or report.violations_at_down > 0
+    # caught before the crash: violations reported by the time the guest first went down
+    before = report.violations_at_down is not None and report.violations_at_down > 0
     return Outcome(bool(report.violations), ordered, min((v.seq for v in report.violations), default=None),
                    before, bool(report.guest_events), not any("did not finish" in n for n in report.notes))
 
@@ -105,7 +109,7 @@ def main() -> None:
     print(f"\n| mutant | code point | defect | expected | build | {' | '.join(modes)} |")
     print("|" + "---|" * (5 + len(modes)))
     for mutant, seconds, outcomes in rows:
-        print(f"| {mutant.name} | {mutant.code_point} | {mutant.defect} | {mutant.invariant} | {seconds:.0f} s | "
+        print(f"| {mutant.name} | {mutant.mutated} | {mutant.defect} | {mutant.invariant} | {seconds:.0f} s | "
               + " | ".join(outcomes[m].cell(mutant) for m in modes) + " |")
     for mode in modes:
         applicable = [(mutant, outcomes[mode]) for mutant, _, outcomes in rows if not outcomes[mode].note]

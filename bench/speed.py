@@ -13,16 +13,16 @@ modes in turn:
   gdb script  bench/naive-watch.gdb: breakpoints with `commands` at the
               trampoline's entry and where C returns into it, the checks
               of a plain script
-  precise     klp-watch start --breakpoint: one breakpoint stop per redirection
-  precise+P1  klp-watch start --breakpoint --resolve-indirect: a second stop, at P1 (the
-              bctrl into C), names every indirect call's B and C
-  precise+handoff  klp-watch start --breakpoint --handoff: two more stops, at
+  breakpoint  klp-watch start --breakpoint: one breakpoint stop per redirection
+  breakpoint+P1  klp-watch start --breakpoint --resolve-indirect: a second stop, at P1
+              (the bctrl into C), names every indirect call's B and C
+  breakpoint+handoff  klp-watch start --breakpoint --handoff: two more stops, at
               ftrace's entry (P0) and livepatch_handler's, check the hand-off
-  parking     klp-watch start --park: every redirection held at P3 until a
+  park        klp-watch start --park: every redirection held at P3 until a
               pause by interrupt checks it; no breakpoint stop
-  parking+P1  klp-watch start --park --resolve-indirect: held at P1 too
-  10 Hz       klp-watch start --sample 10: pauses by interrupt, no breakpoints
-  100 Hz      klp-watch start --sample 100
+  park+P1     klp-watch start --park --resolve-indirect: held at P1 too
+  sample 10 Hz   klp-watch start --sample 10: pauses by interrupt, no breakpoints
+  sample 100 Hz  klp-watch start --sample 100
 
 The time is taken on the host around the guest command (the guest's own
 clock stops while gdb holds it); each mode's median over the rounds is
@@ -49,7 +49,7 @@ from gdbklp.lab import build, session, workload  # noqa: E402
 from gdbklp.lab.config import DEFAULT_KERNEL, KERNELS, QEMUS, REPO_ROOT  # noqa: E402
 from gdbklp.lab.qemu import emulator  # noqa: E402
 from gdbklp.report import WatchReport  # noqa: E402
-from gdbklp.options import WatchOptions  # noqa: E402
+from gdbklp.options import Mode, WatchOptions  # noqa: E402
 
 NAIVE_SCRIPT = REPO_ROOT / "bench" / "naive-watch.gdb"
 STOP_REPLY = re.compile(r"Packet received: [TS][0-9a-f]{2}")
@@ -77,7 +77,7 @@ def paused(gdb, command: str) -> str:
     return output
 
 
-class Mode:
+class Watching:
     """How one way of watching starts and ends around the workload (the guest running before and after)."""
 
     name = "unwatched"
@@ -92,7 +92,7 @@ class Mode:
         return 0, 0
 
 
-class NaiveScript(Mode):
+class NaiveScript(Watching):
     name = "gdb script"
     events = "breakpoint hits"
     per_redirection = 2
@@ -108,7 +108,7 @@ class NaiveScript(Mode):
         return entries + returns, violations
 
 
-class KlpWatch(Mode):
+class KlpWatch(Watching):
     def __init__(self, name: str, sample_hz: float | None = None, park: bool = False, p1: bool = False,
                  handoff: bool = False):
         self.name = name
@@ -131,13 +131,16 @@ class KlpWatch(Mode):
         return report.samples if self.sampling else report.redirections, len(report.violations)
 
 
-MODES = {m.name: m for m in (Mode(), NaiveScript(), KlpWatch("precise"), KlpWatch("precise+P1", p1=True),
-                             KlpWatch("precise+handoff", handoff=True),
-                             KlpWatch("parking", park=True), KlpWatch("parking+P1", park=True, p1=True),
-                             KlpWatch("10 Hz", sample_hz=10), KlpWatch("100 Hz", sample_hz=100))}
+# named by klp-watch's modes (options.Mode), with what each adds
+MODES = {m.name: m for m in (
+    Watching(), NaiveScript(),
+    KlpWatch(Mode.BREAKPOINT), KlpWatch(f"{Mode.BREAKPOINT}+P1", p1=True),
+    KlpWatch(f"{Mode.BREAKPOINT}+handoff", handoff=True),
+    KlpWatch(Mode.PARK, park=True), KlpWatch(f"{Mode.PARK}+P1", park=True, p1=True),
+    KlpWatch(f"{Mode.SAMPLE} 10 Hz", sample_hz=10), KlpWatch(f"{Mode.SAMPLE} 100 Hz", sample_hz=100))}
 
 
-def run(guest, gdb, mode: Mode, command: str, protocol_log: Path | None = None) -> Run:
+def run(guest, gdb, mode: Watching, command: str, protocol_log: Path | None = None) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         mode.start(gdb, Path(tmp))
         if protocol_log:
@@ -209,8 +212,8 @@ def main() -> None:
         print(f"  [{name}] Linux {images.kernel.name} ({images.kernel.summary}) on {e.describe()}")
     columns = ("time", "slowdown", "stops/r", "debug/r", "pkts/stop", "events/s")
     group = " ".join(f"{c:>9}" for c in columns)
-    print(f"  {'':<11} " + " | ".join(f"{name:^{len(group)}}" for name in names))
-    print(f"  {'':<11} " + " | ".join(group for _ in names) + "  events (violations)")
+    print(f"  {'':<18} " + " | ".join(f"{name:^{len(group)}}" for name in names))
+    print(f"  {'':<18} " + " | ".join(group for _ in names) + "  events (violations)")
     for mode in modes:
         cells = []
         for name in names:
@@ -225,14 +228,14 @@ def main() -> None:
                       f"{statistics.median(r.events / r.seconds for r in runs):.1f}")
             cells.append(" ".join(f"{v:>9}" for v in values))
         violations = sum(r.violations for name in names for r in results[name][0][mode.name])
-        print(f"  {mode.name:<11} " + " | ".join(cells) + f"  {mode.events or '-'} ({violations})")
+        print(f"  {mode.name:<18} " + " | ".join(cells) + f"  {mode.events or '-'} ({violations})")
     for name in names:
         timed = results[name][0]
         if "gdb script" not in timed:
             continue
         naive = median_seconds(timed["gdb script"])
         base = median_seconds(timed["unwatched"]) if "unwatched" in timed else None
-        for mode_name in ("precise", "precise+P1", "parking", "parking+P1"):
+        for mode_name in (Mode.BREAKPOINT, f"{Mode.BREAKPOINT}+P1", Mode.PARK, f"{Mode.PARK}+P1"):
             if mode_name in timed:
                 seconds = median_seconds(timed[mode_name])
                 print(f"  [{name}] {mode_name} is {naive / seconds:.2f}x faster than the gdb script "

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from gdbklp.lab import LabError
+from gdbklp.errors import GdbklpError
 
 
 def main(argv=None) -> int:
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except LabError as e:
+    except GdbklpError as e:  # the lab's, gdb's and gdbklp's own: one line
         print(f"gdbklp: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

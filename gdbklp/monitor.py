@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gdbklp.errors import GdbklpError
 from gdbklp.lab import LabError
-from gdbklp.lab.gdbmi import GdbSession
-from gdbklp.lab.qemu import free_port, is_listening
+from gdbklp.gdbmi import GdbSession
+from gdbklp.ports import free_port, is_listening
 from gdbklp.options import WatchOptions
 
 POLL_SECONDS = 0.5
@@ -101,7 +102,7 @@ class GdbFeed(threading.Thread):
             self.gdb.interrupt()
         try:
             self.update(detail=self.gdb.console(f"klp-frames --task {pid}"), message=f"klp-frames of pid {pid}")
-        except LabError as e:
+        except GdbklpError as e:
             self.update(detail="", message=str(e).strip().splitlines()[-1])
         finally:
             if was_running:
@@ -204,102 +205,110 @@ def render_events(s: Snapshot) -> list:
     return [("fg:ansired" if st.get("violations") else "", "\n".join(lines) + "\n")]
 
 
+class Screen:
+    """The full-screen application: the feed's tables, and the keys that act on the guest."""
+
+    def __init__(self, feed: GdbFeed, report: Path, workload: Workload | None, console_log: Path | None):
+        from prompt_toolkit.widgets import TextArea
+
+        self.feed, self.report, self.workload, self.console_log = feed, report, workload, console_log
+        self.selected = 0         # the task row klp-frames shows
+        self.choosing_quit = False
+        self.asking = False       # the workload's arguments are being typed
+        self.arguments = TextArea(height=1, multiline=False, prompt=" klplab-run ")
+
+    def footer(self):
+        if self.choosing_quit:
+            return [("bold", " quit: d detach and leave the guest running, k stop the guest, Esc cancel")]
+        if self.asking:
+            return [("bold", " the workload's arguments (klplab-run -h lists them); Enter runs it, Esc cancels")]
+        return [("", f" {KEYS}{LAB_KEYS if self.workload else ''}\n"), ("italic", f" {self.feed.snapshot.message}")]
+
+    def move(self, step: int) -> None:
+        last = max(len(task_rows(self.feed.snapshot.status)) - 1, 0)
+        self.selected = min(max(self.selected + step, 0), last)
+
+    def show_frames(self) -> None:
+        rows = task_rows(self.feed.snapshot.status)
+        if rows:
+            pid = rows[min(self.selected, len(rows) - 1)]["pid"]
+            self.feed.actions.put(lambda: self.feed.frames(pid))
+
+    def ask_arguments(self, event) -> None:
+        self.asking = True
+        self.arguments.text = ""
+        event.app.layout.focus(self.arguments)
+
+    def run_workload(self) -> None:
+        self.asking = False
+        self.workload.start(self.arguments.text)
+
+    def cancel(self) -> None:
+        self.choosing_quit = self.asking = False
+
+    def key_bindings(self):
+        from prompt_toolkit.filters import Condition
+        from prompt_toolkit.key_binding import KeyBindings
+
+        keys, feed = KeyBindings(), self.feed
+        idle = Condition(lambda: not self.asking)
+        actions = {"p": lambda e: feed.actions.put(feed.toggle_pause), "up": lambda e: self.move(-1),
+                   "down": lambda e: self.move(1), "f": lambda e: self.show_frames(),
+                   "s": lambda e: feed.actions.put(lambda: feed.save(self.report)),
+                   "q": lambda e: setattr(self, "choosing_quit", True)}
+        for key, action in actions.items():
+            keys.add(key, filter=idle)(action)
+        keys.add("r", filter=Condition(lambda: self.workload is not None and not self.asking))(self.ask_arguments)
+        keys.add("enter", filter=Condition(lambda: self.asking))(lambda e: self.run_workload())
+        keys.add("escape")(lambda e: self.cancel())
+        for key, leave_running in (("d", True), ("k", False)):
+            keys.add(key, filter=Condition(lambda: self.choosing_quit))(
+                lambda e, leave=leave_running: feed.actions.put(lambda: feed.quit(leave)))
+        return keys
+
+    def layout(self):
+        from prompt_toolkit.filters import Condition
+        from prompt_toolkit.layout import ConditionalContainer, HSplit, Layout, Window
+        from prompt_toolkit.layout.controls import FormattedTextControl
+
+        def section(render, **window):
+            return Window(FormattedTextControl(render), **window)
+
+        snapshot = lambda: self.feed.snapshot  # noqa: E731 (read at each redraw)
+        console = [Window(height=1, char="-"), section(
+            lambda: [("fg:ansicyan", "\n".join(console_tail(self.console_log)))], height=CONSOLE_LINES)]
+        return Layout(HSplit([
+            section(lambda: render_header(snapshot()), height=2),
+            section(lambda: render_tasks(snapshot(), self.selected), height=10),
+            Window(height=1, char="-"),
+            section(lambda: render_kinds(snapshot()), height=8),
+            Window(height=1, char="-"),
+            section(lambda: render_events(snapshot()), wrap_lines=True),
+            ConditionalContainer(HSplit(console), filter=Condition(lambda: self.console_log is not None)),
+            ConditionalContainer(self.arguments, filter=Condition(lambda: self.asking)),
+            section(self.footer, height=2),
+        ]))
+
+    def run(self) -> str:
+        """Until the feed ends (the watch, the guest, or the user's quit); returns why it ended."""
+        from prompt_toolkit.application import Application
+
+        app = Application(layout=self.layout(), key_bindings=self.key_bindings(), full_screen=True,
+                          refresh_interval=POLL_SECONDS)
+
+        def watch_feed():
+            while self.feed.snapshot.ended is None:
+                time.sleep(0.1)
+            app.exit(result=self.feed.snapshot.ended)
+
+        threading.Thread(target=watch_feed, daemon=True).start()
+        return app.run()
+
+
 def run_screen(feed: GdbFeed, report: Path, workload: Workload | None = None,
                console_log: Path | None = None) -> str:
     """The full-screen application; returns why it ended."""
-    from prompt_toolkit.application import Application
-    from prompt_toolkit.filters import Condition
-    from prompt_toolkit.key_binding import KeyBindings
-    from prompt_toolkit.layout import ConditionalContainer, HSplit, Layout, Window
-    from prompt_toolkit.layout.controls import FormattedTextControl
-    from prompt_toolkit.widgets import TextArea
-
-    selected = [0]
-    choosing_quit = [False]
-    asking = [False]  # the workload's arguments are being typed
-    idle = Condition(lambda: not asking[0])
-    keys = KeyBindings()
-    arguments = TextArea(height=1, multiline=False, prompt=" klplab-run ")
-
-    def footer():
-        if choosing_quit[0]:
-            return [("bold", " quit: d detach and leave the guest running, k stop the guest, Esc cancel")]
-        if asking[0]:
-            return [("bold", " the workload's arguments (klplab-run -h lists them); Enter runs it, Esc cancels")]
-        return [("", f" {KEYS}{LAB_KEYS if workload else ''}\n"), ("italic", f" {feed.snapshot.message}")]
-
-    @keys.add("p", filter=idle)
-    def _pause(event):
-        feed.actions.put(feed.toggle_pause)
-
-    @keys.add("up", filter=idle)
-    def _up(event):
-        selected[0] = max(0, selected[0] - 1)
-
-    @keys.add("down", filter=idle)
-    def _down(event):
-        selected[0] = min(max(len(task_rows(feed.snapshot.status)) - 1, 0), selected[0] + 1)
-
-    @keys.add("f", filter=idle)
-    def _frames(event):
-        rows = task_rows(feed.snapshot.status)
-        if rows:
-            feed.actions.put(lambda pid=rows[min(selected[0], len(rows) - 1)]["pid"]: feed.frames(pid))
-
-    @keys.add("s", filter=idle)
-    def _save(event):
-        feed.actions.put(lambda: feed.save(report))
-
-    @keys.add("q", filter=idle)
-    def _quit(event):
-        choosing_quit[0] = True
-
-    @keys.add("r", filter=Condition(lambda: workload is not None and not asking[0]))
-    def _ask(event):
-        asking[0] = True
-        arguments.text = ""
-        event.app.layout.focus(arguments)
-
-    @keys.add("enter", filter=Condition(lambda: asking[0]))
-    def _run(event):
-        asking[0] = False
-        workload.start(arguments.text)
-
-    @keys.add("escape")
-    def _cancel(event):
-        choosing_quit[0] = asking[0] = False
-
-    for key, leave_running in (("d", True), ("k", False)):
-        @keys.add(key, filter=Condition(lambda: choosing_quit[0]))
-        def _leave(event, leave_running=leave_running):
-            feed.actions.put(lambda: feed.quit(leave_running))
-
-    def section(render, **window):
-        return Window(FormattedTextControl(render), **window)
-
-    layout = HSplit([
-        section(lambda: render_header(feed.snapshot), height=2),
-        section(lambda: render_tasks(feed.snapshot, selected[0]), height=10),
-        Window(height=1, char="-"),
-        section(lambda: render_kinds(feed.snapshot), height=8),
-        Window(height=1, char="-"),
-        section(lambda: render_events(feed.snapshot), wrap_lines=True),
-        ConditionalContainer(HSplit([
-            Window(height=1, char="-"),
-            section(lambda: [("fg:ansicyan", "\n".join(console_tail(console_log)))], height=CONSOLE_LINES),
-        ]), filter=Condition(lambda: console_log is not None)),
-        ConditionalContainer(arguments, filter=Condition(lambda: asking[0])),
-        section(footer, height=2),
-    ])
-    app = Application(layout=Layout(layout), key_bindings=keys, full_screen=True, refresh_interval=POLL_SECONDS)
-
-    def watch_feed():
-        while feed.snapshot.ended is None:
-            time.sleep(0.1)
-        app.exit(result=feed.snapshot.ended)
-
-    threading.Thread(target=watch_feed, daemon=True).start()
-    return app.run()
+    return Screen(feed, report, workload, console_log).run()
 
 
 @dataclass(frozen=True)
@@ -354,7 +363,7 @@ def cmd_watch(args) -> int:
         with GdbSession(watched.vmlinux) as gdb:
             try:
                 gdb.connect(watched.port, watched.host, timeout=30)
-            except LabError as e:
+            except GdbklpError as e:
                 raise LabError(f"cannot attach to the gdbstub: {str(e).strip().splitlines()[-1]}") from None
             # gdb runs the guest in the background: klp-watch may park it (the faster
             # mode on a QEMU that flushes its translations at every stop)
@@ -362,7 +371,7 @@ def cmd_watch(args) -> int:
                                    resolve_indirect=args.resolve_indirect, background=True)
             try:
                 gdb.console(options.command())
-            except LabError as e:  # no live patching, another kernel: gdbklp's one line
+            except GdbklpError as e:  # no live patching, another kernel: gdbklp's one line
                 raise LabError(str(e).strip().splitlines()[-1]) from None
             gdb.cont()
             feed = GdbFeed(gdb)

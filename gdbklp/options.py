@@ -4,10 +4,22 @@ line by the lab and the monitor outside it (pure Python, no gdb)."""
 import argparse
 import shlex
 from dataclasses import dataclass, fields, replace
+from enum import StrEnum
 
+from gdbklp.abi.designs import Design
 from gdbklp.versions import flushes_at_stops
 
-DESIGNS = ("auto", "livepatch-stack", "rfc")
+AUTO = "auto"  # --design auto: the design the running kernel uses
+DESIGNS = (AUTO, *Design)
+
+
+class Mode(StrEnum):
+    """How a watch holds the guest at its probe points (gdbklp.gdbext.watch.modes)."""
+
+    AUTO = "auto"              # not chosen yet: WatchOptions.resolved() chooses for the QEMU
+    BREAKPOINT = "breakpoint"  # a breakpoint stop at each probe point
+    PARK = "park"              # a branch to itself at P3, released by pauses by interrupt
+    SAMPLE = "sample"          # no holding: pauses by interrupt sample the tasks' livepatch stacks
 
 
 @dataclass
@@ -24,14 +36,14 @@ class WatchOptions:
     background: bool = False
     resolve_indirect: bool = False
     handoff: bool = False
-    design: str = "auto"
+    design: str = AUTO
 
     @property
-    def mode(self) -> str:
-        """How the guest is held at the probe points: breakpoint, park or
-        sample; auto until resolved() has chosen for the QEMU."""
-        return ("sample" if self.sample else "park" if self.park else "breakpoint" if self.breakpoint
-                else "auto")
+    def mode(self) -> Mode:
+        """How the guest is held at the probe points; AUTO until resolved() has
+        chosen for the QEMU."""
+        return (Mode.SAMPLE if self.sample else Mode.PARK if self.park else Mode.BREAKPOINT if self.breakpoint
+                else Mode.AUTO)
 
     def resolved(self, qemu_version: tuple[int, ...] | None, can_park: bool = True) -> "WatchOptions":
         """These options with the mode chosen, where none was asked for, by
@@ -40,7 +52,7 @@ class WatchOptions:
         QEMU 11.1.3, against 2.85x parked); parking on one that does (3.50x
         against 5.23x on QEMU 7.2), when gdb runs the guest in the
         background, which parking needs, and the design can be parked."""
-        if self.mode != "auto":
+        if self.mode is not Mode.AUTO:
             return self
         park = can_park and self.background and flushes_at_stops(qemu_version)
         return replace(self, park=park, breakpoint=not park)
@@ -109,6 +121,6 @@ def add_start_arguments(start: argparse.ArgumentParser) -> None:
                        help="also check ftrace's hand-off to livepatch_handler (invariant 14): breakpoints at "
                             "the ftrace trampolines' entry (P0) and the handler's entry, two more stops per "
                             "redirection, where RA, C, r1, r2 and r14..r31 must have come through")
-    start.add_argument("--design", choices=DESIGNS, default="auto",
+    start.add_argument("--design", choices=DESIGNS, default=AUTO,
                        help="the trampoline design to model; auto: where the running kernel's ftrace "
                             "trampolines send redirected calls (livepatch_handler, or an RFC mini-frame path)")

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from gdbklp.abi.invariants import Violation
+from gdbklp.abi.invariants import EventContext, Violation
 from gdbklp.abi.kernel import TaskIdentity, function_of_label
 
-FORMAT = "gdbklp-watch-report/5"
+FORMAT = "gdbklp-watch-report/6"
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,7 @@ class Redirection:
     """One redirection B -> C, seen when C returned into the trampoline."""
 
     seq: int
-    task: int            # task_struct address
-    pid: int             # the task's pid and comm at this redirection
-    comm: str
+    who: TaskIdentity    # the task at this redirection: task_struct, pid, comm, exec generation
     cpu: int
     return_address: int  # RA, in the caller A
     caller: str          # A as function+offset
@@ -35,12 +33,23 @@ class Redirection:
     sp: int              # r1 at the return (A's stack pointer if all is well)
     depth: int           # livepatch stack depth of this redirection
     violations: tuple[int, ...] = ()
-    exec_id: int = 0     # the task's exec generation (task_struct.self_exec_id)
     named_by: str = ""   # how B and C were found (gdbklp.abi.naming), "" if they were not
 
-    @property
-    def who(self) -> TaskIdentity:
-        return TaskIdentity(self.task, self.pid, self.comm, self.exec_id)
+    task = property(lambda self: self.who.task)
+    pid = property(lambda self: self.who.pid)
+    comm = property(lambda self: self.who.comm)
+    exec_id = property(lambda self: self.who.exec_id)
+
+    @classmethod
+    def of(cls, context: EventContext, **measured) -> "Redirection":
+        """The redirection of an event: who, where and B -> C from its context."""
+        return cls(seq=context.seq, who=context.who, cpu=context.cpu, caller=context.caller,
+                   call_site=context.call_site, patched=context.patched, replacement=context.replacement,
+                   **measured)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Redirection":
+        return cls(**{**data, "who": TaskIdentity(**data["who"]), "violations": tuple(data["violations"])})
 
 
 @dataclass
@@ -80,9 +89,9 @@ _CODECS = {
     "sampled_tasks": (_hex_keys, _int_keys),
     "tasks": (lambda d: [asdict(t) for t in d.values()],
               lambda rows: {(t.task, t.pid, t.exec_id): t for t in (TaskSummary(**row) for row in rows)}),
-    "violations": (lambda vs: [asdict(v) for v in vs], lambda vs: [Violation(**v) for v in vs]),
+    "violations": (lambda vs: [asdict(v) for v in vs], lambda vs: [Violation.from_dict(v) for v in vs]),
     "events": (lambda es: [{**asdict(e), "violations": list(e.violations)} for e in es],
-               lambda es: [Redirection(**{**e, "violations": tuple(e["violations"])}) for e in es]),
+               lambda es: [Redirection.from_dict(e) for e in es]),
 }
 # what a live view shows (klp-watch status --json, the monitor's feed)
 SUMMARY_FIELDS = ("design", "probe", "mode", "redirections", "by_call_site", "samples", "tasks")

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 
 from gdbklp.abi import ppc
-from gdbklp.abi.frames import HEADER_BYTES
+from gdbklp.abi.frames import HEADER_AND_MARKER_BYTES
 from gdbklp.abi.invariants import check_balance
 from gdbklp.lab.workload import CALLER_CALL_SITE as CALL_SITE
 from gdbklp.lab.workload import KINDS, caller_of
@@ -99,7 +99,7 @@ def test_unreadable_frame():
     walk = image.decode().walk
     # the walk stops at the first frame whose header block (back chain to the
     # interrupt marker) reaches the unreadable bytes
-    first = next(f for f in frame_sps(StackImage("inside-c-local")) if f + HEADER_BYTES > sp)
+    first = next(f for f in frame_sps(StackImage("inside-c-local")) if f + HEADER_AND_MARKER_BYTES > sp)
     assert walk.end.startswith(f"cannot read the frame at {first:#x}: cannot access memory")
     assert len(walk.frames) > 3 and all(f.sp < first for f in walk.frames)  # what came before is kept
 

@@ -60,7 +60,7 @@ def test_the_default_mode_is_the_one_measured_fastest_on_the_qemu(options, qemu,
 
 
 def redirection(seq: int, who: TaskIdentity) -> Redirection:
-    return Redirection(seq=seq, task=who.task, pid=who.pid, comm=who.comm, exec_id=who.exec_id, cpu=seq % 2,
+    return Redirection(seq=seq, who=who, cpu=seq % 2,
                        return_address=0x1000, caller="klp_lab_a_local+0x1c [klp_lab_target]", call_site="local",
                        patched="klp_lab_b_local [klp_lab_target]", replacement="klp_lab_c_local [klp_lab_patch]",
                        toc=0x2000, sp=0x3000, depth=1, named_by="call site")

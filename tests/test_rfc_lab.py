@@ -4,12 +4,14 @@ import json
 
 import pytest
 
+from helpers import assert_counts_agree
+from gdbklp.abi.designs import Design
 from gdbklp.lab import workload
-from gdbklp.lab.gdbmi import GdbCommandError
+from gdbklp.gdbmi import GdbCommandError
 from gdbklp.lab.config import KERNELS, TRAMPOLINES
 from gdbklp.lab.session import WatchedGuest, attached, booted
 
-pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+pytestmark = [pytest.mark.guest, pytest.mark.gdb]  # each watches a QEMU guest
 
 HAZARDOUS = ("many_args", "varargs")
 # the generations whose lab kernel has the RFC trampolines
@@ -47,12 +49,10 @@ def test_rfc_fixed_clean_workload_and_hazards(lab, tmp_path):
         assert "RFC mini-frame path" in " ".join(f["text"] for f in result["findings"])
         watched = WatchedGuest(guest, gdb)
         report = watched.watch(f"klplab-run -r -t 2 -n 10 -k {','.join(kinds)} -f sleep")
-        counts = workload.parse_counts(watched.last_output)
         WatchedGuest.assert_clean(report)
-        assert report.design == "rfc-mini-frame"
-        for row in workload.compare(report.by_caller, counts):
-            if row.guest_calls:
-                assert row.seen_by_gdb == row.guest_new == 20 and row.guest_bad == 0, row
+        assert report.design == Design.RFC
+        rows = assert_counts_agree(report, watched.counts(), kinds)
+        assert [r.guest_new for r in rows] == [20] * len(kinds)
         hazards = {h.split(" ")[0]: h for h in report.hazards}
         assert set(hazards) == {workload.replacement_of(k) for k in HAZARDOUS}
         assert "more than 8 arguments" in hazards["klp_lab_c_many_args"]

@@ -24,11 +24,11 @@ from gdbklp.abi import ppc
 from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.livepatch import LivepatchEntry
 
-HEADER_BYTES = 104            # back chain .. the interrupt marker at 96
-REGS_MARKER_OFFSET = 96       # STACK_FRAME_MARKER (12 longs)
-REGS_MARKER = 0x53474552      # STACK_FRAME_REGS_MARKER, little-endian: "REGS"
-PT_REGS_OFFSET = 112          # STACK_FRAME_OVERHEAD
-PT_REGS_BYTES = 8 * 37        # gpr[32], nip, msr, orig_gpr3, ctr, link
+HEADER_AND_MARKER_BYTES = 104  # one read per frame: from the back chain to the end of the marker at 96
+REGS_MARKER_OFFSET = 96        # STACK_FRAME_MARKER (12 longs)
+REGS_MARKER = 0x53474552       # STACK_FRAME_REGS_MARKER, little-endian: "REGS"
+PT_REGS_OFFSET = 112           # STACK_FRAME_OVERHEAD
+PT_REGS_BYTES = 8 * 37         # gpr[32], nip, msr, orig_gpr3, ctr, link
 MAX_FRAMES = 256
 
 
@@ -109,13 +109,13 @@ class _Walker:
         """The header block at sp, or the reason it cannot be used."""
         if sp % 16:
             return f"misaligned stack pointer {sp:#x}"
-        if not (self.base <= sp and sp + HEADER_BYTES <= self.top):
+        if not (self.base <= sp and sp + HEADER_AND_MARKER_BYTES <= self.top):
             return f"stack pointer {sp:#x} outside the task's stack [{self.base:#x}, {self.top:#x})"
         try:
-            data = self.read(sp, HEADER_BYTES)
+            data = self.read(sp, HEADER_AND_MARKER_BYTES)
         except Exception as e:
             return f"cannot read the frame at {sp:#x}: {e}"
-        return data if len(data) == HEADER_BYTES else f"short read at {sp:#x}"
+        return data if len(data) == HEADER_AND_MARKER_BYTES else f"short read at {sp:#x}"
 
     def trampoline(self, sp: int, pc: int, header: bytes | None) -> None:
         """A return into livepatch_handler: show it, then A from the livepatch stack.

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from gdbklp.abi import ppc
 
 MAX_INSNS = 256
-VOLATILE = ("r0", *(f"r{n}" for n in range(3, 13)), "ctr", "lr")
-NON_VOLATILE = tuple(f"r{n}" for n in range(14, 32))
-SPRS = {1: "xer", 8: "lr", 9: "ctr"}
+# a call may change these (ELFv2): the volatile registers, CTR, and LR, which the call itself sets
+CLOBBERED_BY_CALL = (*ppc.VOLATILE_GPRS, "ctr", "lr")
+SPR_REGISTERS = {ppc.SPR_XER: "xer", ppc.SPR_LR: "lr", ppc.SPR_CTR: "ctr"}
 # origins of values, as the walk follows them
 RA = "RA"      # r0 at P0: the return address into A
 SITE = "site"  # LR at P0 (just after B's profiling call) and values computed from it
@@ -54,10 +54,6 @@ def refuse(name: str, word: int, at: int, why: str = "cannot model") -> FtraceCo
     return FtraceCodeError(f"{name}: {why} `{insn}` ({word:#010x}) at {at:#x}")
 
 
-def _field(word: int, shift: int) -> int:
-    return (word >> shift) & 31
-
-
 def decode_handler_entry(code: bytes, address: int, livepatch_handler: int,
                          name: str = "ftrace_caller") -> HandlerEntry:
     """Follow ftrace_caller from its entry to its branch to livepatch_handler.
@@ -73,113 +69,162 @@ def decode_handler_entry(code: bytes, address: int, livepatch_handler: int,
     walk does not model is refused with its address.
     """
     insns = ppc.words(code)
-    regs: dict[str, str | None] = {f"r{n}": f"entry:r{n}" for n in range(32)}
-    regs.update(r0=RA, lr=SITE, ctr="entry:ctr", xer="entry:xer")
-    frame = 0                             # r1 relative to its value at the entry
-    slots: dict[int, str | None] = {}     # frame offset -> origin of the word stored there
-    compares: dict[int, set] = {}         # CR field -> origins of the compared values
+    walk = _HandlerWalk(name, livepatch_handler)
     at = address
     for _ in range(MAX_INSNS):
         index = (at - address) // 4
         if not 0 <= index < len(insns):
             raise FtraceCodeError(f"{name}: ran past its code at {at:#x} before a branch to "
                                   f"livepatch_handler ({livepatch_handler:#x})")
-        word = insns[index]
-        op, rt, ra = word >> 26, _field(word, 21), _field(word, 16)
-        xo = (word >> 1) & 0x3FF
-        d = ppc.decode_dform(word)
-        next_at = at + 4
-        if word == ppc.NOP:
-            pass
-        elif op == 62 and word & 3 in (0, 1) and ra == 1:  # std / stdu rS,d(r1)
-            slots[frame + d.disp] = regs[f"r{rt}"]
-            if word & 3 == 1:
-                if rt != 1:
-                    raise refuse(name, word, at, "stdu of a register other than r1 into r1:")
-                frame += d.disp
-        elif op == 62 and word & 3 == 0:  # std to memory other than the frame
-            pass
-        elif op == 58 and word & 3 == 0:  # ld
-            if rt == 1:
-                raise refuse(name, word, at, "r1 loaded from memory by")
-            origin = slots.get(frame + d.disp) if ra == 1 else None
-            regs[f"r{rt}"] = C if origin == SITE else origin
-        elif op in (32, 34, 40):  # lwz, lbz, lhz
-            regs[f"r{rt}"] = None
-        elif op in (14, 15):  # addi (li), addis (lis)
-            if rt == 1:
-                if op != 14 or ra != 1:
-                    raise refuse(name, word, at, "r1 set otherwise than by addi r1,r1 in")
-                frame += d.disp
-            else:
-                regs[f"r{rt}"] = SITE if ra and regs[f"r{ra}"] == SITE else None
-        elif op == 31 and xo == 266:  # add
-            rb = _field(word, 11)
-            regs[f"r{rt}"] = SITE if SITE in (regs[f"r{ra}"], regs[f"r{rb}"]) else None
-        elif op == 31 and xo == 444 and rt == _field(word, 11):  # mr rA,rS
-            regs[f"r{ra}"] = regs[f"r{rt}"]
-        elif op == 21 or (op == 31 and xo in (824, 24, 27, 83, 19)):  # rlwinm, srawi, slw, sld, mfmsr, mfcr
-            regs[f"r{ra}" if op == 21 or xo in (824, 24, 27) else f"r{rt}"] = None
-        elif op == 31 and xo in (339, 467):  # mfspr, mtspr
-            spr = SPRS.get(_field(word, 16) | (_field(word, 11) << 5))
-            if spr is None:
-                raise refuse(name, word, at)
-            if xo == 339:
-                regs[f"r{rt}"] = regs[spr]
-            elif spr != "xer":
-                regs[spr] = regs[f"r{rt}"]
-        elif op in (10, 11) or (op == 31 and xo in (0, 32)):  # cmp[l]di, cmp[l]d (and word forms)
-            compared = {regs[f"r{ra}"], regs[f"r{_field(word, 11)}"] if op == 31 else None}
-            compares[rt >> 2] = compared
-        elif op == 16:  # bc
-            target = ppc.conditional_branch_target(word, at)
-            bo, bi = rt, ra
-            nip_changed = compares.get(bi >> 2) == {SITE, C} and bi & 3 == 2
-            if target == livepatch_handler:
-                if not (nip_changed and bo & 0x1C == 0x04):  # bne on that compare
-                    raise refuse(name, word, at, "a branch to livepatch_handler not decided by the "
-                                                 "nip-changed compare:")
-                return _entry(at, regs, frame, slots)
-            if word & 1:
-                raise refuse(name, word, at)
-            if nip_changed:  # the redirection's path: the nip has changed (not equal)
-                taken = bo & 0x14 == 0x14 or (bo & 0x14 == 0x04 and not bo & 0x08)
-                if taken:
-                    next_at = target
-        elif op == 18:  # b, bl
-            if word & 2:
-                raise refuse(name, word, at)
-            if word & 1:
-                _clobber(regs)
-            else:
-                next_at = ppc.branch_target(word, at)
-        elif word == ppc.BCTRL:
-            _clobber(regs)
-        elif op == 19 and xo in (16, 528) and not word & 1 and rt & 0x14 != 0x14:
-            pass  # a conditional blr/bctr: not the redirection's way out (it comes after the decision)
-        elif word in (ppc.BLR, ppc.BCTR):
-            raise refuse(name, word, at, "left through")
-        else:
-            raise refuse(name, word, at)
-        at = next_at
+        outcome = walk.step(insns[index], at)
+        if isinstance(outcome, HandlerEntry):
+            return outcome
+        at = outcome
     raise FtraceCodeError(f"{name}: no branch to livepatch_handler within {MAX_INSNS} instructions of {address:#x}")
 
 
-def _clobber(regs: dict) -> None:
-    """A call: the callee may change every volatile register (ELFv2)."""
-    for reg in VOLATILE:
-        regs[reg] = None
+class _HandlerWalk:
+    """decode_handler_entry's state: the origin of each register's value (RA,
+    SITE, C, "entry:<register>" for one untouched since the entry, None for
+    one the walk does not follow), r1's offset from its value at the entry,
+    the origins stored in the frame, and the origins each CR field compared."""
 
+    def __init__(self, name: str, livepatch_handler: int):
+        self.name = name
+        self.livepatch_handler = livepatch_handler
+        self.regs: dict[str, str | None] = {f"r{n}": f"entry:r{n}" for n in range(32)}
+        self.regs.update(r0=RA, lr=SITE, ctr="entry:ctr", xer="entry:xer")
+        self.frame = 0                            # r1 relative to its value at the entry
+        self.slots: dict[int, str | None] = {}    # frame offset -> origin of the word stored there
+        self.compares: dict[int, set] = {}        # CR field -> origins of the compared values
 
-def _entry(at: int, regs: dict, frame: int, slots: dict) -> HandlerEntry:
-    return HandlerEntry(
-        branch=at,
-        ra_registers=tuple(r for r in ("lr", "r0", "ctr") if regs[r] == RA),
-        c_registers=tuple(r for r in ("lr", "r0", "ctr") if regs[r] == C),
-        frame_popped=frame == 0,
-        toc_restored=regs["r2"] == "entry:r2",
-        clobbered=tuple(r for r in NON_VOLATILE if regs[r] != f"entry:{r}"),
-    )
+    def step(self, word: int, at: int) -> int | HandlerEntry:
+        """Follow one instruction: the address of the next, or the hand-off at
+        the branch to livepatch_handler."""
+        if ppc.is_bc(word):
+            return self.conditional_branch(word, at)
+        if ppc.is_b(word):
+            return ppc.branch_target(word, at)
+        if ppc.is_bl(word) or word == ppc.BCTRL:
+            self.call()
+        elif word in (ppc.BLR, ppc.BCTR):
+            raise refuse(self.name, word, at, "left through")
+        elif ppc.is_conditional_bclr(word) or ppc.is_conditional_bcctr(word):
+            pass  # a conditional blr/bctr: not the redirection's way out (it comes after the decision)
+        elif not (word == ppc.NOP or self.load_or_store(word, at) or self.compute(word, at)):
+            raise refuse(self.name, word, at)
+        return at + 4
+
+    def load_or_store(self, word: int, at: int) -> bool:
+        """Follow a load or a store; False if word is none the walk models.
+
+        std and stdu r1 into the frame remember the stored origin by frame
+        offset (stdu r1 also moves r1); a std elsewhere changes nothing
+        followed. ld brings an origin stored in the frame back, as C if it
+        was SITE's; lbz, lhz and lwz bring none.
+        """
+        if ppc.is_std(word, ra=1) or ppc.is_stdu(word, ra=1):
+            store = ppc.dsform(word)
+            self.slots[self.frame + store.disp] = self.regs[f"r{store.rs}"]
+            if ppc.is_stdu(word):
+                if store.rs != 1:
+                    raise refuse(self.name, word, at, "stdu of a register other than r1 into r1:")
+                self.frame += store.disp
+        elif ppc.is_ld(word):
+            load = ppc.dsform(word)
+            if load.rt == 1:
+                raise refuse(self.name, word, at, "r1 loaded from memory by")
+            origin = self.slots.get(self.frame + load.disp) if load.ra == 1 else None
+            self.regs[f"r{load.rt}"] = C if origin == SITE else origin
+        elif ppc.is_load_and_zero(word):
+            self.regs[f"r{ppc.dform(word).rt}"] = None
+        else:
+            return ppc.is_std(word)
+        return True
+
+    def compute(self, word: int, at: int) -> bool:
+        """Follow an arithmetic or logical operation, a move or a compare;
+        False if word is none the walk models. Only SITE survives arithmetic
+        (an address computed from the site is the site's); any other result
+        is not followed."""
+        if ppc.is_addi(word) or ppc.is_addis(word):
+            self.add_immediate(word, at)
+        elif ppc.is_add(word):
+            add = ppc.xform(word)
+            self.regs[f"r{add.rt}"] = SITE if SITE in (self.regs[f"r{add.ra}"], self.regs[f"r{add.rb}"]) else None
+        elif ppc.is_mr(word):
+            mr = ppc.xform(word)
+            self.regs[f"r{mr.ra}"] = self.regs[f"r{mr.rs}"]
+        elif ppc.is_shift_or_rotate(word):
+            self.regs[f"r{ppc.xform(word).ra}"] = None
+        elif ppc.is_mfmsr(word) or ppc.is_mfcr(word):
+            self.regs[f"r{ppc.xform(word).rt}"] = None
+        elif ppc.is_mfspr(word) or ppc.is_mtspr(word):
+            self.move_spr(word, at)
+        elif ppc.is_compare(word):
+            compare = ppc.xform(word)
+            self.compares[compare.bf] = {self.regs[f"r{compare.ra}"], self.regs[f"r{compare.rb}"]}
+        elif ppc.is_compare_immediate(word):
+            compare = ppc.dform(word)
+            self.compares[compare.bf] = {self.regs[f"r{compare.ra}"], None}
+        else:
+            return False
+        return True
+
+    def add_immediate(self, word: int, at: int) -> None:
+        """addi or addis: r1 may only move by addi r1,r1 (frame pushes and pops)."""
+        d = ppc.dform(word)
+        if d.rt == 1:
+            if not ppc.is_addi(word, ra=1):
+                raise refuse(self.name, word, at, "r1 set otherwise than by addi r1,r1 in")
+            self.frame += d.disp
+        else:
+            self.regs[f"r{d.rt}"] = SITE if d.ra and self.regs[f"r{d.ra}"] == SITE else None
+
+    def move_spr(self, word: int, at: int) -> None:
+        """mfspr or mtspr of LR, CTR or XER (a write of XER is not followed)."""
+        move = ppc.xfxform(word)
+        spr = SPR_REGISTERS.get(move.spr)
+        if spr is None:
+            raise refuse(self.name, word, at)
+        if ppc.is_mfspr(word):
+            self.regs[f"r{move.rt}"] = self.regs[spr]
+        elif spr != "xer":
+            self.regs[spr] = self.regs[f"r{move.rs}"]
+
+    def conditional_branch(self, word: int, at: int) -> int | HandlerEntry:
+        """bc: the branch to livepatch_handler must be a bne on the compare of
+        C with SITE (the nip has changed); on any other branch decided by that
+        compare the walk goes where the nip-changed path goes, and on the
+        rest it falls through."""
+        bc = ppc.bform(word)
+        target = ppc.conditional_branch_target(word, at)
+        nip_changed = self.compares.get(bc.cr_field) == {SITE, C} and bc.cr_bit == ppc.CR_EQ
+        if target == self.livepatch_handler:
+            if not (nip_changed and bc.if_false):  # bne on that compare
+                raise refuse(self.name, word, at, "a branch to livepatch_handler not decided by the "
+                                                  "nip-changed compare:")
+            return self.handed_over(at)
+        if nip_changed and (bc.always or bc.if_false):  # taken when the nip has changed (not equal)
+            return target
+        return at + 4
+
+    def call(self) -> None:
+        """A call: the callee may change every volatile register (ELFv2)."""
+        for reg in CLOBBERED_BY_CALL:
+            self.regs[reg] = None
+
+    def handed_over(self, branch: int) -> HandlerEntry:
+        """The state at the branch to livepatch_handler."""
+        regs = self.regs
+        return HandlerEntry(
+            branch=branch,
+            ra_registers=tuple(r for r in ("lr", "r0", "ctr") if regs[r] == RA),
+            c_registers=tuple(r for r in ("lr", "r0", "ctr") if regs[r] == C),
+            frame_popped=self.frame == 0,
+            toc_restored=regs["r2"] == "entry:r2",
+            clobbered=tuple(r for r in ppc.CALLEE_SAVED_GPRS if regs[r] != f"entry:{r}"),
+        )
 
 
 @dataclass(frozen=True)
@@ -196,7 +241,7 @@ def decode_ool_stub(code: bytes, address: int) -> OolStub | None:
     words = ppc.words(code[:16])
     if len(words) < 4 or words[0] != ppc.MFLR_R0 or words[2] != ppc.MTLR_R0:
         return None
-    if not (words[3] & 0xFC000003) == 0x48000000:  # b (not bl, not absolute)
+    if not ppc.is_b(words[3]):
         return None
     if ppc.is_bl(words[1]):
         calls = ppc.branch_target(words[1], address + 4)

@@ -20,10 +20,10 @@ over the stub area breaks this without any redirection showing it first.
 from dataclasses import dataclass
 
 from gdbklp.abi import ppc
-from gdbklp.abi.ftrace import NON_VOLATILE, OolStub, decode_ool_stub
+from gdbklp.abi.ftrace import OolStub, decode_ool_stub
 from gdbklp.abi.invariants import Violation
 
-HANDOFF_REGISTERS = ("r0", "r1", "r2", "lr", "ctr", *NON_VOLATILE)
+HANDOFF_REGISTERS = ("r0", "r1", "r2", "lr", "ctr", *ppc.CALLEE_SAVED_GPRS)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def check_handoff(p0: FtraceEntry | None, at_handler: dict[str, int], ra_registe
         out.append(Violation(14, f"C is not in {c_register} at livepatch_handler's entry",
                              f"{c_register} = C {replacement:#x} ({describe(replacement)})",
                              f"{c:#x} ({describe(c)})"))
-    changed = [name for name in ("r1", "r2", *NON_VOLATILE) if at_handler[name] != p0.registers[name]]
+    changed = [name for name in ("r1", "r2", *ppc.CALLEE_SAVED_GPRS) if at_handler[name] != p0.registers[name]]
     if changed:
         out.append(Violation(14, f"{', '.join(changed)} not A's again at livepatch_handler's entry",
                              ", ".join(f"{n} = {p0.registers[n]:#x} as at P0" for n in changed),
@@ -99,7 +99,7 @@ def check_ool_stub(stub_address: int, code: bytes, read, describe, trampolines: 
         return None
     site = stub.returns_to - 4
     word = int.from_bytes(read(site, 4), "little")
-    leads_here = (word & 0xFC000003) == 0x48000000 and ppc.branch_target(word, site) == stub_address
+    leads_here = ppc.is_b(word) and ppc.branch_target(word, site) == stub_address
     if not (leads_here or word == ppc.NOP):
         return Violation(14, "out-of-line ftrace stub returns to a site that does not lead to it",
                          f"the instruction before {stub.returns_to:#x} ({describe(stub.returns_to)}) is "

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from gdbklp.abi import ppc
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.kernel import KernelView, TaskIdentity, function_of_label
-from gdbklp.abi.livepatch import LivepatchEntry, entry_at
+from gdbklp.abi.livepatch import LivepatchEntry, LivepatchHandlerLayout, entry_at
 
-FRAME_HEADER = 32
 NOT_REDIRECTED = "not redirected"  # Violation.call_site of a call that ftrace let run B
 SAMPLE = "sample"                  # Violation.call_site of what a sampling pause found
 
@@ -45,22 +44,51 @@ class ReturnSample:
     task_slot: int = 0      # where the PACA holds the task pointer (r13 + its offset)
 
 
-@dataclass
-class Violation:
-    invariant: int
-    title: str
-    expected: str
-    found: str
+@dataclass(frozen=True)
+class EventContext:
+    """Where, to whom and in which redirection something was seen: what every
+    violation of that event carries."""
+
     seq: int = -1
-    task: int = 0
-    pid: int = -1
-    comm: str = "?"
+    who: TaskIdentity = TaskIdentity(0)
     cpu: int = -1
     call_site: str = "?"
     caller: str = "?"
     patched: str = "?"
     replacement: str = "?"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EventContext":
+        return cls(**{**data, "who": TaskIdentity(**data["who"])})
+
+
+@dataclass
+class Violation:
+    """One invariant found broken: what was expected and found, where the state
+    first went wrong (diagnosis, when known), and the event it was seen in."""
+
+    invariant: int
+    title: str
+    expected: str
+    found: str
     diagnosis: str = ""   # where the state first went wrong, and which instruction made it, if known
+    context: EventContext = EventContext()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Violation":
+        return cls(**{**data, "context": EventContext.from_dict(data["context"])})
+
+    # the event's fields, read as the violation's own
+    seq = property(lambda self: self.context.seq)
+    who = property(lambda self: self.context.who)
+    task = property(lambda self: self.context.who.task)
+    pid = property(lambda self: self.context.who.pid)
+    comm = property(lambda self: self.context.who.comm)
+    cpu = property(lambda self: self.context.cpu)
+    call_site = property(lambda self: self.context.call_site)
+    caller = property(lambda self: self.context.caller)
+    patched = property(lambda self: self.context.patched)
+    replacement = property(lambda self: self.context.replacement)
 
     @property
     def event(self) -> str:
@@ -79,27 +107,10 @@ class Violation:
         ] + ([f"  diagnosis: {self.diagnosis}"] if self.diagnosis else []))
 
 
-@dataclass(frozen=True)
-class EventContext:
-    """Where, to whom and in which redirection something was seen: what every
-    violation of that event carries."""
-
-    seq: int
-    who: TaskIdentity
-    cpu: int
-    call_site: str = "?"
-    caller: str = "?"
-    patched: str = "?"
-    replacement: str = "?"
-
-
 def stamp(violations: list[Violation], context: EventContext) -> list[Violation]:
     """Mark each violation with its event (in place); returns violations."""
     for v in violations:
-        v.seq, v.task, v.pid, v.comm, v.cpu = (context.seq, context.who.task, context.who.pid,
-                                               context.who.comm, context.cpu)
-        v.call_site, v.caller, v.patched, v.replacement = (context.call_site, context.caller,
-                                                           context.patched, context.replacement)
+        v.context = context
     return violations
 
 
@@ -118,9 +129,9 @@ class ReturnCheck:
 def frame_size_from_prologue(code: bytes) -> int | None:
     """Size of the frame a function's prologue allocates (stdu r1,-N(r1)), or None."""
     for word in ppc.words(code):
-        if word & 0xFFFF0003 == 0xF8210001:  # stdu r1,d(r1)
-            disp = word & 0xFFFC
-            return 0x10000 - disp if disp & 0x8000 else None
+        if ppc.is_stdu(word, rs=1, ra=1):
+            disp = ppc.dsform(word).disp
+            return -disp if disp < 0 else None
         if word == ppc.BLR:
             return None
     return None
@@ -135,9 +146,9 @@ def module_stub_target(code: bytes) -> int | None:
     if len(code) < 40:
         return None
     w = ppc.words(code[:24])
-    if (w[0] & 0xFFFF0000 == 0x3D620000 and w[1] & 0xFFFF0000 == 0x396B0000
-            and w[2] == 0xF8410018 and w[3] == 0xE98B0020 and w[4] == 0x7D8903A6
-            and w[5] == 0x4E800420):
+    if (ppc.is_addis(w[0], rt=11, ra=2) and ppc.is_addi(w[1], rt=11, ra=11)
+            and ppc.is_std(w[2], rs=2, ra=1, disp=24) and ppc.is_ld(w[3], rt=12, ra=11, disp=32)
+            and ppc.is_mtctr(w[4], rs=12) and w[5] == ppc.BCTR):
         return struct.unpack_from("<Q", code, 32)[0]
     return None
 
@@ -212,111 +223,154 @@ class CodeFacts:
 
 def check_return(s: ReturnSample, facts: CodeFacts) -> ReturnCheck:
     """All checks for one redirection at P3; never raises."""
+    out = _check_livepatch_sp(s, facts.view.livepatch)
+    entry = _returning_entry(s, facts, out)
+    if entry is None:
+        return ReturnCheck(None, CallSite.NOT_A_CALL, "?", None, out)
     view = facts.view
-    layout = view.livepatch
-    first = s.stack_base + 8
-    out: list[Violation] = []
+    site = view.call_site(facts.read, entry.ra)
+    patched = facts.callee(entry.ra, site)
+    out += _check_resume_point(s, facts, entry, site)
+    out += _check_resume_toc(s, facts, entry, site, patched)
+    depth = (entry.address - _first_record(s)) // view.livepatch.entry_size + 1
+    return ReturnCheck(entry, site, view.describe(entry.ra), patched, out, depth)
 
-    def violation(inv, title, expected, found):
-        out.append(Violation(inv, title, expected, found))
 
-    def frame_ok(ra: int) -> bool | None:
-        """Does r1 look like the stack pointer of the function containing ra?"""
-        size = facts.frame_size(ra)
-        if size is None:
-            return None
-        return struct.unpack_from("<Q", s.frame_header, 0)[0] == s.sp + size
+def _first_record(s: ReturnSample) -> int:
+    """Where the livepatch stack's first record goes: just above the stack-end magic."""
+    return s.stack_base + 8
 
-    def matches(e: LivepatchEntry | None) -> bool:
-        return (e is not None and e.magic == layout.magic and view.call_site(facts.read, e.ra).is_call
-                and frame_ok(e.ra) is not False)
 
-    # invariant 10: where livepatch_sp may be
-    L = s.livepatch_sp
+def _back_chain(s: ReturnSample) -> int:
+    """The back chain at r1."""
+    return struct.unpack_from("<Q", s.frame_header, 0)[0]
+
+
+def _check_livepatch_sp(s: ReturnSample, layout: LivepatchHandlerLayout) -> list[Violation]:
+    """Invariant 10: livepatch_sp lies on a record boundary between the stack's
+    first record and r1, and the stack-end magic below the records is intact."""
+    out = []
+    first, L = _first_record(s), s.livepatch_sp
     if (L - first) % layout.entry_size or not first + layout.entry_size <= L <= s.sp:
-        violation(10, "livepatch_sp out of place at a return from C",
-                  f"base+8 + 24*k with k >= 1, below r1 {s.sp:#x} (base {s.stack_base:#x})",
-                  f"livepatch_sp {L:#x} = base+{L - s.stack_base}")
+        out.append(Violation(10, "livepatch_sp out of place at a return from C",
+                             f"base+8 + 24*k with k >= 1, below r1 {s.sp:#x} (base {s.stack_base:#x})",
+                             f"livepatch_sp {L:#x} = base+{L - s.stack_base}"))
     end_magic = struct.unpack_from("<Q", s.livepatch_block, 0)[0] if len(s.livepatch_block) >= 8 else None
     if end_magic is not None and end_magic & 0xFFFFFFFF != ppc.STACK_END_MAGIC:
-        violation(10, "stack-end magic overwritten", f"{ppc.STACK_END_MAGIC:#x} at {s.stack_base:#x}",
-                  f"{end_magic:#x}")
+        out.append(Violation(10, "stack-end magic overwritten", f"{ppc.STACK_END_MAGIC:#x} at {s.stack_base:#x}",
+                             f"{end_magic:#x}"))
+    return out
+
+
+def _frame_ok(s: ReturnSample, facts: CodeFacts, ra: int) -> bool | None:
+    """Does r1 look like the stack pointer of the function containing ra (its
+    back chain as far above r1 as that function's frame is big)? None when the
+    frame size is not known."""
+    size = facts.frame_size(ra)
+    if size is None:
+        return None
+    return _back_chain(s) == s.sp + size
+
+
+def _returning_entry(s: ReturnSample, facts: CodeFacts, out: list[Violation]) -> LivepatchEntry | None:
+    """The livepatch stack record of the redirection returning at P3.
+
+    It is the record on top (just below livepatch_sp) when that one fits: the
+    magic intact, RA after a call, r1 A's stack pointer. Otherwise the record
+    one below or one above livepatch_sp that fits is taken, and livepatch_sp's
+    imbalance appended to out (invariant 10); None when neither fits and
+    there is no top record at all."""
+    view, layout = facts.view, facts.view.livepatch
+    L = s.livepatch_sp
 
     def record_at(record: int) -> LivepatchEntry | None:
-        return entry_at(s.livepatch_block, s.stack_base, record, layout) if record >= first else None
+        if record < _first_record(s):
+            return None
+        return entry_at(s.livepatch_block, s.stack_base, record, layout)
+
+    def fits(e: LivepatchEntry | None) -> bool:
+        return (e is not None and e.magic == layout.magic and view.call_site(facts.read, e.ra).is_call
+                and _frame_ok(s, facts, e.ra) is not False)
 
     top = record_at(L - layout.entry_size)
-    found = top
-    if not matches(top):
-        below = record_at(L - 2 * layout.entry_size)
-        above = record_at(L)
-        if matches(below):
-            violation(10, "livepatch_sp unbalanced: 24 bytes above the returning redirection's entry",
-                      f"livepatch_sp {below.address + layout.entry_size:#x} (entry at {below.address:#x}, RA "
-                      f"{view.describe(below.ra)})",
-                      f"livepatch_sp {L:#x}: the handler will check and pop {top and top.address or 0:#x} "
-                      f"(magic {top and top.magic or 0:#x})")
-            found = below
-        elif matches(above):
-            violation(10, "livepatch_sp unbalanced: below the returning redirection's entry (popped early)",
-                      f"livepatch_sp {above.address + layout.entry_size:#x} (entry at {above.address:#x}, RA "
-                      f"{view.describe(above.ra)})",
-                      f"livepatch_sp {L:#x}")
-            found = above
-    if found is None:
-        return ReturnCheck(None, CallSite.NOT_A_CALL, "?", None, out)
-    entry = found
+    if fits(top):
+        return top
+    below, above = record_at(L - 2 * layout.entry_size), record_at(L)
+    if fits(below):
+        out.append(Violation(10, "livepatch_sp unbalanced: 24 bytes above the returning redirection's entry",
+                             f"livepatch_sp {below.address + layout.entry_size:#x} (entry at {below.address:#x}, "
+                             f"RA {view.describe(below.ra)})",
+                             f"livepatch_sp {L:#x}: the handler will check and pop {top and top.address or 0:#x} "
+                             f"(magic {top and top.magic or 0:#x})"))
+        return below
+    if fits(above):
+        out.append(Violation(10, "livepatch_sp unbalanced: below the returning redirection's entry (popped early)",
+                             f"livepatch_sp {above.address + layout.entry_size:#x} (entry at {above.address:#x}, "
+                             f"RA {view.describe(above.ra)})",
+                             f"livepatch_sp {L:#x}"))
+        return above
+    return top
 
-    site = view.call_site(facts.read, entry.ra)
+
+def _check_resume_point(s: ReturnSample, facts: CodeFacts, entry: LivepatchEntry, site: CallSite) -> list[Violation]:
+    """Where A resumes: invariant 8 (the magic the handler is about to check)
+    and invariants 7 and 9 (the saved return address follows a call, and r1
+    is A's stack pointer)."""
+    view, layout = facts.view, facts.view.livepatch
     caller = view.describe(entry.ra)
-    patched = facts.callee(entry.ra, site)
-    # invariant 8: the magic the handler is about to check
+    out = []
     if entry.magic != layout.magic:
-        violation(8, "livepatch stack magic overwritten while C ran (the handler's tdne will trap)",
-                  f"{layout.magic:#x} at {entry.address + layout.magic_slot + layout.entry_size:#x}",
-                  f"{entry.magic:#x}")
-    # invariants 7 and 9: the return address the handler will branch to
+        out.append(Violation(8, "livepatch stack magic overwritten while C ran (the handler's tdne will trap)",
+                             f"{layout.magic:#x} at {entry.address + layout.magic_slot + layout.entry_size:#x}",
+                             f"{entry.magic:#x}"))
     if not site.is_call:
         try:
             before = ppc.disassemble(facts.read(entry.ra - 4, 4), entry.ra - 4)[0][1]
         except Exception:
             before = "unreadable code"
-        violation(9, "saved return address does not follow a call: A would resume elsewhere",
-                  "an address right after a bl or bctrl",
-                  f"{entry.ra:#x} ({caller}), preceded by `{before}`, not a call")
-    # invariant 9: r1 must be A's stack pointer
-    elif frame_ok(entry.ra) is False:
+        out.append(Violation(9, "saved return address does not follow a call: A would resume elsewhere",
+                             "an address right after a bl or bctrl",
+                             f"{entry.ra:#x} ({caller}), preceded by `{before}`, not a call"))
+    elif _frame_ok(s, facts, entry.ra) is False:
         size = facts.frame_size(entry.ra)
-        back = struct.unpack_from("<Q", s.frame_header, 0)[0]
-        violation(9, "r1 at the return from C is not A's stack pointer",
-                  f"A ({caller}) has a {size}-byte frame: the back chain at r1 must be r1+{size} = "
-                  f"{s.sp + size:#x}", f"r1 {s.sp:#x}, back chain there {back:#x}")
-    # invariants 7 and 9: the TOC A resumes with
+        out.append(Violation(9, "r1 at the return from C is not A's stack pointer",
+                             f"A ({caller}) has a {size}-byte frame: the back chain at r1 must be r1+{size} = "
+                             f"{s.sp + size:#x}", f"r1 {s.sp:#x}, back chain there {_back_chain(s):#x}"))
+    return out
+
+
+def _check_resume_toc(s: ReturnSample, facts: CodeFacts, entry: LivepatchEntry, site: CallSite,
+                      patched: int | None) -> list[Violation]:
+    """The TOC A resumes with: invariants 7 and 9 on the TOC the record saved
+    (A's own for a local call, B's for a global one, some object's for an
+    indirect one), and invariant 3 on A's TOC save slot, 24(r1), for a
+    caller that reloads r2 from it."""
+    view = facts.view
+    owner = lambda toc: view.toc_owner(toc) or "no object"
     caller_obj = view.object_at(entry.ra)
+    out = []
     if site in (CallSite.LOCAL, CallSite.LOCAL_OTHER) and caller_obj and caller_obj.toc is not None:
         if entry.toc != caller_obj.toc:
-            violation(9, "A would resume with a TOC that is not its own (local call: A does not reload r2)",
-                      f"{caller_obj.name}'s TOC {caller_obj.toc:#x}",
-                      f"saved TOC {entry.toc:#x} ({view.toc_owner(entry.toc) or 'no object'})")
+            out.append(Violation(9, "A would resume with a TOC that is not its own (local call: A does not reload r2)",
+                                 f"{caller_obj.name}'s TOC {caller_obj.toc:#x}",
+                                 f"saved TOC {entry.toc:#x} ({owner(entry.toc)})"))
     elif site is CallSite.GLOBAL and patched is not None:
         callee_obj = view.object_at(patched)
         if callee_obj and callee_obj.toc is not None and entry.toc != callee_obj.toc:
-            violation(7, "saved TOC is not the one B's global entry computed",
-                      f"{callee_obj.name}'s TOC {callee_obj.toc:#x}",
-                      f"{entry.toc:#x} ({view.toc_owner(entry.toc) or 'no object'})")
+            out.append(Violation(7, "saved TOC is not the one B's global entry computed",
+                                 f"{callee_obj.name}'s TOC {callee_obj.toc:#x}",
+                                 f"{entry.toc:#x} ({owner(entry.toc)})"))
     elif site is CallSite.INDIRECT and view.toc_owner(entry.toc) is None:
-        violation(7, "saved TOC is no loaded object's TOC", "the TOC of vmlinux or a module",
-                  f"{entry.toc:#x}")
-    # invariant 3: a caller that reloads r2 from 24(r1) must find its own TOC there
+        out.append(Violation(7, "saved TOC is no loaded object's TOC", "the TOC of vmlinux or a module",
+                             f"{entry.toc:#x}"))
     if site.restores_toc and caller_obj and caller_obj.toc is not None:
         slot = struct.unpack_from("<Q", s.frame_header, 24)[0]
         if slot != caller_obj.toc:
-            violation(3, "A's TOC save slot 24(r1) was overwritten while C ran: "
-                         "A's ld r2,24(r1) will load a wrong TOC",
-                      f"{caller_obj.name}'s TOC {caller_obj.toc:#x} at {s.sp + 24:#x}",
-                      f"{slot:#x} ({view.toc_owner(slot) or 'no object'})")
-    depth = (entry.address - first) // layout.entry_size + 1
-    return ReturnCheck(entry, site, caller, patched, out, depth)
+            out.append(Violation(3, "A's TOC save slot 24(r1) was overwritten while C ran: "
+                                    "A's ld r2,24(r1) will load a wrong TOC",
+                                 f"{caller_obj.name}'s TOC {caller_obj.toc:#x} at {s.sp + 24:#x}",
+                                 f"{slot:#x} ({owner(slot)})"))
+    return out
 
 
 # task_struct.patch_state values (include/linux/livepatch.h)

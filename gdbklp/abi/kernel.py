@@ -27,13 +27,10 @@ def toc_from_global_entry(code: bytes, address: int) -> int | None:
     if len(code) < 16:
         return None
     before, first, second = int.from_bytes(code[:8], "little"), *ppc.words(code[8:16])
-    if first & 0xFFFF0000 == 0x3C4C0000 and second & 0xFFFF0000 == 0x38420000:  # addis/addi
-        hi, lo = first & 0xFFFF, second & 0xFFFF
-        hi -= 0x10000 if hi & 0x8000 else 0
-        lo -= 0x10000 if lo & 0x8000 else 0
-        return (address + (hi << 16) + lo) & 0xFFFFFFFFFFFFFFFF
-    if first == 0xE84CFFF8 and second == 0x7C426214:  # ld r2,-8(r12); add r2,r2,r12
-        return (address + before) & 0xFFFFFFFFFFFFFFFF
+    if ppc.is_addis(first, rt=2, ra=12) and ppc.is_addi(second, rt=2, ra=2):
+        return (address + ppc.add_immediate(first) + ppc.add_immediate(second)) & ppc.MASK64
+    if ppc.is_ld(first, rt=2, ra=12, disp=-8) and ppc.is_add(second, rt=2, ra=2, rb=12):
+        return (address + before) & ppc.MASK64
     return None
 
 

@@ -42,10 +42,10 @@ class LivepatchHandlerLayout:
 def paca_load_target(word: int, paca_offset: int) -> int | None:
     """rT if word is `ld rT, paca_offset(r13)` (what the handler does first at
     P3: fetch thread_info from the PACA again), else None."""
-    if not ppc.is_ld(word):
+    if not ppc.is_ld(word, ra=13, disp=paca_offset):
         return None
-    d = ppc.decode_dform(word)
-    return d.rt if d.ra == 13 and d.disp == paca_offset and d.rt != 13 else None
+    rt = ppc.dsform(word).rt
+    return rt if rt != 13 else None
 
 
 def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> LivepatchHandlerLayout:
@@ -58,65 +58,112 @@ def decode_livepatch_handler(code: bytes, address: int, max_insns: int = 24) -> 
     bctrl (its entry value, or LR's moved there with mflr/mtctr).
     """
     insns = ppc.words(code)[:max_insns]
-    # register -> ("entry", name) | "ti" | "sp" | int constant; unwritten ones hold their entry value
-    holds: dict[int, object] = {}
-    value = lambda reg: holds.get(reg, ("entry", f"r{reg}"))
-    spr = {8: ("entry", "lr"), 9: ("entry", "ctr")}
-    paca_off = ti_off = size = None
-    slots: dict[str, int] = {}
-    magic = ra_register = None
-    stored_sp = False
+    push = _Push()
     for i, word in enumerate(insns):
-        here = address + 4 * i
-        d = ppc.decode_dform(word)
-        if ppc.is_ld(word) and d.ra == 13 and paca_off is None:
-            paca_off = d.disp
-            holds[d.rt] = "ti"
-        elif ppc.is_ld(word) and holds.get(d.ra) == "ti" and ti_off is None:
-            ti_off = d.disp
-            holds[d.rt] = "sp"
-        elif ppc.is_addi(word) and holds.get(d.ra) == "sp" and d.rt == d.ra and size is None:
-            size = d.disp
-        elif word & 0xFC1FFFFF in (ppc.MFLR_R0, ppc.MFLR_R0 | 0x10000):  # mflr rX, mfctr rX
-            holds[(word >> 21) & 31] = spr[8 if word & 0x10000 == 0 else 9]
-        elif word & 0xFC1FFFFF in (ppc.MTLR_R0, ppc.MTLR_R0 | 0x10000):  # mtlr rX, mtctr rX
-            spr[8 if word & 0x10000 == 0 else 9] = value((word >> 21) & 31)
-        elif word >> 26 == 15 and (word >> 16) & 31 == 0:  # lis rX,imm
-            holds[(word >> 21) & 31] = (word & 0xFFFF) << 16
-        elif word >> 26 == 24 and isinstance(holds.get((word >> 21) & 31), int):  # ori rA,rS,imm
-            holds[(word >> 16) & 31] = holds[(word >> 21) & 31] | (word & 0xFFFF)
-        elif ppc.is_std(word) and holds.get(d.ra) == "ti" and d.disp == ti_off and holds.get(d.rt) == "sp":
-            stored_sp = True
-        elif ppc.is_std(word) and holds.get(d.ra) == "sp" and size is not None:
-            stored = value(d.rt)
-            if stored == ("entry", "r2"):
-                slots["toc"] = d.disp
-            elif isinstance(stored, tuple):
-                slots["ra"], ra_register = d.disp, stored[1]
-            elif isinstance(stored, int):
-                slots["magic"] = d.disp
-                magic = stored
-        elif word == ppc.BCTRL:
-            if "magic" not in slots and None not in (ti_off, size):
-                # the push stores no magic: take the slot and value its return half checks
-                found = _checked_magic(insns[i + 1:], ti_off)
-                if found is not None:
-                    slots["magic"], magic = found
-            missing = [n for n, v in (("ld rX,OFF(r13)", paca_off), ("ld rY,OFF(rX)", ti_off),
-                                      ("addi rY,rY,SIZE", size)) if v is None]
-            missing += [f"std of the {s} slot" for s in ("toc", "ra", "magic") if s not in slots]
-            if not isinstance(spr[9], tuple):
-                missing.append("register holding C at its entry moved to CTR")
-            if missing:
-                raise LayoutError(f"livepatch_handler at {address:#x}: no {', '.join(missing)} "
-                                  f"before the bctrl at {here:#x}")
-            return LivepatchHandlerLayout(
-                address=address, paca_thread_info=paca_off, ti_livepatch_sp=ti_off,
-                entry_size=size, toc_slot=slots["toc"], ra_slot=slots["ra"],
-                magic_slot=slots["magic"], magic=magic, call_to_c=here, pushed_before_call=stored_sp,
-                ra_register=ra_register, c_register=spr[9][1])
+        if word == ppc.BCTRL:
+            return push.layout(address, address + 4 * i, insns[i + 1:])
+        push.step(word)
     raise LayoutError(f"livepatch_handler at {address:#x}: no bctrl in its first "
                       f"{len(insns)} instructions")
+
+
+def _build_constant(holds: dict[int, object], word: int) -> bool:
+    """Follow lis rT,imm and ori rA,rS,imm on a constant (how the magic is
+    built) into holds (register -> value); False if word is neither."""
+    if ppc.is_addis(word, ra=0):
+        holds[ppc.dform(word).rt] = ppc.add_immediate(word) & ppc.MASK64
+    elif ppc.is_ori(word) and isinstance(holds.get(ppc.dform(word).rs), int):
+        ori = ppc.dform(word)
+        holds[ori.ra] = holds[ori.rs] | ppc.or_immediate(word)
+    else:
+        return False
+    return True
+
+
+class _Push:
+    """What decode_livepatch_handler has learnt from the push half so far.
+
+    holds: register -> ("entry", name) | "ti" (thread_info) | "sp" (livepatch_sp)
+    | an int constant; a register not in it holds its entry value. spr: the
+    same for LR and CTR, by SPR number.
+    """
+
+    def __init__(self):
+        self.holds: dict[int, object] = {}
+        self.spr: dict[int, object] = {ppc.SPR_LR: ("entry", "lr"), ppc.SPR_CTR: ("entry", "ctr")}
+        self.paca_off = self.ti_off = self.size = None
+        self.slots: dict[str, int] = {}
+        self.magic = self.ra_register = None
+        self.stored_sp = False
+
+    def value(self, reg: int) -> object:
+        """What register reg holds now."""
+        return self.holds.get(reg, ("entry", f"r{reg}"))
+
+    def step(self, word: int) -> None:
+        """Follow one instruction before the bctrl; one not part of the push changes nothing."""
+        if ppc.is_ld(word):
+            self.load(ppc.dsform(word))
+        elif ppc.is_addi(word) and self.holds.get(ppc.dform(word).ra) == "sp" and self.size is None:
+            addi = ppc.dform(word)
+            if addi.rt == addi.ra:
+                self.size = addi.disp
+        elif ppc.is_mflr(word) or ppc.is_mfctr(word):
+            move = ppc.xfxform(word)
+            self.holds[move.rt] = self.spr[move.spr]
+        elif ppc.is_mtlr(word) or ppc.is_mtctr(word):
+            move = ppc.xfxform(word)
+            self.spr[move.spr] = self.value(move.rs)
+        elif ppc.is_std(word):
+            self.store(ppc.dsform(word))
+        else:
+            _build_constant(self.holds, word)
+
+    def load(self, ld: ppc.DSForm) -> None:
+        """ld: the first from the PACA (r13) fetches thread_info, the first from
+        thread_info livepatch_sp."""
+        if ld.ra == 13 and self.paca_off is None:
+            self.paca_off = ld.disp
+            self.holds[ld.rt] = "ti"
+        elif self.holds.get(ld.ra) == "ti" and self.ti_off is None:
+            self.ti_off = ld.disp
+            self.holds[ld.rt] = "sp"
+
+    def store(self, std: ppc.DSForm) -> None:
+        """std: livepatch_sp back into thread_info, or a slot of the new record."""
+        if self.holds.get(std.ra) == "ti" and std.disp == self.ti_off and self.holds.get(std.rs) == "sp":
+            self.stored_sp = True
+        elif self.holds.get(std.ra) == "sp" and self.size is not None:
+            stored = self.value(std.rs)
+            if stored == ("entry", "r2"):
+                self.slots["toc"] = std.disp
+            elif isinstance(stored, tuple):
+                self.slots["ra"], self.ra_register = std.disp, stored[1]
+            elif isinstance(stored, int):
+                self.slots["magic"] = std.disp
+                self.magic = stored
+
+    def layout(self, address: int, bctrl: int, after: list[int]) -> LivepatchHandlerLayout:
+        """The layout, at the bctrl (after: the instructions that follow it)."""
+        if "magic" not in self.slots and None not in (self.ti_off, self.size):
+            # the push stores no magic: take the slot and value its return half checks
+            found = _checked_magic(after, self.ti_off)
+            if found is not None:
+                self.slots["magic"], self.magic = found
+        missing = [n for n, v in (("ld rX,OFF(r13)", self.paca_off), ("ld rY,OFF(rX)", self.ti_off),
+                                  ("addi rY,rY,SIZE", self.size)) if v is None]
+        missing += [f"std of the {s} slot" for s in ("toc", "ra", "magic") if s not in self.slots]
+        c = self.spr[ppc.SPR_CTR]
+        if not isinstance(c, tuple):
+            missing.append("register holding C at its entry moved to CTR")
+        if missing:
+            raise LayoutError(f"livepatch_handler at {address:#x}: no {', '.join(missing)} "
+                              f"before the bctrl at {bctrl:#x}")
+        return LivepatchHandlerLayout(
+            address=address, paca_thread_info=self.paca_off, ti_livepatch_sp=self.ti_off,
+            entry_size=self.size, toc_slot=self.slots["toc"], ra_slot=self.slots["ra"],
+            magic_slot=self.slots["magic"], magic=self.magic, call_to_c=bctrl,
+            pushed_before_call=self.stored_sp, ra_register=self.ra_register, c_register=c[1])
 
 
 def _checked_magic(insns: list[int], ti_off: int) -> tuple[int, int] | None:
@@ -124,25 +171,25 @@ def _checked_magic(insns: list[int], ti_off: int) -> tuple[int, int] | None:
     livepatch_sp + slot against a constant built by lis/ori."""
     holds: dict[int, object] = {}  # register -> "ti" | "sp" | ("slot", disp) | int constant
     for word in insns:
-        d = ppc.decode_dform(word)
-        if ppc.is_ld(word) and d.ra == 13:
-            holds[d.rt] = "ti"
-        elif ppc.is_ld(word) and holds.get(d.ra) == "ti" and d.disp == ti_off:
-            holds[d.rt] = "sp"
-        elif ppc.is_ld(word) and holds.get(d.ra) == "sp":
-            holds[d.rt] = ("slot", d.disp)
-        elif word >> 26 == 15 and (word >> 16) & 31 == 0:  # lis
-            holds[(word >> 21) & 31] = (word & 0xFFFF) << 16
-        elif word >> 26 == 24 and isinstance(holds.get((word >> 21) & 31), int):  # ori
-            holds[(word >> 16) & 31] = holds[(word >> 21) & 31] | (word & 0xFFFF)
-        elif word >> 26 == 31 and (word >> 1) & 0x3FF == 68:  # td TO,rA,rB
-            a, b = holds.get((word >> 16) & 31), holds.get((word >> 11) & 31)
+        if ppc.is_ld(word):
+            ld = ppc.dsform(word)
+            if ld.ra == 13:
+                holds[ld.rt] = "ti"
+            elif holds.get(ld.ra) == "ti" and ld.disp == ti_off:
+                holds[ld.rt] = "sp"
+            elif holds.get(ld.ra) == "sp":
+                holds[ld.rt] = ("slot", ld.disp)
+        elif ppc.is_td(word):
+            td = ppc.xform(word)
+            a, b = holds.get(td.ra), holds.get(td.rb)
             for x, y in ((a, b), (b, a)):
                 if isinstance(x, tuple) and isinstance(y, int):
                     return x[1], y
             return None
         elif word == ppc.BLR:
             return None
+        else:
+            _build_constant(holds, word)
     return None
 
 

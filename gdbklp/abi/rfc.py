@@ -27,10 +27,11 @@ from gdbklp.abi.trampoline import Finding
 TOC_RESTORE = ppc.LD_R2_24_R1  # what the instruction at RA must be compared with
 LR_SLOT, TOC_SLOT = 16, 24     # ELFv2 frame header slots
 HEADER_SLOTS = {0: "back chain", 8: "CR save word", LR_SLOT: "LR save slot (RA)", TOC_SLOT: "TOC save slot"}
-# Invariant 6 is checked on A's frame header only: bytes 32 and up may be A's
-# own locals (ELFv2 omits the parameter save area when no callee needs it),
+# A frame's ELFv2 header: back chain, CR save word, LR and TOC save slots.
+# Invariant 6 is checked on A's header only: bytes 32 and up may be A's own
+# locals (ELFv2 omits the parameter save area when no callee needs it),
 # which C may legitimately write through a pointer A passed it.
-HEADER_BYTES = 32
+ELFV2_HEADER_BYTES = 32
 PARAM_SAVE_AREA = 32           # offset of the parameter save area in a caller's frame
 MAX_INSNS = 40
 
@@ -81,20 +82,7 @@ def _not_understood(address: int, word: int, why: str) -> LayoutError:
     return LayoutError(f"cannot interpret `{text}` at {address:#x} ({word:#010x}): {why}")
 
 
-def _xo(word: int) -> int:
-    return (word >> 1) & 0x3FF
-
-
-def _spr_move(word: int) -> tuple[str, int, int] | None:
-    """(mf|mt, spr, register) for mflr/mtlr/mfctr/mtctr."""
-    if word >> 26 != 31 or _xo(word) not in (339, 467):
-        return None
-    spr = ((word >> 16) & 31) | (((word >> 11) & 31) << 5)
-    return ("mf" if _xo(word) == 339 else "mt", spr, (word >> 21) & 31)
-
-
-SPR_LR, SPR_CTR = 8, 9
-BCL_NEXT = 0x429F0005  # bcl 20,31,$+4: LR = the next instruction's address
+SPR_REGISTERS = {ppc.SPR_LR: "lr", ppc.SPR_CTR: "ctr"}
 
 
 def decode_helper(code: bytes, address: int, mini_frame: int) -> HelperLayout:
@@ -105,18 +93,18 @@ def decode_helper(code: bytes, address: int, mini_frame: int) -> HelperLayout:
     ra = toc = None
     for i, word in enumerate(ppc.words(code)[:MAX_INSNS]):
         here = address + 4 * i
-        d = ppc.decode_dform(word)
-        move = _spr_move(word)
-        if ppc.is_ld(word) and d.ra == 1:
-            if d.rt == 2:
-                toc = delta + d.disp
+        if ppc.is_ld(word, ra=1):
+            ld = ppc.dsform(word)
+            if ld.rt == 2:
+                toc = delta + ld.disp
             else:
-                regs[d.rt] = (delta + d.disp, here)
-        elif ppc.is_addi(word) and d.rt == d.ra == 1:
-            delta += d.disp
-            pop += d.disp
-        elif move and move[:2] == ("mt", SPR_LR) and move[2] in regs:
-            ra = regs[move[2]]
+                regs[ld.rt] = (delta + ld.disp, here)
+        elif ppc.is_addi(word, rt=1, ra=1):
+            popped = ppc.dform(word).disp
+            delta += popped
+            pop += popped
+        elif ppc.is_mtlr(word) and ppc.xfxform(word).rs in regs:
+            ra = regs[ppc.xfxform(word).rs]
         elif word == ppc.BLR:
             missing = [n for n, v in (("a load of the return address into LR", ra),
                                       ("a reload of r2", toc)) if v is None]
@@ -135,98 +123,143 @@ def decode_rfc_trampoline(code: bytes, address: int, read_code) -> RfcTrampoline
     At the entry LR = r0 = RA, CTR = C, r2 = the TOC, r1 = A's sp. read_code(address, n)
     supplies the helper's code once its address is known.
     """
-    regs: dict[object, Value] = {"lr": Value(RA), 0: Value(RA), 2: Value(TOC), "ctr": Value(C)}
-    delta = 0
-    compare = direct = mini = None
-    constant: Value | None = None
-    lost: tuple[int, ...] = ()
-    stores: dict[int, str] = {}
-    store_at: dict[int, int] = {}
-    unused: dict[int, tuple[int, ...]] = {}      # register -> instructions of a constant not read yet
-    overwrote: dict[int, tuple[int, ...]] = {}   # register -> instructions of the constant it lost
-
-    def name(value: Value) -> str:
-        return value.what if isinstance(value.what, str) else f"{value.what:#x}"
-
+    path = _RedirectPath(address, read_code)
     for i, word in enumerate(ppc.words(code)[:MAX_INSNS]):
-        here = address + 4 * i
-        d = ppc.decode_dform(word)
-        opcode = word >> 26
-        move = _spr_move(word)
-        src = regs.get(d.ra)
-        if move and move[0] == "mf" and move[1] in (SPR_LR, SPR_CTR):
-            regs[move[2]] = regs.get("lr" if move[1] == SPR_LR else "ctr", Value(None))
-        elif move and move[0] == "mt" and move[1] in (SPR_LR, SPR_CTR):
-            regs["lr" if move[1] == SPR_LR else "ctr"] = regs.get(move[2], Value(None))
-        elif opcode == 32 and d.disp == 0 and src and src.what == RA:  # lwz rT,0(rRA)
-            regs[d.rt] = Value(INSN_AT_RA, (here,))
-        elif opcode in (14, 15):  # addi/li, addis/lis
-            imm = d.disp << 16 if opcode == 15 else d.disp
-            if d.ra == 0:
-                if d.rt in unused:  # li/lis over a constant nothing read: its work is lost
-                    overwrote[d.rt] = unused[d.rt]
-                regs[d.rt] = Value(imm & 0xFFFFFFFFFFFFFFFF, (here,))
-                unused[d.rt] = (here,)
-            elif src and isinstance(src.what, int):
-                unused.pop(d.ra, None)
-                regs[d.rt] = Value((src.what + imm) & 0xFFFFFFFFFFFFFFFF, src.made_by + (here,))
-            elif d.rt == d.ra == 1 and opcode == 14:
-                delta += d.disp
-            else:
-                raise _not_understood(here, word, f"adds to r{d.ra}, which holds {name(src) if src else 'nothing known'}")
-        elif opcode in (24, 25):  # ori, oris: rA = rS | imm
-            rs, ra = (word >> 21) & 31, (word >> 16) & 31
-            value = regs.get(rs)
-            if not (value and isinstance(value.what, int)):
-                raise _not_understood(here, word, f"r{rs} holds no constant")
-            imm = (word & 0xFFFF) << (16 if opcode == 25 else 0)
-            regs[ra] = Value(value.what | imm, value.made_by + (here,))
-            unused.pop(rs, None)
-            unused[ra] = regs[ra].made_by
-        elif opcode == 31 and word & 0x7FE in (0x000, 0x040) and (word >> 23) & 7 == 0:  # cmp/cmpl cr0
-            ra_, rb_ = (word >> 16) & 31, (word >> 11) & 31
-            a, b = regs.get(ra_), regs.get(rb_)
-            other, reg = (b, rb_) if a and a.what == INSN_AT_RA else (a, ra_) if b and b.what == INSN_AT_RA else (None, 0)
-            if other is None or not isinstance(other.what, int):
-                raise _not_understood(here, word, "not a compare of the instruction at RA with a constant")
-            compare, constant, lost = here, other, overwrote.get(reg, ())
-            unused.pop(reg, None)
-        elif opcode == 19 and _xo(word) == 528:  # bcctr
-            bo, bi = (word >> 21) & 31, (word >> 16) & 31
-            if bo == 20 and not word & 1:  # bctr: the mini path enters C
-                if mini is None or compare is None or direct is None:
-                    raise _not_understood(here, word, "enters C before the decision and the mini frame")
-                if regs.get(12, Value(None)).what != C or regs.get("ctr", Value(None)).what != C:
-                    raise _not_understood(here, word, "C's global entry needs r12 = CTR = C")
-                helper = regs.get("lr", Value(None)).what
-                if not isinstance(helper, int):
-                    raise _not_understood(here, word, "LR does not hold the helper's address")
-                return RfcTrampoline(
-                    address=address, compare_address=compare, constant=constant.what & 0xFFFFFFFF,
-                    constant_made_by=constant.made_by, constant_overwrote=lost, direct_branch=direct, a_frame_stores=stores,
-                    a_frame_store_at=store_at, mini_frame=mini,
-                    helper=decode_helper(read_code(helper, 4 * MAX_INSNS), helper, mini), call_to_c=here)
-            if bo == 12 and bi == 2 and not word & 1 and compare is not None:  # beqctr after the compare
-                if regs.get(12, Value(None)).what != C:
-                    raise _not_understood(here, word, "enters C directly without r12 = C")
-                direct = here
-            else:
-                raise _not_understood(here, word, "only beqctr (after the compare) and bctr are expected")
-        elif word == BCL_NEXT:
-            regs["lr"] = Value(here + 4, (here,))
-        elif ppc.is_std(word) and d.ra == 1:
-            value = regs.get(d.rt, Value(None))
-            if delta == 0:
-                stores[d.disp] = value.what if isinstance(value.what, str) else name(value)
-                store_at[d.disp] = here
-        elif word & 0xFFFF0003 == 0xF8210001:  # stdu r1,-N(r1)
-            if mini is not None:
+        decoded = path.step(word, address + 4 * i)
+        if decoded is not None:
+            return decoded
+    raise LayoutError(f"redirect path at {address:#x}: no bctr into C in its first {MAX_INSNS} instructions")
+
+
+def _describe(value: Value | None) -> str:
+    """A register's content for a message: its symbol or constant."""
+    if value is None or value.what is None:
+        return "nothing known"
+    return value.what if isinstance(value.what, str) else f"{value.what:#x}"
+
+
+class _RedirectPath:
+    """decode_rfc_trampoline's register machine: what each register holds
+    (a Value; r0..r31 by number, "lr", "ctr"), r1 relative to A's sp, and
+    what the path has done so far (the compare, the direct branch, the mini
+    frame, its stores into A's frame)."""
+
+    def __init__(self, address: int, read_code):
+        self.address, self.read_code = address, read_code
+        self.regs: dict[object, Value] = {"lr": Value(RA), 0: Value(RA), 2: Value(TOC), "ctr": Value(C)}
+        self.delta = 0                  # r1 relative to A's sp
+        self.compare = self.direct = self.mini = None
+        self.constant: Value | None = None
+        self.lost: tuple[int, ...] = ()
+        self.stores: dict[int, str] = {}
+        self.store_at: dict[int, int] = {}
+        self.unused: dict[int, tuple[int, ...]] = {}     # register -> instructions of a constant not read yet
+        self.overwrote: dict[int, tuple[int, ...]] = {}  # register -> instructions of the constant it lost
+
+    def holds(self, reg: object, what: object) -> bool:
+        """Does register reg hold what (a symbol or a constant)?"""
+        return reg in self.regs and self.regs[reg].what == what
+
+    def step(self, word: int, here: int) -> RfcTrampoline | None:
+        """Follow one instruction; the decoded trampoline at its bctr into C."""
+        if (ppc.is_mfspr(word) or ppc.is_mtspr(word)) and ppc.xfxform(word).spr in SPR_REGISTERS:
+            move = ppc.xfxform(word)
+            spr = SPR_REGISTERS[move.spr]
+            source, target = (spr, move.rt) if ppc.is_mfspr(word) else (move.rs, spr)
+            self.regs[target] = self.regs.get(source, Value(None))
+        elif ppc.is_lwz(word, disp=0) and self.holds(ppc.dform(word).ra, RA):
+            self.regs[ppc.dform(word).rt] = Value(INSN_AT_RA, (here,))
+        elif ppc.is_addi(word) or ppc.is_addis(word):
+            self.add_immediate(word, here)
+        elif ppc.is_ori(word) or ppc.is_oris(word):
+            self.or_immediate(word, here)
+        elif ppc.is_compare(word, bf=0):
+            self.compare_insn_at_ra(word, here)
+        elif ppc.is_bcctr(word):
+            return self.branch_to_c(word, here)
+        elif word == ppc.BCL_NEXT:
+            self.regs["lr"] = Value(here + 4, (here,))
+        elif ppc.is_std(word, ra=1):
+            std = ppc.dsform(word)
+            if self.delta == 0:
+                self.stores[std.disp] = _describe(self.regs.get(std.rs))
+                self.store_at[std.disp] = here
+        elif ppc.is_stdu(word, rs=1, ra=1):
+            if self.mini is not None:
                 raise _not_understood(here, word, "a second frame")
-            mini = -d.disp
-            delta += d.disp
+            stdu = ppc.dsform(word)
+            self.mini = -stdu.disp
+            self.delta += stdu.disp
         else:
             raise _not_understood(here, word, "not a step of the RFC's redirect path")
-    raise LayoutError(f"redirect path at {address:#x}: no bctr into C in its first {MAX_INSNS} instructions")
+        return None
+
+    def add_immediate(self, word: int, here: int) -> None:
+        """li and lis start a constant (losing one nothing read), addi and addis
+        extend one, addi r1,r1 moves r1; nothing else is modelled."""
+        d = ppc.dform(word)
+        imm = ppc.add_immediate(word)
+        src = self.regs.get(d.ra)
+        if d.ra == 0:
+            if d.rt in self.unused:  # li/lis over a constant nothing read: its work is lost
+                self.overwrote[d.rt] = self.unused[d.rt]
+            self.regs[d.rt] = Value(imm & ppc.MASK64, (here,))
+            self.unused[d.rt] = (here,)
+        elif src and isinstance(src.what, int):
+            self.unused.pop(d.ra, None)
+            self.regs[d.rt] = Value((src.what + imm) & ppc.MASK64, src.made_by + (here,))
+        elif ppc.is_addi(word, rt=1, ra=1):
+            self.delta += d.disp
+        else:
+            raise _not_understood(here, word, f"adds to r{d.ra}, which holds {_describe(src)}")
+
+    def or_immediate(self, word: int, here: int) -> None:
+        """ori and oris: the next part of a constant."""
+        d = ppc.dform(word)
+        value = self.regs.get(d.rs)
+        if not (value and isinstance(value.what, int)):
+            raise _not_understood(here, word, f"r{d.rs} holds no constant")
+        self.regs[d.ra] = Value(value.what | ppc.or_immediate(word), value.made_by + (here,))
+        self.unused.pop(d.rs, None)
+        self.unused[d.ra] = self.regs[d.ra].made_by
+
+    def compare_insn_at_ra(self, word: int, here: int) -> None:
+        """cmp/cmpl into cr0: the decision, the instruction at RA against a constant."""
+        cmp = ppc.xform(word)
+        reg = next((other for insn, other in ((cmp.ra, cmp.rb), (cmp.rb, cmp.ra))
+                    if self.holds(insn, INSN_AT_RA)), None)
+        constant = self.regs.get(reg)
+        if constant is None or not isinstance(constant.what, int):
+            raise _not_understood(here, word, "not a compare of the instruction at RA with a constant")
+        self.compare, self.constant, self.lost = here, constant, self.overwrote.get(reg, ())
+        self.unused.pop(reg, None)
+
+    def branch_to_c(self, word: int, here: int) -> RfcTrampoline | None:
+        """bcctr: beqctr after the compare enters C directly (with r12 = C);
+        bctr enters it on the mini path and ends the decoding."""
+        if ppc.is_bcctr(word, bo=ppc.BO_ALWAYS, lk=0):
+            return self.mini_path_enters_c(word, here)
+        if not (ppc.is_bcctr(word, bo=ppc.BO_IF_TRUE, bi=ppc.CR_EQ, lk=0) and self.compare is not None):
+            raise _not_understood(here, word, "only beqctr (after the compare) and bctr are expected")
+        if not self.holds(12, C):
+            raise _not_understood(here, word, "enters C directly without r12 = C")
+        self.direct = here
+        return None
+
+    def mini_path_enters_c(self, word: int, here: int) -> RfcTrampoline:
+        """The bctr into C, after the decision and the mini frame, with LR the helper."""
+        if self.mini is None or self.compare is None or self.direct is None:
+            raise _not_understood(here, word, "enters C before the decision and the mini frame")
+        if not (self.holds(12, C) and self.holds("ctr", C)):
+            raise _not_understood(here, word, "C's global entry needs r12 = CTR = C")
+        helper = self.regs["lr"].what if "lr" in self.regs else None
+        if not isinstance(helper, int):
+            raise _not_understood(here, word, "LR does not hold the helper's address")
+        return RfcTrampoline(
+            address=self.address, compare_address=self.compare, constant=self.constant.what & 0xFFFFFFFF,
+            constant_made_by=self.constant.made_by, constant_overwrote=self.lost, direct_branch=self.direct,
+            a_frame_stores=self.stores, a_frame_store_at=self.store_at, mini_frame=self.mini,
+            helper=decode_helper(self.read_code(helper, 4 * MAX_INSNS), helper, self.mini), call_to_c=here)
 
 
 def lint(t: RfcTrampoline, describe=lambda a: f"{a:#x}") -> list[Finding]:
@@ -279,7 +312,7 @@ class RedirectSample:
     toc: int          # r2
     c: int            # CTR
     insn_at_ra: int
-    a_header: bytes   # HEADER_BYTES at sp
+    a_header: bytes   # ELFV2_HEADER_BYTES at sp
 
 
 @dataclass
@@ -300,11 +333,11 @@ def stack_argument_accesses(code: bytes) -> list[tuple[int, str]]:
     frame = 0
     out = []
     for word in ppc.words(code):
-        d = ppc.decode_dform(word)
-        if word & 0xFFFF0003 == 0xF8210001:
-            frame = -d.disp
-        elif (ppc.is_ld(word) or ppc.is_std(word)) and d.ra == 1 and d.disp - frame >= PARAM_SAVE_AREA:
-            out.append((d.disp - frame, "load" if ppc.is_ld(word) else "store"))
+        access = ppc.dsform(word)
+        if ppc.is_stdu(word, rs=1, ra=1):
+            frame = -access.disp
+        elif (ppc.is_ld(word, ra=1) or ppc.is_std(word, ra=1)) and access.disp - frame >= PARAM_SAVE_AREA:
+            out.append((access.disp - frame, "load" if ppc.is_ld(word) else "store"))
         elif word == ppc.BLR:
             break
     return out
@@ -382,12 +415,13 @@ def check_helper(p: Pending, sp: int, frames: bytes, t: RfcTrampoline) -> list[V
                              if inv == 3 else "A will resume with another TOC",
                              f"A's TOC {p.a_toc:#x} at {h.toc_offset}(A's sp)", f"{restored:#x}"))
     kept = {h.ra_offset, h.toc_offset}
-    before, after = s.a_header, frames[s.sp - mini:s.sp - mini + HEADER_BYTES]
+    before, after = s.a_header, frames[s.sp - mini:s.sp - mini + ELFV2_HEADER_BYTES]
     changed = [o for o in range(0, min(len(before), len(after)), 8)
                if o not in kept and before[o:o + 8] != after[o:o + 8]]
     if changed:
         out.append(Violation(6, "A's frame was written while C ran in the mini frame",
-                             f"0..{HEADER_BYTES - 1}(A's sp) unchanged but for the trampoline's slots {sorted(kept)}",
+                             f"0..{ELFV2_HEADER_BYTES - 1}(A's sp) unchanged but for the trampoline's "
+                             f"slots {sorted(kept)}",
                              "changed at " + ", ".join(f"{o}(A's sp): {before[o:o + 8].hex()} -> "
                                                        f"{after[o:o + 8].hex()}" for o in changed)))
     return out

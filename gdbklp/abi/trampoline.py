@@ -27,8 +27,7 @@ from gdbklp.abi.ftrace import HandlerEntry
 from gdbklp.abi.livepatch import LayoutError, LivepatchHandlerLayout, decode_livepatch_handler
 
 MAX_INSNS = 64
-SPR_NAMES = {8: "lr", 9: "ctr"}
-TD_EQ, TD_NE = 4, 24  # TO fields of tdeq and tdne (lt|gt)
+SPR_NAMES = {ppc.SPR_LR: "lr", ppc.SPR_CTR: "ctr"}
 
 
 class TrampolineError(LayoutError):
@@ -53,7 +52,7 @@ Value = int | Sym
 
 
 def add(value: Value, imm: int) -> Value:
-    return (value + imm) & 0xFFFFFFFFFFFFFFFF if isinstance(value, int) else value + imm
+    return (value + imm) & ppc.MASK64 if isinstance(value, int) else value + imm
 
 
 def text(value: Value) -> str:
@@ -108,52 +107,73 @@ class Machine:
 
     def step(self, word: int, at: int) -> str | None:
         """Execute one instruction; returns "call" (bctrl), "return" (blr), or None."""
-        op, rt, ra = word >> 26, (word >> 21) & 31, (word >> 16) & 31
-        imm = word & 0xFFFF
-        simm = imm - 0x10000 if imm & 0x8000 else imm
-        base = lambda: 0 if ra == 0 else self.get(f"r{ra}")
-        if word == ppc.NOP:
-            return None
-        if ppc.is_ld(word) or ppc.is_std(word):
-            d = ppc.decode_dform(word)
-            address = add(self.get(f"r{d.ra}"), d.disp)
-            if ppc.is_ld(word):
-                self.set(f"r{d.rt}", self.word(address, at), at, loaded_from=address)
-            else:
-                self.store(address, self.get(f"r{d.rt}"), at, f"r{d.rt}")
-            return None
-        if op == 14:  # addi (li when rA is 0)
-            self.set(f"r{rt}", add(base(), simm), at)
-        elif op == 15 and ra == 0:  # lis
-            self.set(f"r{rt}", (simm << 16) & 0xFFFFFFFFFFFFFFFF, at)
-        elif op == 15 and isinstance(self.get(f"r{ra}"), int):  # addis
-            self.set(f"r{rt}", add(self.get(f"r{ra}"), simm << 16), at)
-        elif op in (24, 25) and isinstance(self.get(f"r{rt}"), int):  # ori, oris (rS is bits 6-10)
-            self.set(f"r{ra}", self.get(f"r{rt}") | (imm << (16 if op == 25 else 0)), at)
-        elif op == 31 and (word >> 1) & 0x3FF == 444 and rt == (word >> 11) & 31:  # mr rA,rS (or rA,rS,rS)
-            self.move(f"r{ra}", f"r{rt}", at)
-        elif op == 31 and (word >> 1) & 0x3FF in (339, 467):  # mfspr, mtspr
-            spr = ((word >> 16) & 31) | (((word >> 11) & 31) << 5)
-            if spr not in SPR_NAMES:
-                raise self.refuse(word, at)
-            if (word >> 1) & 0x3FF == 339:
-                self.move(f"r{rt}", SPR_NAMES[spr], at)
-            else:
-                self.move(SPR_NAMES[spr], f"r{rt}", at)
-        elif op == 31 and (word >> 1) & 0x3FF == 68:  # td TO,rA,rB
-            rb = f"r{(word >> 11) & 31}"
-            self.compares.append((at, self.get(f"r{ra}"), self.get(rb), rt))
-            self.compared_from.append((self.loaded_from.get(f"r{ra}"), self.loaded_from.get(rb)))
-        elif op == 2:  # tdi TO,rA,SIMM
-            self.compares.append((at, self.get(f"r{ra}"), simm & 0xFFFFFFFFFFFFFFFF, rt))
-            self.compared_from.append((self.loaded_from.get(f"r{ra}"), None))
-        elif word == ppc.BCTRL:
+        if word == ppc.BCTRL:
             return "call"
-        elif word == ppc.BLR:
+        if word == ppc.BLR:
             return "return"
-        else:
+        if not (word == ppc.NOP or self.load_or_store(word, at) or self.compute(word, at)
+                or self.move_register(word, at) or self.trap_compare(word, at)):
             raise self.refuse(word, at)
         return None
+
+    def load_or_store(self, word: int, at: int) -> bool:
+        """ld or std: the doubleword at rA + disp; False for any other instruction."""
+        if not (ppc.is_ld(word) or ppc.is_std(word)):
+            return False
+        access = ppc.dsform(word)
+        address = add(self.get(f"r{access.ra}"), access.disp)
+        if ppc.is_ld(word):
+            self.set(f"r{access.rt}", self.word(address, at), at, loaded_from=address)
+        else:
+            self.store(address, self.get(f"r{access.rs}"), at, f"r{access.rs}")
+        return True
+
+    def compute(self, word: int, at: int) -> bool:
+        """addi, addis (li, lis), ori and oris; False for any other instruction,
+        and for addis, ori or oris on a symbolic value (only addi's offsets
+        from a symbol are modelled)."""
+        d = ppc.dform(word)
+        if ppc.is_addi(word) or ppc.is_addis(word):
+            base = 0 if d.ra == 0 else self.get(f"r{d.ra}")  # rA 0 reads as 0: li, lis
+            if ppc.is_addis(word) and not isinstance(base, int):
+                return False
+            self.set(f"r{d.rt}", add(base, ppc.add_immediate(word)), at)
+        elif (ppc.is_ori(word) or ppc.is_oris(word)) and isinstance(self.get(f"r{d.rs}"), int):
+            self.set(f"r{d.ra}", self.get(f"r{d.rs}") | ppc.or_immediate(word), at)
+        else:
+            return False
+        return True
+
+    def move_register(self, word: int, at: int) -> bool:
+        """mr, and moves to and from LR and CTR; False for any other instruction."""
+        if ppc.is_mr(word):
+            mr = ppc.xform(word)
+            self.move(f"r{mr.ra}", f"r{mr.rs}", at)
+        elif (ppc.is_mfspr(word) or ppc.is_mtspr(word)) and ppc.xfxform(word).spr in SPR_NAMES:
+            move = ppc.xfxform(word)
+            if ppc.is_mfspr(word):
+                self.move(f"r{move.rt}", SPR_NAMES[move.spr], at)
+            else:
+                self.move(SPR_NAMES[move.spr], f"r{move.rs}", at)
+        else:
+            return False
+        return True
+
+    def trap_compare(self, word: int, at: int) -> bool:
+        """td and tdi: the compare is recorded (whether it traps is the caller's
+        question: trap_taken); False for any other instruction."""
+        if ppc.is_td(word):
+            td = ppc.xform(word)
+            a, b = f"r{td.ra}", f"r{td.rb}"
+            self.compares.append((at, self.get(a), self.get(b), td.to))
+            self.compared_from.append((self.loaded_from.get(a), self.loaded_from.get(b)))
+        elif ppc.is_tdi(word):
+            tdi = ppc.dform(word)
+            self.compares.append((at, self.get(f"r{tdi.ra}"), tdi.disp & ppc.MASK64, tdi.to))
+            self.compared_from.append((self.loaded_from.get(f"r{tdi.ra}"), None))
+        else:
+            return False
+        return True
 
     @staticmethod
     def refuse(word: int, at: int) -> TrampolineError:
@@ -186,10 +206,11 @@ class Machine:
 def trap_taken(to: int, a: Value, b: Value) -> bool | None:
     """Does td/tdi with this TO trap for a, b? None when symbolic values leave it open."""
     if a == b:
-        return bool(to & 4)
+        return bool(to & ppc.TO_EQ)
     if isinstance(a, int) and isinstance(b, int):
         sa, sb = (v - (1 << 64) if v >> 63 else v for v in (a, b))
-        return bool((to & 16 and sa < sb) or (to & 8 and sa > sb) or (to & 2 and a < b) or (to & 1 and a > b))
+        return bool((to & ppc.TO_LT and sa < sb) or (to & ppc.TO_GT and sa > sb)
+                    or (to & ppc.TO_LTU and a < b) or (to & ppc.TO_GTU and a > b))
     return None
 
 
@@ -204,8 +225,8 @@ class Finding:
     text: str
 
 
-# what the ELFv2 ABI lets C change: volatile registers (r0, r3..r12, CTR); LR holds P3
-VOLATILE = ("r0", *(f"r{n}" for n in range(3, 13)), "ctr")
+# what the ELFv2 ABI lets C change: the volatile registers and CTR (LR holds P3 when it returns)
+CLOBBERED_BY_C = (*ppc.VOLATILE_GPRS, "ctr")
 
 
 def lint_livepatch_handler(code: bytes, address: int, ra: str = "lr", c: str = "ctr") -> list[Finding]:
@@ -221,65 +242,96 @@ def lint_livepatch_handler(code: bytes, address: int, ra: str = "lr", c: str = "
     m = Machine(read_register=lambda name: Sym(name), load=lambda a: Sym(f"[{text(a)}]"))
     p1, _ = m.run(code, address, address, "call")
     entered = m.get("ctr")
-    pushed = dict(m.memory)
-    stores_before = len(m.stores)
-    for name in VOLATILE:
+    pushed, pushed_stores = dict(m.memory), len(m.stores)
+    for name in CLOBBERED_BY_C:
         m.set(name, Sym(f"clobbered:{name}"), p1)
     m.set("r2", Sym("toc_of_c"), p1)
     m.set("lr", p1 + 4, p1)
     blr, _ = m.run(code, address, p1 + 4, "return")
-    out = [Finding(True, p1, f"P1 (the bctrl into C) at {p1:#x}, P3 at {p1 + 4:#x}, the return (blr) at {blr:#x}")]
+    run = _HandlerRun(m, p1, blr, pushed, pushed_stores)
+    return [
+        Finding(True, p1, f"P1 (the bctrl into C) at {p1:#x}, P3 at {p1 + 4:#x}, the return (blr) at {blr:#x}"),
+        Finding(entered == Sym(c), m.writer.get("ctr", p1), f"the bctrl enters C: CTR is {text(entered)}, "
+                                                            f"C came in {c}"),
+        _restored(run, "lr", Sym(ra), "RA", f"the return goes to RA (in {ra} at the entry): LR at the blr is"),
+        _restored(run, "r2", Sym("r2"), "r2", "r2 is A's again:"),
+        Finding(m.get("r1") == Sym("r1"), m.writer.get("r1", blr),
+                f"r1 untouched by the trampoline: {text(m.get('r1'))}"),
+        *_livepatch_sp_restored(run),
+        *_magic_checked(run),
+        *_pop_mirrors_push(run),
+    ]
 
-    def check(ok: bool, what: str, where: int) -> None:
-        out.append(Finding(ok, where, what))
 
-    check(entered == Sym(c), f"the bctrl enters C: CTR is {text(entered)}, C came in {c}", m.writer.get("ctr", p1))
-    ra_slot = next((a for a, v in pushed.items() if v == Sym(ra)), None)
-    toc_slot = next((a for a, v in pushed.items() if v == Sym("r2")), None)
-    sp_cells = [a for a, v in pushed.items() if isinstance(v, Sym) and v.name.startswith("[") and v.offset]
-    lr = m.regs.get("lr")
-    check(lr == Sym(ra), f"the return goes to RA (in {ra} at the entry): LR at the blr is {text(lr)}"
-          + (f", loaded from {text(_load_address(m, lr))}, while RA was saved to {text(ra_slot)}"
-             if lr != Sym(ra) else f" (from the slot RA was saved to, {text(ra_slot)})"),
-          m.writer.get("lr", blr))
-    r2 = m.get("r2")
-    check(r2 == Sym("r2"), f"r2 is A's again: {text(r2)}"
-          + (f", loaded from {text(_load_address(m, r2))}, while r2 was saved to {text(toc_slot)}"
-             if r2 != Sym("r2") else f" (from the slot r2 was saved to, {text(toc_slot)})"),
-          m.writer.get("r2", blr))
-    r1 = m.get("r1")
-    check(r1 == Sym("r1"), f"r1 untouched by the trampoline: {text(r1)}", m.writer.get("r1", blr))
-    # livepatch_sp: the word the push loaded, added to and stored back
-    for cell in sp_cells:
-        before = Sym(f"[{text(cell)}]")
-        after = m.memory.get(cell)
-        size = pushed[cell].offset
-        check(after == before, f"livepatch_sp ({text(cell)}) back to its value before the push: "
-                               f"pushed {size:+d}, now {text(after)}", m.writer.get(cell, blr))
-    if not sp_cells:
-        check(False, "no livepatch_sp update found in the push half", p1)
-    # the magic: the compare before the restores must be against the word stored by the push
-    magic_stores = {a: v for a, v in pushed.items() if isinstance(v, int)}
+@dataclass(frozen=True)
+class _HandlerRun:
+    """lint_livepatch_handler's symbolic run, stopped at the blr of the return half."""
+
+    machine: Machine
+    p1: int                       # the bctrl into C
+    blr: int                      # the return into A
+    pushed: dict[Value, Value]    # memory as the push half left it
+    pushed_stores: int            # how many of machine.stores the push half made
+
+    @property
+    def sp_cells(self) -> list[Value]:
+        """Where the push stored livepatch_sp: words it loaded, added to and stored back."""
+        return [a for a, v in self.pushed.items() if isinstance(v, Sym) and v.name.startswith("[") and v.offset]
+
+
+def _restored(run: _HandlerRun, register: str, saved: Sym, name: str, headline: str) -> Finding:
+    """register at the blr holds what it held at the entry (saved), loaded back
+    from the slot the push saved it to."""
+    value = run.machine.get(register)
+    slot = next((a for a, v in run.pushed.items() if v == saved), None)
+    if value == saved:
+        where = f" (from the slot {name} was saved to, {text(slot)})"
+    else:
+        where = f", loaded from {text(_load_address(run.machine, value))}, while {name} was saved to {text(slot)}"
+    return Finding(value == saved, run.machine.writer.get(register, run.blr), f"{headline} {text(value)}{where}")
+
+
+def _livepatch_sp_restored(run: _HandlerRun) -> list[Finding]:
+    """livepatch_sp, at the blr, is back to its value before the push."""
+    m, cells = run.machine, run.sp_cells
+    if not cells:
+        return [Finding(False, run.p1, "no livepatch_sp update found in the push half")]
+    return [Finding(m.memory.get(cell) == Sym(f"[{text(cell)}]"), m.writer.get(cell, run.blr),
+                    f"livepatch_sp ({text(cell)}) back to its value before the push: "
+                    f"pushed {run.pushed[cell].offset:+d}, now {text(m.memory.get(cell))}") for cell in cells]
+
+
+def _magic_checked(run: _HandlerRun) -> list[Finding]:
+    """The return half's compares (before it restores anything): a tdne of a
+    word loaded from the record against the constant the push stored there."""
+    m = run.machine
     if not m.compares:
-        check(False, "the return half compares no magic before returning", blr)
+        return [Finding(False, run.blr, "the return half compares no magic before returning")]
+    magic_stores = {a: v for a, v in run.pushed.items() if isinstance(v, int)}
+    stored = ", ".join(f"{text(v)} at {text(slot)}" for slot, v in magic_stores.items()) or "no constant"
+    out = []
     for (at, a, b, to), sources in zip(m.compares, m.compared_from):
         # one operand loaded from the record, the other a constant built by the code
         pairs = [(src, other) for (src, other) in ((sources[0], b), (sources[1], a))
-                 if src is not None and src in pushed and isinstance(other, int)]
-        ok = to == TD_NE and any(magic_stores.get(src) == other for src, other in pairs)
+                 if src is not None and src in run.pushed and isinstance(other, int)]
+        ok = to == ppc.TO_NE and any(magic_stores.get(src) == other for src, other in pairs)
         compared = "; ".join(f"the word at {text(src)} against {text(other)}" for src, other in pairs) or \
             f"{text(a)} against {text(b)}"
-        check(ok, f"the magic check ({'tdne' if to == TD_NE else f'td TO={to}'}) compares {compared}; the push "
-                  "stored " + (", ".join(f"{text(v)} at {text(slot)}" for slot, v in magic_stores.items())
-                               or "no constant"), at)
-    # the same slots, and nothing else: loads of the pop from the pushed record
-    popped = {a for at, a, v in m.loads if at > p1 and a in pushed and a not in sp_cells}
-    unused = [a for a in pushed if a not in popped and a not in sp_cells]
-    check(not unused, "the pop reads every slot the push wrote"
-          + (f" (not: {', '.join(text(a) for a in unused)})" if unused else ""), blr)
-    extra = [(at, a) for at, a, v in m.stores[stores_before:] if a not in sp_cells]
-    for at, a in extra:
-        check(False, f"the return half stores to {text(a)}, which is not livepatch_sp", at)
+        check = "tdne" if to == ppc.TO_NE else f"td TO={to}"
+        out.append(Finding(ok, at, f"the magic check ({check}) compares {compared}; the push stored {stored}"))
+    return out
+
+
+def _pop_mirrors_push(run: _HandlerRun) -> list[Finding]:
+    """The pop reads every slot the push wrote and writes nothing but livepatch_sp."""
+    cells = run.sp_cells
+    popped = {a for at, a, v in run.machine.loads if at > run.p1 and a in run.pushed and a not in cells}
+    unused = [a for a in run.pushed if a not in popped and a not in cells]
+    out = [Finding(not unused, run.blr, "the pop reads every slot the push wrote"
+                   + (f" (not: {', '.join(text(a) for a in unused)})" if unused else ""))]
+    for at, a, v in run.machine.stores[run.pushed_stores:]:
+        if a not in cells:
+            out.append(Finding(False, at, f"the return half stores to {text(a)}, which is not livepatch_sp"))
     return out
 
 

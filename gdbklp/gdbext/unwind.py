@@ -20,7 +20,7 @@ from gdbklp.gdbext.inferior import stacks, vcpus
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 NAME = "gdbklp-livepatch"
-NONVOLATILE = ("r13", *(f"r{n}" for n in range(14, 32)), "cr")
+CALL_PRESERVED_REGISTERS = ("r13", *(f"r{n}" for n in range(14, 32)), "cr")
 
 
 class FrameId:
@@ -72,7 +72,7 @@ class LivepatchUnwinder(Unwinder):
         info.add_saved_register("r1", value(sp))
         info.add_saved_register("r2", value(toc))
         # C preserved the non-volatile registers and the handler does not touch them
-        for name in NONVOLATILE:
+        for name in CALL_PRESERVED_REGISTERS:
             info.add_saved_register(name, pending_frame.read_register(name))
         return info
 

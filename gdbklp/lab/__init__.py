@@ -2,8 +2,10 @@
 
 import sys
 
+from gdbklp.errors import GdbklpError
 
-class LabError(Exception):
+
+class LabError(GdbklpError):
     """A lab failure the user can act on; str() is one complete line."""
 
 

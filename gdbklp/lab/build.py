@@ -26,27 +26,11 @@ from gdbklp.abi.elf import ElfError, read_modinfo
 from gdbklp.lab import LabError, log
 from gdbklp.lab import config as cfg
 from gdbklp.lab import root as labroot
+from gdbklp.lab.host import check_host
+from gdbklp.lab.mutants import Mutant
 
 MANIFEST = "manifest.json"
 EDITED = ".edited"  # in a source tree while a variant's edits are applied to it
-
-
-def missing_requirements(requirements=None) -> list[cfg.HostRequirement]:
-    """The requirements (by default the host's) that are missing; inside the
-    lab root, which has everything the lab needs, none by default."""
-    if requirements is None:
-        requirements = () if labroot.inside_lab_root() else cfg.HOST_REQUIREMENTS
-    return [req for req in requirements
-            if not (Path(req.path).exists() if req.path.startswith("/") else shutil.which(req.path))]
-
-
-def check_host(requirements=None) -> None:
-    """Raise LabError naming the packages to install if any requirement is missing."""
-    missing = missing_requirements(requirements)
-    if missing:
-        names = ", ".join(r.path for r in missing)
-        pkgs = " ".join(sorted({r.package for r in missing}))
-        raise LabError(f"missing {names}: install with 'apt-get install {pkgs}'")
 
 
 def sha256_file(path: Path) -> str:
@@ -501,7 +485,7 @@ def cache_lock():
         yield
 
 
-def build_all(mutant: cfg.Mutant | None = None, kernel: str = cfg.DEFAULT_KERNEL,
+def build_all(mutant: Mutant | None = None, kernel: str = cfg.DEFAULT_KERNEL,
               extra_modules: tuple[Path, ...] = ()) -> LabImages:
     """Build (or verify the cached) kernel of one generation (a name in
     config.KERNELS), its modules and initramfs; with a mutant, its kernel

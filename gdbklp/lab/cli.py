@@ -11,7 +11,7 @@ from gdbklp.lab import LabError, build, host, session, workload
 from gdbklp.lab import root as labroot
 from gdbklp.lab.config import (DEFAULT_KERNEL, DEFAULT_TRAMPOLINE, KERNELS, OTHER_RELEASE_ROOTS, QEMUS, REPO_ROOT,
                                TRAMPOLINES)
-from gdbklp.lab.gdbmi import LOADER
+from gdbklp.gdbmi import LOADER
 from gdbklp.lab.qemu import Guest, emulator, kernel_cmdline
 from gdbklp.options import WatchOptions
 

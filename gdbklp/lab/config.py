@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gdbklp.abi.designs import Design
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGES_DIR = REPO_ROOT / "qemu-images"
 
@@ -121,7 +123,7 @@ class KernelConfig:
     # the file holding ftrace_caller and livepatch_handler (what trampoline mutants edit)
     ftrace_source: str
     # the trampoline designs (TRAMPOLINES) it has; the first is the default
-    trampolines: tuple[str, ...] = ("livepatch-stack",)
+    trampolines: tuple[str, ...] = (Design.LIVEPATCH_STACK,)
     # applied in order with patch -p1 to the extracted source
     patches: tuple[Path, ...] = ()
     arch: str = "powerpc"
@@ -138,7 +140,7 @@ KERNELS = {k.name: k for k in (
         linux_source("6.1", "bookworm"),
         (KERNEL_FRAGMENTS / "common.config", KERNEL_FRAGMENTS / "6.1.config"),
         ftrace_source="arch/powerpc/kernel/trace/ftrace_mprofile.S",
-        trampolines=("livepatch-stack", "rfc-fixed", "rfc"),
+        trampolines=(Design.LIVEPATCH_STACK, f"{Design.RFC}-fixed", Design.RFC),
         # the 2015 RFC's trampolines, chosen at boot with klp_trampoline=
         patches=(IMAGES_DIR / "kernel-patches" / "0001-powerpc-klp-rfc-trampolines.patch",)),
     KernelConfig(
@@ -147,7 +149,7 @@ KERNELS = {k.name: k for k in (
         linux_source("6.12", "trixie"),
         (KERNEL_FRAGMENTS / "common.config", KERNEL_FRAGMENTS / "6.12.config"),
         ftrace_source="arch/powerpc/kernel/trace/ftrace_entry.S",
-        trampolines=("livepatch-stack", "rfc-fixed", "rfc"),
+        trampolines=(Design.LIVEPATCH_STACK, f"{Design.RFC}-fixed", Design.RFC),
         # the same RFC trampolines: ftrace_entry.S leaves RA in LR and r0 and C in CTR as 6.1's did
         patches=(IMAGES_DIR / "kernel-patches" / "6.12" / "0001-powerpc-klp-rfc-trampolines.patch",)),
     KernelConfig(
@@ -202,9 +204,11 @@ INITRAMFS = InitramfsConfig(
 
 @dataclass(frozen=True)
 class Trampoline:
-    """A live-patch trampoline design the lab kernel can run (klp_trampoline= at boot)."""
+    """A live-patch trampoline the lab kernel can run (klp_trampoline= at boot): a
+    design, as posted or with its defects corrected (name: the design, -fixed)."""
 
     name: str
+    design: Design
     summary: str
     # the call kinds (gdbklp.lab.workload.KINDS) it redirects without harm:
     # the demo's default workload
@@ -214,16 +218,18 @@ class Trampoline:
 
 
 TRAMPOLINES = {t.name: t for t in (
-    Trampoline("livepatch-stack", "the merged design (livepatch_handler and the per-task livepatch stack)",
+    Trampoline(Design.LIVEPATCH_STACK, Design.LIVEPATCH_STACK,
+               "the merged design (livepatch_handler and the per-task livepatch stack)",
                ("local", "local_other", "global", "indirect", "many_args", "varargs", "sibling")),
     # a C with stack-passed arguments cannot run in a 32-byte mini frame (invariant 6)
-    Trampoline("rfc-fixed", "the 2015 RFC's mini frame with its two defects corrected",
+    Trampoline(f"{Design.RFC}-fixed", Design.RFC, "the 2015 RFC's mini frame with its two defects corrected",
                ("local", "local_other", "global", "indirect", "sibling")),
     # the first global call is misrouted and its return address lost: one is enough to see it
-    Trampoline("rfc", "the 2015 RFC's mini frame as posted (compare constant 0x18, return address lost)",
+    Trampoline(Design.RFC, Design.RFC,
+               "the 2015 RFC's mini frame as posted (compare constant 0x18, return address lost)",
                ("global",), demo_timeout=30.0),
 )}
-DEFAULT_TRAMPOLINE = "livepatch-stack"
+DEFAULT_TRAMPOLINE = Design.LIVEPATCH_STACK
 
 
 # The lab's QEMUs: the lab root's (QEMU >= 10.2: no translation flush at a
@@ -261,104 +267,3 @@ QEMU = QemuConfig(
     accel="tcg,thread=single",
     append=("console=hvc0", "quiet", "loglevel=4"),
 )
-
-
-# ---- mutants: one defect each, to prove each check catches what it claims ------
-
-FTRACE_S = KERNELS["6.1"].ftrace_source
-FTRACE_ENTRY_S = KERNELS["7.3"].ftrace_source
-FTRACE_C = "arch/powerpc/kernel/trace/ftrace.c"
-MODULE_LOADER = "arch/powerpc/kernel/module_64.c"
-PATCH_MODULE = "modules/klp_lab_patch.c"  # modules/: a file of qemu-images/modules
-
-
-@dataclass(frozen=True)
-class Mutant:
-    """A small edit of the lab's kernel or modules that breaks one invariant.
-
-    edits are (path, text, replacement): path in the kernel tree, or
-    modules/NAME for the lab's modules; text must occur exactly once.
-    A kernel edit builds a kernel variant from the lab's build tree
-    (only what the edit touches is rebuilt); a module edit, modules and an
-    initramfs built against the lab's kernel.
-    """
-
-    name: str
-    # push half, return half, ftrace decision, ftrace exit, ftrace stubs, RFC path, RFC helper, module loader, C
-    code_point: str
-    defect: str
-    invariant: int     # the invariant that must catch it
-    edits: tuple[tuple[str, str, str], ...]
-    run: str           # klplab-run arguments that exercise it
-    trampoline: str = DEFAULT_TRAMPOLINE
-    kernel: str = "6.1"  # the generation (KERNELS) it edits
-    handoff: bool = False  # caught by klp-watch --handoff (invariant 14 at livepatch_handler's entry)
-
-    @property
-    def kernel_edits(self) -> tuple[tuple[str, str, str], ...]:
-        return tuple(e for e in self.edits if not e[0].startswith("modules/"))
-
-    @property
-    def module_edits(self) -> tuple[tuple[str, str, str], ...]:
-        return tuple(e for e in self.edits if e[0].startswith("modules/"))
-
-
-MUTANTS = {m.name: m for m in (
-    Mutant("push-no-magic", "push half", "the push never stores the magic", 8,
-           ((FTRACE_S, "\tori     r12, r12, STACK_END_MAGIC@l\n\tstd\tr12, -8(r11)\n",
-             "\tori     r12, r12, STACK_END_MAGIC@l\n\tnop\n"),), "-t 1 -n 3 -k local"),
-    Mutant("push-swapped-slots", "push half", "the push saves r2 in the RA slot and RA in the TOC slot", 9,
-           ((FTRACE_S, "\tstd\tr2,  -24(r11)\n\tmflr\tr12\n\tstd\tr12, -16(r11)\n",
-             "\tstd\tr2,  -16(r11)\n\tmflr\tr12\n\tstd\tr12, -24(r11)\n"),), "-t 1 -n 3 -k local"),
-    Mutant("push-32-bytes", "push half", "the push allocates 32 bytes, the pop frees 24", 9,
-           ((FTRACE_S, "\t/* Allocate 3 x 8 bytes */\n\tld\tr11, TI_livepatch_sp(r12)\n\taddi\tr11, r11, 24\n",
-             "\t/* Allocate 3 x 8 bytes */\n\tld\tr11, TI_livepatch_sp(r12)\n\taddi\tr11, r11, 32\n"),),
-           "-t 1 -n 3 -k local"),
-    Mutant("pop-ra-from-toc-slot", "return half", "the pop loads LR from the TOC slot", 9,
-           ((FTRACE_S, "\tld\tr12, -16(r11)\n\tmtlr\tr12\n", "\tld\tr12, -24(r11)\n\tmtlr\tr12\n"),),
-           "-t 1 -n 3 -k local"),
-    Mutant("pop-no-toc-restore", "return half", "the pop does not restore r2", 9,
-           ((FTRACE_S, "\tld\tr2,  -24(r11)\n\n\t/* Pop livepatch stack frame */",
-             "\tnop\n\n\t/* Pop livepatch stack frame */"),), "-t 1 -n 3 -k local"),
-    Mutant("pop-16-bytes", "return half", "the pop frees 16 bytes of 24: silent, the stack creeps", 9,
-           ((FTRACE_S, "\tsubi\tr11, r11, 24\n", "\tsubi\tr11, r11, 16\n"),), "-t 1 -n 3 -k local"),
-    Mutant("pop-never", "return half", "the pop never stores livepatch_sp back", 9,
-           ((FTRACE_S, "\tsubi\tr11, r11, 24\n\tstd\tr11, TI_livepatch_sp(r12)\n",
-             "\tsubi\tr11, r11, 24\n\tnop\n"),), "-t 1 -n 3 -k local"),
-    Mutant("ftrace-no-redirect", "ftrace decision", "ftrace_caller enters C directly, never through "
-           "livepatch_handler", 7,
-           ((FTRACE_S, "\tbne-\tlivepatch_handler\n#endif\n\tbctr\t\t\t/* jump after _mcount site */",
-             "\tnop\n#endif\n\tbctr\t\t\t/* jump after _mcount site */"),), "-t 1 -n 3 -k local"),
-    Mutant("rfc-fixed-compare-0x18", "RFC path", "the compare constant built with li after lis (0x18)", 2,
-           ((FTRACE_S, "\tlis\tr11, 0xe841\n\tori\tr11, r11, 0x18\n", "\tlis\tr11, 0xe841\n\tli\tr11, 0x18\n"),),
-           "-t 1 -n 3 -k global", trampoline="rfc-fixed"),
-    Mutant("rfc-fixed-helper-short-pop", "RFC helper", "the helper pops 16 bytes of the 32-byte mini frame", 9,
-           ((FTRACE_S, "\taddi\tr1, r1, 32\t\t/* pop first */\n", "\taddi\tr1, r1, 16\t\t/* pop first */\n"),),
-           "-t 1 -n 3 -k local", trampoline="rfc-fixed"),
-    Mutant("loader-no-toc-restore", "module loader", "calls to klp_lab_b_global keep their nop: A never "
-           "reloads its TOC", 9,
-           ((MODULE_LOADER, "\t\t\tif (!restore_r2(strtab + sym->st_name,",
-             "\t\t\tif (strncmp(strtab + sym->st_name, \"klp_lab_b_\", 10) &&\n"
-             "\t\t\t    !restore_r2(strtab + sym->st_name,"),), "-t 1 -n 3 -k global"),
-    Mutant("c-clobbers-toc-slot", "C", "C overwrites A's TOC save slot, as a tail call through a stub does", 3,
-           ((PATCH_MODULE, "static noinline void new_body(unsigned long flags)\n{\n",
-             "static noinline void new_body(unsigned long flags)\n{\n\tflags |= KLP_LAB_FAULT_TOC_SLOT;\n"),),
-           "-t 1 -n 3 -k global"),
-    # out-of-line ftrace stubs (7.x): invariant 14
-    Mutant("ool-r15-clobbered", "ftrace exit", "ftrace_caller no longer puts A's r15 back: it keeps its own "
-           "return address (into the stub) there", 14,
-           ((FTRACE_ENTRY_S, "1:\tmtlr\tr3\n\t.if \\allregs == 0\n\tREST_GPR(15, r1)\n\t.endif\n",
-             "1:\tmtlr\tr3\n"),), "-t 1 -n 3 -k local", kernel="7.3", handoff=True),
-    Mutant("ool-handler-ra-from-lr", "push half", "livepatch_handler saves LR (C, with out-of-line stubs) as RA, "
-           "as it did before them", 14,
-           ((FTRACE_ENTRY_S, "\tstd\tr0, -16(r11)\n\tmflr\tr12\n",
-             "\tmflr\tr12\n\tstd\tr12, -16(r11)\n"),), "-t 1 -n 3 -k local", kernel="7.3", handoff=True),
-    Mutant("ool-stub-skips-an-instruction", "ftrace stubs", "a module's out-of-line stubs return to the traced "
-           "site + 8, past B's first instruction", 14,
-           ((FTRACE_C, "rec->ip + MCOUNT_INSN_SIZE, 0))", "rec->ip + (mod ? 2 : 1) * MCOUNT_INSN_SIZE, 0))"),),
-           "-t 1 -n 3 -k local", kernel="7.3"),
-    Mutant("c-unbalanced", "C", "C leaves livepatch_sp one entry higher", 10,
-           ((PATCH_MODULE, "static noinline void new_body(unsigned long flags)\n{\n",
-             "static noinline void new_body(unsigned long flags)\n{\n\tflags |= KLP_LAB_FAULT_UNBALANCED;\n"),),
-           "-t 1 -n 3 -k local"),
-)}

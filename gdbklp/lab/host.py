@@ -1,10 +1,31 @@
-"""Host set-up helpers for ./bootstrap (standard library only: runs before the venv)."""
+"""What the host must have, and the checks ./bootstrap runs on it (standard
+library only: they run before the venv exists)."""
 
+import shutil
 import sys
 from pathlib import Path
 
+from gdbklp.lab import LabError
 from gdbklp.lab import config as cfg
-from gdbklp.lab.build import missing_requirements
+from gdbklp.lab import root as labroot
+
+
+def missing_requirements(requirements=None) -> list[cfg.HostRequirement]:
+    """The requirements (by default the host's) that are missing; inside the
+    lab root, which has everything the lab needs, none by default."""
+    if requirements is None:
+        requirements = () if labroot.inside_lab_root() else cfg.HOST_REQUIREMENTS
+    return [req for req in requirements
+            if not (Path(req.path).exists() if req.path.startswith("/") else shutil.which(req.path))]
+
+
+def check_host(requirements=None) -> None:
+    """Raise LabError naming the packages to install if any requirement is missing."""
+    missing = missing_requirements(requirements)
+    if missing:
+        names = ", ".join(r.path for r in missing)
+        pkgs = " ".join(sorted({r.package for r in missing}))
+        raise LabError(f"missing {names}: install with 'apt-get install {pkgs}'")
 
 
 def os_release(path: Path = Path("/etc/os-release")) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gdbklp.lab import LabError, build, workload
 from gdbklp.lab.config import DEFAULT_TRAMPOLINE
-from gdbklp.lab.gdbmi import GdbSession
+from gdbklp.gdbmi import GdbSession
 from gdbklp.lab.qemu import Emulator, Guest, kernel_cmdline
 from gdbklp.options import WatchOptions
 from gdbklp.report import WatchReport
@@ -47,12 +47,23 @@ def end_watch_running(gdb: GdbSession, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+class WorkloadError(LabError):
+    """No counts from the guest for a watched workload; report is what the
+    watch saw (its notes say how the guest command ended)."""
+
+    def __init__(self, why: str, report: WatchReport):
+        super().__init__(f"no counts from the guest: {why}\n{report.format_text()}")
+        self.report = report
+
+
 class WatchedGuest:
     """A booted guest with gdb attached (and the guest running between watches)."""
 
     def __init__(self, guest: Guest, gdb: GdbSession):
         self.guest = guest
         self.gdb = gdb
+        # the last watched command's output, exit status (None: it did not finish) and report
+        self.last_output, self.last_status, self.last_report = "", None, None
 
     def run(self, command: str, timeout: float = 600.0) -> tuple[int, str]:
         """Run a shell command in the guest, unwatched."""
@@ -83,9 +94,20 @@ class WatchedGuest:
                 self.gdb.console("klp-watch stop")
             report = WatchReport.read_json(path)
         report.notes.append(outcome)
-        self.last_output, self.last_status = output, status
+        self.last_output, self.last_status, self.last_report = output, status, report
         self.gdb.cont()
         return report
+
+    def counts(self) -> dict[str, workload.KindCounts]:
+        """The guest's counts from the last watched command's output (klplab-run's
+        table). WorkloadError when it printed none, e.g. the command did not
+        finish: the message has the end of the output and the watch's report."""
+        if self.last_report is None:
+            raise LabError("no command watched yet: no counts from the guest")
+        try:
+            return workload.parse_counts(self.last_output)
+        except LabError as e:
+            raise WorkloadError(str(e), self.last_report) from None
 
     @staticmethod
     def assert_clean(report: WatchReport) -> None:
@@ -98,17 +120,15 @@ class WatchedGuest:
 
 def watch_workload(guest: Guest, gdb: GdbSession, workload_args: str, timeout: float = 1800.0,
                    options: WatchOptions | None = None) -> tuple[WatchReport, dict[str, workload.KindCounts]]:
-    """Run klplab-run under klp-watch; return gdb's report and the guest's counts
-    (none when the workload did not finish: the report says why).
+    """Run klplab-run under klp-watch; return gdb's report and the guest's counts.
 
-    The guest is left running or stopped as it was found.
+    WorkloadError (which carries the report) when the guest printed no counts,
+    e.g. the workload did not finish. The guest is left running or stopped as
+    it was found, either way.
     """
     was_running = gdb.running
     watched = WatchedGuest(guest, gdb)
     report = watched.watch(f"klplab-run -r {workload_args}", timeout, options)
     if not was_running and gdb.running:
         gdb.interrupt()
-    try:
-        return report, workload.parse_counts(watched.last_output)
-    except LabError:
-        return report, {}
+    return report, watched.counts()

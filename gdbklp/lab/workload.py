@@ -33,16 +33,29 @@ class KindCounts:
 
 
 def parse_counts(text: str) -> dict[str, KindCounts]:
-    """The table klplab-run prints (between its begin/end markers)."""
+    """The guest's counts by kind: the last table klplab-run printed in text
+    (between its begin and end markers).
+
+    LabError when text has no table or an empty one; the message quotes the
+    end of text, where a workload that stopped early says why.
+    """
     start = text.rfind(COUNTS_BEGIN)
-    end = text.find(COUNTS_END, start)
-    if start < 0 or end < 0:
-        raise LabError("the workload printed no counts table")
+    end = text.find(COUNTS_END, start) if start >= 0 else -1
+    if end < 0:
+        raise LabError(f"the workload printed no counts table ({_ending(text)})")
+    rows = text[start + len(COUNTS_BEGIN):end].strip().splitlines()[1:]  # [0] is the header
+    if not rows:
+        raise LabError(f"the workload's counts table is empty ({_ending(text)})")
     counts = {}
-    for line in text[start + len(COUNTS_BEGIN):end].strip().splitlines()[1:]:
+    for line in rows:
         kind, *numbers = line.split()
         counts[kind] = KindCounts(*map(int, numbers))
     return counts
+
+
+def _ending(text: str, lines: int = 5) -> str:
+    tail = text.strip().splitlines()[-lines:]
+    return "its output ended: " + " | ".join(tail) if tail else "it printed nothing"
 
 
 @dataclass(frozen=True)
@@ -58,15 +71,25 @@ class KindComparison:
         return self.seen_by_gdb == self.guest_new and self.guest_bad == 0
 
 
-def compare(by_caller: dict[str, int], counts: dict[str, KindCounts]) -> list[KindComparison]:
-    """Per kind: redirections gdb saw from its caller A against the guest's NEW results.
+def compare(by_caller: dict[str, int], counts: dict[str, KindCounts],
+            kinds: tuple[str, ...] = KINDS) -> list[KindComparison]:
+    """Per kind of kinds, in that order: redirections gdb saw from its caller A
+    against the guest's NEW results.
 
     Each kind has its own A, so the caller identifies the kind for every call
-    site (an indirect call does not tell B or C at the return).
+    site (an indirect call does not tell B or C at the return). The guest
+    counts every kind, whichever ran; a kind of kinds missing from counts
+    (every kind, if counts is empty) is a LabError, not a row left out.
     """
+    if not kinds:
+        raise ValueError("compare: no kinds to compare")
+    missing = [kind for kind in kinds if kind not in counts]
+    if missing:
+        raise LabError(f"the guest's counts have no {', '.join(missing)} "
+                       f"(they have {', '.join(counts) or 'no kind at all'})")
     return [KindComparison(kind, by_caller.get(caller_of(kind), 0),
                            counts[kind].new, counts[kind].calls, counts[kind].bad)
-            for kind in KINDS if kind in counts]
+            for kind in kinds]
 
 
 def format_comparison(rows: list[KindComparison]) -> str:

@@ -22,13 +22,16 @@ class KlpAddr(gdb.Function):
         super().__init__("klp_addr")
 
     def invoke(self, name):
-        wanted = name.string()
+        try:
+            return self.address(name.string())
+        except (GdbklpError, gdb.MemoryError) as e:  # one line, not the exception's class
+            raise gdb.GdbError(f"$klp_addr: {e}") from None
+
+    @staticmethod
+    def address(wanted: str) -> gdb.Value:
         kernel = current_kernel()
         if gdb.selected_thread() is not None:
-            try:
-                vcpus.select_kernel_vcpu()  # module lists are read from kernel memory
-            except GdbklpError as e:
-                raise gdb.GdbError(f"$klp_addr: {e}") from None
+            vcpus.select_kernel_vcpu()  # module lists are read from kernel memory
         for obj in kernel.view().objects:
             address = obj.symbols.address(wanted)
             if address is not None:

@@ -8,6 +8,7 @@ import os
 
 import gdb
 
+from gdbklp.abi.designs import Design
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.commands.base import Command
 from gdbklp.gdbext.inferior import target, vcpus
@@ -16,7 +17,7 @@ from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 from gdbklp.gdbext.inferior.trampolines import live_redirect_entry
 from gdbklp.gdbext.watch.model import Watch
 from gdbklp.gdbext.watch.modes import parking
-from gdbklp.options import WatchOptions, add_start_arguments
+from gdbklp.options import Mode, WatchOptions, add_start_arguments
 from gdbklp.versions import flushes_at_stops
 
 _watch: Watch | None = None
@@ -58,27 +59,27 @@ if hasattr(gdb.events, "gdb_exiting"):
 def new_watch(kernel: Kernel, options: WatchOptions) -> Watch:
     """A watch of the design asked for, or of the one the running kernel uses,
     in the mode asked for, or else the one measured fastest on this QEMU."""
-    qemu = target.qemu_version()
-    if options.design == "livepatch-stack" or options.sample:  # sampling checks the livepatch stacks
-        return Watch(kernel, options.resolved(qemu))
+    if options.design == Design.LIVEPATCH_STACK or options.sample:  # sampling checks the livepatch stacks
+        return Watch(kernel, options)
     from gdbklp.gdbext.watch import rfc_model  # optional: the merged model works without it
     entry = live_redirect_entry(kernel, kernel.livepatch_layout().address)
     if entry is not None:
         if options.park:
             raise GdbklpError("--park holds tasks where C returns into livepatch_handler, but the running "
                               "kernel redirects through the RFC mini frame: watch it without --park")
-        return rfc_model.RfcWatch(kernel, entry, options.resolved(qemu, can_park=rfc_model.RfcWatch.CAN_PARK))
-    if options.design == "rfc":
+        return rfc_model.RfcWatch(kernel, entry, options)
+    if options.design == Design.RFC:
         raise GdbklpError("the running kernel's ftrace trampolines branch to livepatch_handler "
                           "(the merged design), or its text is not readable yet: no RFC redirect path to watch")
-    return Watch(kernel, options.resolved(qemu))
+    return Watch(kernel, options)
 
 
 def mode_advice(asked: WatchOptions, watch: Watch) -> str | None:
     """A line for a user who left the mode to klp-watch on a QEMU where
     another mode would be faster, if there is one."""
     qemu = target.qemu_version()
-    if asked.mode != "auto" or not watch.options.breakpoint or not watch.CAN_PARK or not flushes_at_stops(qemu):
+    if asked.mode is not Mode.AUTO or not watch.options.breakpoint or not watch.can_park \
+            or not flushes_at_stops(qemu):
         return None
     return (f"klp-watch: QEMU {'.'.join(map(str, qemu))} flushes its translations at every breakpoint stop: "
             "with the guest run in the background (continue &, gdb/MI), --park is faster on it")
@@ -125,10 +126,10 @@ class KlpWatch(Command):
         if parking.unpark_leftover(kernel):
             gdb.write("klp-watch: P3 was still parked by a watch whose gdb went away: its instruction is back\n")
         watch = new_watch(kernel, options)
-        watch.start()
+        watch.start(target.qemu_version())
         _watch = watch
         if not options.quiet:
-            gdb.write(f"klp-watch: {watch.report.probe}; {len(watch.probes)} breakpoints in all; "
+            gdb.write(f"klp-watch: {watch.report.probe}; {watch.breakpoints} breakpoints in all; "
                       "continue the guest to watch\n")
             advice = mode_advice(options, watch)
             if advice:
@@ -142,15 +143,10 @@ class KlpWatch(Command):
             return
         raise GdbklpError("no watch: use 'klp-watch start'")
 
-    @staticmethod
-    def parked_and_running(watch: Watch) -> bool:
-        return isinstance(watch.mode, parking.Parking) and watch.report.ended is None \
-            and not parking.guest_stopped()
-
     def stop(self, watch: Watch, args: argparse.Namespace) -> None:
         report = watch.report
-        if self.parked_and_running(watch):
-            watch.mode.end_at_next_pause("stopped by klp-watch stop")
+        if not watch.mode.can_end_now():
+            watch.mode.end_when_possible("stopped by klp-watch stop")
             gdb.write("klp-watch: the watch ends at the next pause, in a few milliseconds "
                       "(klp-watch status says when)\n")
             return
@@ -181,7 +177,7 @@ class KlpWatch(Command):
             gdb.write(watch.report.format_text() + "\n")
 
     def finish(self, watch: Watch, args: argparse.Namespace) -> None:
-        if self.parked_and_running(watch):
+        if not watch.mode.can_end_now():
             raise GdbklpError("the guest is running: klp-watch stop ends a --park watch at its next pause; "
                               "or interrupt the guest, then finish")
         watch.finish("klp-watch finish")

@@ -12,13 +12,14 @@ import dataclasses
 import gdb
 
 from gdbklp.abi import naming, rfc
+from gdbklp.abi.designs import CodePoint, Design
 from gdbklp.abi.invariants import Violation, stamp
 from gdbklp.abi.livepatch import LayoutError
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import patches, target, tasks, vcpus
 from gdbklp.gdbext.inferior.kernel import Kernel
 from gdbklp.gdbext.watch.model import Watch, code_facts
-from gdbklp.gdbext.watch.probes import Probe
+from gdbklp.gdbext.watch.probes import ProbePoint
 from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection
 
@@ -35,8 +36,7 @@ def decode_trampoline(kernel: Kernel, entry: int) -> rfc.RfcTrampoline:
 
 
 class RfcWatch(Watch):
-    design = "rfc-mini-frame"
-    CAN_PARK = False  # parking holds tasks at livepatch_handler's P3, which this design never reaches
+    design = Design.RFC
 
     def __init__(self, kernel: Kernel, entry: int, options: WatchOptions):
         self.trampoline = decode_trampoline(kernel, entry)
@@ -47,11 +47,14 @@ class RfcWatch(Watch):
         for c in sorted(set(patches.replacements(kernel).values())):
             self.hazard(c)
 
-    def design_probes(self) -> list[Probe]:
+    def design_points(self) -> list[ProbePoint]:
+        """P1 at the redirect path's entry, P3 at the return helper (no release:
+        neither is an instruction klp-watch executes for the guest)."""
         t, describe = self.trampoline, self.kernel.describe
-        self.report.probe = (f"probing the RFC redirect path (P1) at {describe(t.address)} and "
-                             f"its return helper (P3) at {describe(t.helper.address)}")
-        return [self.probe(t.address, self.on_redirect), self.probe(t.helper.address, self.on_helper)]
+        return [ProbePoint(CodePoint.P1, t.address, f"the RFC redirect path (P1), {describe(t.address)},",
+                           self.check_redirect, self.read_redirect),
+                ProbePoint(CodePoint.P3, t.helper.address, f"its return helper (P3), {describe(t.helper.address)},",
+                           self.check_helper, self.read_helper)]
 
     def hazard(self, c: int) -> str | None:
         """Invariant 6, read from C's code once: does C use its caller's parameter save area?"""
@@ -63,20 +66,23 @@ class RfcWatch(Watch):
             self.hazards[c] = reason
             if reason:
                 text = f"{self.kernel.describe(c)} cannot run in a mini frame: {reason}"
-                self.report.hazards.append(text)
+                self.reporter.report.hazards.append(text)
                 if not self.options.quiet:
                     gdb.write(f"klp-watch: design hazard (invariant 6): {text}\n")
         return self.hazards[c]
 
     # ---- P1 ------------------------------------------------------------------
 
-    def on_redirect(self) -> bool:
+    def read_redirect(self) -> rfc.RedirectSample:
         reg = target.register
         ra, sp = reg("lr"), reg("r1")
-        task = tasks.current_task(self.kernel)
+        return rfc.RedirectSample(tasks.current_task(self.kernel), vcpus.current_cpu(), ra, reg("r0"), sp, reg("r2"),
+                                  reg("ctr"), code_facts(self.kernel).instruction(ra),
+                                  target.read_memory(sp, rfc.ELFV2_HEADER_BYTES))
+
+    def check_redirect(self, s: rfc.RedirectSample) -> bool:
+        task, ra = s.task, s.ra
         facts = code_facts(self.kernel)
-        s = rfc.RedirectSample(task, vcpus.current_cpu(), ra, reg("r0"), sp, reg("r2"), reg("ctr"),
-                               facts.instruction(ra), target.read_memory(sp, rfc.HEADER_BYTES))
         site = facts.view.call_site(facts.read, ra)
         direct, violations = rfc.check_redirect(s, self.trampoline, site)
         hazard = self.hazard(s.c)
@@ -88,34 +94,38 @@ class RfcWatch(Watch):
         patched = facts.callee(ra, site)
         if patched is None:
             patched = naming.patched_by(s.c, patches.replacements(self.kernel))
-        context = self.context(tasks.identity(task), s.cpu, call_site=site.value, caller=facts.view.describe(ra),
-                               patched=self.describe(patched), replacement=self.describe(s.c))
+        context = self.reporter.context(tasks.identity(task), s.cpu, call_site=site.value,
+                                        caller=facts.view.describe(ra), patched=self.describe(patched),
+                                        replacement=self.describe(s.c))
         stamp(violations, context)
         if direct:
             self.record(s, context, violations, checked=True)
         else:
             owner = facts.view.object_at(ra)
             self.state.push(task, rfc.Pending(s, site, owner.toc if owner else None, violations, context))
-        self.publish(violations)
-        return self.stop_wanted(violations)
+        self.reporter.publish(violations)
+        return self.reporter.stop_wanted(violations)
 
     # ---- P3 ------------------------------------------------------------------
 
-    def on_helper(self) -> bool:
-        sp = target.register("r1")
-        task = tasks.current_task(self.kernel)
+    def read_helper(self) -> tuple[int, int]:
+        """(task, r1) at the helper's entry."""
+        return tasks.current_task(self.kernel), target.register("r1")
+
+    def check_helper(self, state: tuple[int, int]) -> bool:
+        task, sp = state
         t = self.trampoline
         pending = self.state.pop(task, sp, t.mini_frame)
         if pending is None:
             self.helper_without_frame(task, sp)
             return False
-        frames = target.read_memory(sp, t.mini_frame + rfc.HEADER_BYTES)
+        frames = target.read_memory(sp, t.mini_frame + rfc.ELFV2_HEADER_BYTES)
         # stamped as the redirection P1 saw, with the task as it is now
         context = dataclasses.replace(pending.context, who=tasks.identity(task), seq=self.report.redirections)
         violations = stamp(rfc.check_helper(pending, sp, frames, t), context)
         self.record(pending.at_p1, context, pending.violations + violations, checked=True)
-        self.publish(violations)
-        return self.stop_wanted(violations)
+        self.reporter.publish(violations)
+        return self.reporter.stop_wanted(violations)
 
     def helper_without_frame(self, task: int, sp: int) -> None:
         """The helper entered with no mini frame of this task at r1: it returned into
@@ -126,19 +136,18 @@ class RfcWatch(Watch):
         event = (f"{self.kernel.describe(self.trampoline.helper.address)} entered again by "
                  f"{tasks.identity(task)} on CPU {vcpus.current_cpu()} with r1 {sp:#x} and no mini frame "
                  "there: it returned into itself and pops A's frame")
-        self.report.guest_events.append(event)
+        self.reporter.report.guest_events.append(event)
         gdb.write(f"klp-watch: {event}\n")
 
     # ---- the report ----------------------------------------------------------
 
     def record(self, s: rfc.RedirectSample, context, violations: list[Violation], checked: bool) -> None:
-        who = context.who
-        self.report.add(Redirection(
-            seq=self.report.redirections, task=who.task, pid=who.pid, comm=who.comm, exec_id=who.exec_id,
-            cpu=s.cpu, return_address=s.ra, toc=s.toc, sp=s.sp, depth=len(self.state.pending.get(s.task, ())),
-            call_site=context.call_site, caller=context.caller, patched=context.patched,
-            replacement=context.replacement, named_by=naming.BY_P1 if context.patched != "?" else "",
-            violations=tuple(v.invariant for v in violations)), violations, checked=checked)
+        """Into the report, numbered in the order redirections end."""
+        context = dataclasses.replace(context, seq=self.report.redirections)
+        self.report.add(Redirection.of(context, return_address=s.ra, toc=s.toc, sp=s.sp,
+                                       depth=len(self.state.pending.get(s.task, ())),
+                                       named_by=naming.BY_P1 if context.patched != "?" else "",
+                                       violations=tuple(v.invariant for v in violations)), violations, checked=checked)
 
     def flush(self) -> None:
         """Mini-frame redirections whose helper never ran go into the report as unchecked."""

@@ -7,7 +7,7 @@ So parking writes a branch to itself (`b .`) over P3's instruction: a vCPU
 whose C has returned into livepatch_handler waits at P3 with everything the
 redirection did still in place, exactly as at the breakpoint. klp-watch
 pauses the guest by interrupt, checks each vCPU waiting there as the
-breakpoint probe would (Watch.on_return), executes P3's instruction for it
+breakpoint probe would (the model's P3 point), executes P3's instruction for it
 (`ld rT, OFF(r13)`: rT = the task, pc past it) and resumes. No task gets past
 P3 unchecked, so no redirection is missed.
 
@@ -25,9 +25,12 @@ or stop, which put the instruction back from the vmlinux file.
 import gdb
 
 from gdbklp.abi import ppc
+from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target, vcpus
 from gdbklp.gdbext.inferior.kernel import Kernel
 from gdbklp.gdbext.watch.modes.pauses import PeriodicPauses
+from gdbklp.gdbext.watch.probes import Probes, describe_points
+from gdbklp.options import Mode
 
 FASTEST = 0.0005  # seconds the guest runs between pauses while tasks keep arriving at P3
 SLOWEST = 0.008   # ... after pauses that found none: the longest a task can wait at P3
@@ -61,29 +64,44 @@ def unpark_leftover(kernel: Kernel) -> bool:
 class Parking(PeriodicPauses):
     """The park mode of a watch (see the module's docstring)."""
 
+    mode = Mode.PARK
+
     def __init__(self, watch):
+        super().__init__(watch, FASTEST)
         # P3, where each redirection is checked; P1 too where C is taken from CTR
-        self.handlers = {watch.layout.return_point: watch.on_return}
-        if watch.options.resolve_indirect:
-            self.handlers[watch.layout.call_to_c] = watch.on_enter_replacement
-        self.originals = {address: target.read_memory(address, 4) for address in self.handlers}
+        self.points = {point.address: point for point in watch.design_points()}
+        unreleased = [p for p in self.points.values() if p.release is None]
+        if unreleased:
+            raise GdbklpError(f"--park: klp-watch cannot execute the instruction at {unreleased[0].label} "
+                              f"({unreleased[0].address:#x}) for the guest, so it cannot park there")
+        self.originals: dict[int, bytes] = {}
+        self.guards: Probes | None = None
         self.in_pause = False
         self.end_reason: str | None = None  # the watch ends at the next pause (asked while the guest ran)
+
+    def arm(self) -> str:
         # a breakpoint taken out at each pause would be put back (and QEMU's
         # translation cache flushed) at each resume: keep the probes inserted
         self.always_inserted = gdb.parameter("breakpoint always-inserted")
         gdb.execute("set breakpoint always-inserted on")
-        watch.probes += watch.guard_probes()
-        for address in self.handlers:
+        self.guards = Probes(self.watch.guard_points(), self.watch.record_error)
+        self.originals = {address: target.read_memory(address, 4) for address in self.points}
+        for address in self.points:
             target.write_memory(address, PARKED)
-        watch.report.probe = (f"parking at livepatch_handler's return point (P3) at {watch.layout.return_point:#x}"
-                              + (f" and its bctrl into C (P1) at {watch.layout.call_to_c:#x}"
-                                 if len(self.handlers) > 1 else "") + " (pauses by interrupt, no breakpoint there)")
-        super().__init__(watch, FASTEST)
+        self.start_pauses()
+        return f"parking at {describe_points(list(self.points.values()))} (pauses by interrupt, no breakpoint there)"
 
-    def end_at_next_pause(self, reason: str) -> None:
-        """End the watch from the next pause (soon: the guest runs): P3's
-        instruction can only be put back while the guest is held, and an
+    @property
+    def breakpoints(self) -> int:
+        return len(self.guards) if self.guards else 0
+
+    def can_end_now(self) -> bool:
+        """Not while the guest runs: a parked vCPU must be released, and P3's
+        instruction put back, while the guest is held."""
+        return self.watch.report.ended is not None or guest_stopped()
+
+    def end_when_possible(self, reason: str) -> None:
+        """End the watch from the next pause (soon: the guest runs): an
         interrupt from outside could land in one of our pauses and be lost
         when it resumes."""
         self.end_reason = reason
@@ -104,9 +122,9 @@ class Parking(PeriodicPauses):
         the watch wants the guest stopped (that vCPU then stays where it waits)."""
         released = 0
         for _ in vcpus.select_each(self.vcpus):
-            handler = self.handlers.get(target.register("pc"))
-            if handler is not None:
-                if handler():
+            point = self.points.get(target.register("pc"))
+            if point is not None:
+                if point.handle():
                     return True
                 released += 1
         # tasks arrive at P3 about as often as before: home in on that interval
@@ -115,10 +133,11 @@ class Parking(PeriodicPauses):
 
     def close(self) -> None:
         """End the pauses; release the vCPUs waiting and put the instructions back."""
-        if self.stopping.is_set():
+        if self.stopping.is_set() or self.thread is None:
             return
         super().close()
         gdb.execute(f"set breakpoint always-inserted {'on' if self.always_inserted else 'off'}")
+        self.guards.remove()
         if not guest_stopped():
             if gdb.selected_thread() is not None:  # running (gdb is going away): nobody can unpark now
                 gdb.write("klp-watch: P3 stays parked while the guest runs: tasks that reach it wait "

@@ -14,24 +14,34 @@ import gdb
 
 from gdbklp.gdbext.inferior import vcpus
 from gdbklp.gdbext.unwind import handle_stops
+from gdbklp.gdbext.watch.modes import WatchMode
 
 LOST_INTERRUPT_SECONDS = 0.5  # no stop this long after our interrupt: it was lost, send another
 
 
-class PeriodicPauses:
+class PeriodicPauses(WatchMode):
     """Interrupt the guest a period after each resume, run on_pause(), resume.
 
-    Subclasses implement on_pause() and may change self.period from it.
+    Subclasses implement on_pause() and may change self.period from it; their
+    arm() calls start_pauses().
     """
 
     def __init__(self, watch, period: float):
-        self.watch = watch
+        super().__init__(watch)
         self.period = period
         self.pauses = 0
         self.paused = 0.0      # seconds the guest spent held by our pauses
         self.interrupted_at = 0.0
         self.our_interrupt = False
         self.pausing = False   # a pause's work is posted, not run yet
+        self.vcpus: list = []
+        self.stopping = threading.Event()
+        self.resumed = threading.Event()  # the next pause comes a period after a resume
+        self.resumed.set()
+        self.connected = False
+        self.thread: threading.Thread | None = None
+
+    def start_pauses(self) -> None:
         self.vcpus = vcpus.vcpu_threads()  # vCPUs never come and go; asking costs packets each pause
         # each pause prints where the guest was: no source line (a file read per
         # pause), no arguments (read from a frame the stop-handling unwinder does not describe)
@@ -39,9 +49,6 @@ class PeriodicPauses:
         self.frame_arguments = gdb.parameter("print frame-arguments")
         gdb.execute("set print frame-info short-location")
         gdb.execute("set print frame-arguments presence")
-        self.stopping = threading.Event()
-        self.resumed = threading.Event()  # the next pause comes a period after a resume
-        self.resumed.set()
         gdb.events.stop.connect(self.on_stop)
         self.connected = True
         self.thread = threading.Thread(target=self._timer, name=f"klp-watch {type(self).__name__}", daemon=True)
@@ -53,7 +60,7 @@ class PeriodicPauses:
 
     def close(self) -> None:
         """No more pauses; a pause in progress still ends with the guest resumed."""
-        if self.stopping.is_set():
+        if self.stopping.is_set() or self.thread is None:
             return
         self.stopping.set()
         self.resumed.set()
@@ -123,8 +130,8 @@ class PeriodicPauses:
                 self.watch.record_error(f"{type(self).__name__}: {type(e).__name__}: {e}")
         self.pauses += 1
         self.paused += time.monotonic() - self.interrupted_at
-        self.watch.report.pauses = self.pauses
-        self.watch.report.pause_ms = 1000 * self.paused / self.pauses
+        report = self.watch.report
+        report.pauses, report.pause_ms = self.pauses, 1000 * self.paused / self.pauses
         handle_stops(False)
         if keep_stopped:
             gdb.invalidate_cached_frames()  # the user gets the guest: frames from gdb's own unwinders

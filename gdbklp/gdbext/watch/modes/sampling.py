@@ -34,7 +34,6 @@ from gdbklp.abi import ppc
 from gdbklp.abi.frames import Registers, prefetching_reader, walk_stack
 from gdbklp.abi.invariants import (
     SAMPLE,
-    EventContext,
     Violation,
     check_balance,
     check_settled_task,
@@ -45,6 +44,7 @@ from gdbklp.abi.invariants import (
 from gdbklp.abi.livepatch import read_livepatch_stack
 from gdbklp.gdbext.inferior import patches, stacks, target, tasks, vcpus
 from gdbklp.gdbext.watch.modes.pauses import PeriodicPauses
+from gdbklp.options import Mode
 
 SLEEPER_SHARE = 0.02  # of the guest's time, spent checking tasks that are not on a vCPU
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
@@ -62,9 +62,11 @@ def handler_span(layout, code: bytes) -> range:
 class Sampler(PeriodicPauses):
     """The sampling mode of a watch (see the module's docstring)."""
 
+    mode = Mode.SAMPLE
+
     def __init__(self, watch):
-        hz = watch.options.sample
-        watch.report.probe = f"sampling at {hz:g} Hz (pauses by interrupt, no breakpoints)"
+        super().__init__(watch, 1.0 / watch.options.sample)
+        self.reporter = watch.reporter
         self.kernel = watch.kernel
         self.layout = watch.layout
         self.sleeper_budget = 0.0  # seconds: each sample adds SLEEPER_SHARE of its period, checks spend it
@@ -86,10 +88,13 @@ class Sampler(PeriodicPauses):
         # a task running livepatch_handler itself is between a push and C's
         # frame, or between C's return and the pop: its balance is in flux
         self.handler_span = handler_span(self.layout, watch.handler_code)
+
+    def arm(self) -> str:
         if self.can_check_sleepers and gdb.selected_thread() is not None:
             self.tasks = tasks.all_tasks()  # the slow readings now, not in the first pause
             self.kernel.view()
-        super().__init__(watch, 1.0 / hz)
+        self.start_pauses()
+        return f"sampling at {self.watch.options.sample:g} Hz (pauses by interrupt, no breakpoints)"
 
     # ---- one sample ------------------------------------------------------------
 
@@ -113,8 +118,7 @@ class Sampler(PeriodicPauses):
         if gdb.selected_thread().num != kernel_vcpu.num:
             kernel_vcpu.switch()
         self.samples += 1
-        report = self.watch.report
-        report.samples = self.samples
+        self.reporter.report.samples = self.samples
         self.read_transition()
         for task, state, cpu in running:
             sp = state["r1"]
@@ -221,7 +225,8 @@ class Sampler(PeriodicPauses):
         the consistency model's stack rule."""
         livepatch_sp = target.read_u64(task + self.layout.ti_livepatch_sp)
         stack = read_livepatch_stack(target.read_memory, base, livepatch_sp, sp, self.layout, self.view())
-        self.watch.report.sampled_tasks[task] = self.watch.report.sampled_tasks.get(task, 0) + 1
+        sampled = self.reporter.report.sampled_tasks
+        sampled[task] = sampled.get(task, 0) + 1
         walked = []
 
         def walk():
@@ -247,7 +252,5 @@ class Sampler(PeriodicPauses):
             violations.append(violation)
         if violations:
             who = tasks.identity(task)
-            stamp(violations, EventContext(self.watch.report.redirections, who, cpu, call_site=SAMPLE))
-            self.watch.report.add_violations(who, violations)
-            self.watch.publish(violations)
-            self.keep_stopped |= self.watch.stop_wanted(violations)
+            stamp(violations, self.reporter.context(who, cpu, call_site=SAMPLE))
+            self.keep_stopped |= self.reporter.violations(who, violations)

@@ -1,6 +1,6 @@
 """Drive gdb-multiarch over the MI protocol (pygdbmi), with gdbklp loaded.
 
-Used by the lab demo, the tests and the live monitor. MI runs asynchronously
+Used by the live monitor, the lab demo and the tests, with any guest. MI runs asynchronously
 (mi-async on): -exec-continue returns at once and the guest runs while gdb
 keeps answering; -exec-interrupt stops it.
 """
@@ -11,14 +11,17 @@ import threading
 import time
 from pathlib import Path
 
-from gdbklp.lab import LabError
-from gdbklp.lab.config import REPO_ROOT
+from gdbklp.errors import GdbklpError
 
-LOADER = REPO_ROOT / "gdbinit.d" / "gdbklp.py"
+LOADER = Path(__file__).resolve().parent.parent / "gdbinit.d" / "gdbklp.py"
 RESULT_CLASSES = ("done", "running", "connected", "error", "exit")
 
 
-class GdbCommandError(LabError):
+class GdbSessionError(GdbklpError):
+    """gdb could not be started, or did not answer in time."""
+
+
+class GdbCommandError(GdbSessionError):
     """gdb answered ^error; str() is gdb's message."""
 
 
@@ -30,7 +33,7 @@ class GdbSession:
     def __init__(self, vmlinux: Path | None = None, gdb: str = "gdb-multiarch",
                  loader: Path = LOADER):
         if not shutil.which(gdb):
-            raise LabError(f"missing {gdb}: install with 'apt-get install gdb-multiarch'")
+            raise GdbSessionError(f"missing {gdb}: install with 'apt-get install gdb-multiarch'")
         from pygdbmi.gdbcontroller import GdbController
 
         self._token = 0
@@ -88,7 +91,7 @@ class GdbSession:
                 elif rec["type"] == "notify":
                     self.pending.append(rec)
         if result is None:
-            raise LabError(f"gdb did not answer {command!r} within {timeout:.0f} s")
+            raise GdbSessionError(f"gdb did not answer {command!r} within {timeout:.0f} s")
         if result["message"] == "error":
             msg = (result.get("payload") or {}).get("msg", "")
             # gdb prints the details (a Python exception, say) before ^error
@@ -125,7 +128,7 @@ class GdbSession:
                     return payload
             left = deadline - time.monotonic()
             if left <= 0:
-                raise LabError(f"the guest did not stop within {timeout:.0f} s")
+                raise GdbSessionError(f"the guest did not stop within {timeout:.0f} s")
             self.pending += [r for r in self._read(min(left, 0.2)) if r["type"] == "notify"]
 
     def interrupt(self, timeout: float = 30.0) -> dict:
