@@ -9,6 +9,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdbklp.errors import GdbklpError
+
 SYM_SIZE = 24  # sizeof(Elf64_Sym)
 STT_NOTYPE = 0
 STT_OBJECT = 1
@@ -19,7 +21,7 @@ _SHDR = struct.Struct("<IIQQQQIIQQ")
 EM_PPC64 = 21
 
 
-class ElfError(Exception):
+class ElfError(GdbklpError):
     """Not a usable ppc64le ELF file; str() says why."""
 
 

@@ -22,6 +22,7 @@ instruction after the local entry); decode_ool_stub reads one.
 from dataclasses import dataclass
 
 from gdbklp.abi import ppc
+from gdbklp.errors import GdbklpError
 
 MAX_INSNS = 256
 # a call may change these (ELFv2): the volatile registers, CTR, and LR, which the call itself sets
@@ -33,7 +34,7 @@ SITE = "site"  # LR at P0 (just after B's profiling call) and values computed fr
 C = "C"        # pt_regs->nip read back: the replacement, for a redirected call
 
 
-class FtraceCodeError(Exception):
+class FtraceCodeError(GdbklpError):
     """ftrace code the decoder does not model; str() names the address and instruction."""
 
 

@@ -10,9 +10,10 @@ PACA or thread_info layout is decoded correctly or refused with a reason.
 from dataclasses import dataclass
 
 from gdbklp.abi import ppc
+from gdbklp.errors import GdbklpError
 
 
-class LayoutError(Exception):
+class LayoutError(GdbklpError):
     """The trampoline's code does not have the expected shape; str() says where."""
 
 

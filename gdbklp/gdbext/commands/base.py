@@ -4,8 +4,6 @@ import argparse
 
 import gdb
 
-from gdbklp.abi.elf import ElfError
-from gdbklp.abi.livepatch import LayoutError
 from gdbklp.errors import GdbklpError
 
 
@@ -53,7 +51,7 @@ class Command(gdb.Command):
             pass
         except gdb.GdbError:
             raise
-        except (GdbklpError, ElfError, LayoutError) as e:
+        except GdbklpError as e:
             raise gdb.GdbError(f"{self.name}: {e}") from None
         except gdb.MemoryError as e:
             raise gdb.GdbError(f"{self.name}: cannot read target memory: {e}") from None

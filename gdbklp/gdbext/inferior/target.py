@@ -8,6 +8,7 @@ import re
 
 import gdb
 
+from gdbklp.abi import ppc
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.events import cache_until
 
@@ -68,7 +69,7 @@ def register(name: str) -> int:
     (about 20 four-byte reads of the function's code per stop); $name comes
     from the register cache gdb filled at the stop.
     """
-    return int(gdb.parse_and_eval(f"${name}")) & 0xFFFFFFFFFFFFFFFF
+    return int(gdb.parse_and_eval(f"${name}")) & ppc.MASK64
 
 
 def set_register(name: str, value: int) -> None:

@@ -26,6 +26,11 @@ class WatchMode:
     - can_end_now() is False while the watch can only be ended from the
       mode's own pauses (then end_when_possible(reason) asks for that);
     - close() stops watching and leaves the guest as the mode found it.
+
+    What a mode may use of its watch: design_points() and guard_points(),
+    reporter (verdicts, counters), record_error(), finish(), and the facts
+    the model read at its start: kernel, layout, options, thread_size,
+    consistency, handler_code.
     """
 
     mode: Mode | None = None
