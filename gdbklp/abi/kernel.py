@@ -13,6 +13,7 @@ from gdbklp.abi.elf import Symbol, SymbolTable
 from gdbklp.abi.livepatch import LivepatchHandlerLayout
 
 VMLINUX = "vmlinux"
+KERNEL_BASE = 0xC000000000000000  # ppc64's PAGE_OFFSET: kernel addresses (linear map, vmalloc) start here
 THREAD_SIZE_DEFAULT = 16384  # THREAD_SHIFT 14: every ppc64 kernel with 64K or 4K pages
 
 

@@ -36,14 +36,16 @@ class KlpFrames(Command):
             found.append(stacks.stack_of_task(kernel, tasks.find_task(kernel, args.task)))
         elif args.all:
             for label, state in vcpus.each_vcpu():
-                if vcpus.in_user_mode(state):
-                    notes.append(f"{label}: in user space at {state['pc']:#x} (no kernel stack in use)")
+                elsewhere = vcpus.user_context(state)
+                if elsewhere:
+                    notes.append(f"{label}: {elsewhere} (no kernel stack in use)")
                 else:
                     found.append(stacks.running_stack(kernel, label, state))
         else:
             state = vcpus.vcpu_state()
-            if vcpus.in_user_mode(state):
-                raise GdbklpError(f"{vcpus.label()} is in user space at {state['pc']:#x}: use --all or --task")
+            elsewhere = vcpus.user_context(state)
+            if elsewhere:
+                raise GdbklpError(f"{vcpus.label()} is {elsewhere}: use --all or --task")
             found.append(stacks.running_stack(kernel, vcpus.label(), state))
         view = kernel.view()
         if args.json:

@@ -48,7 +48,6 @@ from gdbklp.options import Mode
 
 SLEEPER_SHARE = 0.02  # of the guest's time, spent checking tasks that are not on a vCPU
 TASK_LIST_SECONDS = 10.0  # between two readings of the task list (a slow walk of DWARF lists)
-KERNEL_BASE = 0xC000000000000000
 
 
 def handler_span(layout, code: bytes) -> range:
@@ -108,8 +107,8 @@ class Sampler(PeriodicPauses):
         kernel_vcpu = None
         for thread in vcpus.select_each(self.vcpus):
             state = vcpus.vcpu_state()
-            # at an exception's first instructions r13 may not be the PACA yet
-            if not vcpus.in_user_mode(state) and state["r13"] >= KERNEL_BASE:
+            # at an exception's first instructions r1 and r13 may still be the user's
+            if not vcpus.in_user_mode(state):
                 kernel_vcpu = thread  # the read goes through this vCPU's MMU context
                 task = tasks.running_task(self.kernel, state["r13"])
                 running.append((task, state, thread.num - 1))
