@@ -1,35 +1,37 @@
-"""Shared fixtures: the built lab, a booted guest, gdb attached to it."""
-
-import os
-import shutil
-import subprocess
-from pathlib import Path
+"""Shared fixtures (the built lab, a booted guest, gdb attached to it) and the
+hooks that mark each test by what it needs; shared helpers are in helpers.py."""
 
 import pytest
 
 from gdbklp.lab import build, session
 from gdbklp.lab import config as cfg
-from gdbklp.lab import root as labroot
 
-REPO = Path(__file__).resolve().parent.parent
-GDB = shutil.which("gdb-multiarch")
-
-
-# gdb 16.3 aborts ("Recursive internal problem.") in parked watches when it
-# runs inside the lab root's bubblewrap sandbox, which only CI's run on the
-# other release does; on a Debian 13 installation they pass
-PARKING = not labroot.inside_lab_root()
-needs_parking = pytest.mark.skipif(not PARKING, reason="gdb 16.3 aborts in parked watches inside the lab root's "
-                                   "sandbox (README: Known problem)")
-LAB_FIXTURES = {"lab", "guest", "gdb", "klp_watch"}
+# what a test needs, as markers; `lab` is added to a test with any of them
+NEEDS = ("toolchain", "gdb", "guest")
+# the needs of each fixture; a test that uses a fixture, or a fixture that
+# depends on it, has them (tests that build or boot by themselves are marked
+# explicitly)
+FIXTURE_NEEDS = {"lab": {"toolchain"}, "guest": {"guest"}, "gdb": {"gdb"}, "klp_watch": {"guest", "gdb"}}
 
 
 def pytest_collection_modifyitems(items):
-    """A test that uses the lab (its images, a guest, gdb attached) is a `lab`
-    test, however its module is marked: `pytest -m "not lab"` never builds or boots."""
+    """Mark each test with what it needs: the markers of its fixtures and its
+    own, `toolchain` with `guest` (a guest boots the lab's images in the lab
+    root's QEMU), and `lab` with any need, so that `pytest -m "not lab"`
+    never builds, boots or starts gdb."""
     for item in items:
-        if LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.lab)
+        needs = {need for name in getattr(item, "fixturenames", ()) for need in FIXTURE_NEEDS.get(name, ())}
+        needs |= {need for need in NEEDS if item.get_closest_marker(need)}
+        if "guest" in needs:
+            needs.add("toolchain")
+        if not needs and item.get_closest_marker("lab"):
+            raise pytest.UsageError(f"{item.nodeid}: mark it with what it needs ({', '.join(NEEDS)}), "
+                                    "not `lab`")
+        for need in needs:
+            if not item.get_closest_marker(need):
+                item.add_marker(need)
+        if needs and not item.get_closest_marker("lab"):
+            item.add_marker("lab")
 
 
 def pytest_addoption(parser):
@@ -74,18 +76,3 @@ def gdb(guest, lab):
     with session.attached(guest, lab.vmlinux) as g:
         g.cont()
         yield g
-
-
-def in_lab_root(*cmd, where: Path) -> None:
-    """Run a tool of the lab root (the cross toolchain, cpio: the host has
-    none of them) on files under where."""
-    subprocess.run(labroot.wrap(list(cmd), where, binds=(where,)), check=True)
-
-
-def run_gdb_batch(*commands: str, args=(), timeout=120) -> subprocess.CompletedProcess:
-    """gdb-multiarch -batch with gdbklp loaded and the given -ex commands."""
-    cmd = [GDB, "-nx", "-batch", *args, "-x", str(REPO / "gdbinit.d" / "gdbklp.py")]
-    for c in commands:
-        cmd += ["-ex", c]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import in_lab_root
+from helpers import in_lab_root
 from gdbklp.abi import callsite, elf, ppc
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.livepatch import (LayoutError, decode_livepatch_handler, entries, find_unredirected_exits,
@@ -131,7 +131,7 @@ def test_read_elf_symbols_rejects_other_architectures():
         elf.read_elf_symbols(Path("/usr/bin/true"))
 
 
-@pytest.mark.lab  # the lab root's cross toolchain
+@pytest.mark.toolchain  # the lab root's cross toolchain
 def test_read_elf_symbols_rejects_stripped(tmp_path):
     src = tmp_path / "f.c"
     src.write_text("int f(void) { return 1; }\n")

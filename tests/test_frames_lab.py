@@ -7,8 +7,8 @@ import pytest
 
 from gdbklp.lab import workload
 
-# gdb-multiarch, a QEMU guest; on each generation --kernels names
-pytestmark = [pytest.mark.lab, pytest.mark.generations]
+# on each generation --kernels names (guest and gdb: from the fixtures)
+pytestmark = pytest.mark.generations
 
 CALL_SITE = workload.CALLER_CALL_SITE
 

@@ -3,9 +3,9 @@
 
 import pytest
 
-from conftest import REPO, in_lab_root, run_gdb_batch
+from helpers import REPO, in_lab_root, run_gdb_batch
 
-pytestmark = [pytest.mark.lab, pytest.mark.smoke]  # gdb-multiarch (no guest)
+pytestmark = [pytest.mark.gdb, pytest.mark.smoke]  # gdb-multiarch (no guest)
 
 
 def assert_no_traceback(proc):
@@ -55,6 +55,8 @@ def test_not_ppc64(command):
 
 
 def cross_object(tmp_path, source, strip=False):
+    """A ppc64le executable of source, built with the lab root's cross compiler
+    (a test that uses it is marked `toolchain`)."""
     src = tmp_path / "k.c"
     src.write_text(source)
     obj = tmp_path / "vmlinux"
@@ -64,6 +66,7 @@ def cross_object(tmp_path, source, strip=False):
     return obj
 
 
+@pytest.mark.toolchain
 @pytest.mark.parametrize("command", ["klp-watch start", "klp-frames"])
 def test_vmlinux_without_symbols(tmp_path, command):
     obj = cross_object(tmp_path, "void _start(void) {}\n", strip=True)
@@ -73,6 +76,7 @@ def test_vmlinux_without_symbols(tmp_path, command):
         f"{command.split()[0]}: {obj} has no symbol table (stripped?)")
 
 
+@pytest.mark.toolchain
 def test_not_a_kernel(tmp_path):
     obj = cross_object(tmp_path, "void _start(void) {}\n")
     proc = run_gdb_batch(f"file {obj}", "klp-watch start")
@@ -80,6 +84,7 @@ def test_not_a_kernel(tmp_path):
         f"klp-watch: {obj} has no kernel symbols (_stext not found)")
 
 
+@pytest.mark.toolchain
 def test_kernel_without_live_patching(tmp_path):
     obj = cross_object(tmp_path, "void _start(void) {}\nvoid _stext(void) {}\n")
     proc = run_gdb_batch(f"file {obj}", "klp-watch start")
@@ -88,6 +93,7 @@ def test_kernel_without_live_patching(tmp_path):
         f"klp-watch: kernel without live patching: no livepatch_handler in {obj}")
 
 
+@pytest.mark.toolchain
 @pytest.mark.parametrize("command", ["klp-watch start", "klp-frames"])
 def test_commands_without_a_target(tmp_path, command):
     obj = cross_object(tmp_path, "void _start(void) {}\nvoid _stext(void) {}\nvoid livepatch_handler(void) {}\n")
@@ -103,7 +109,7 @@ def test_a_broken_part_does_not_stop_the_rest():
                          "help klp-watch")
     assert_no_traceback(proc)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("gdbklp:")]
-    assert lines == ["gdbklp: part 'no_such_part' not loaded: "
+    assert lines == ["gdbklp: part 'commands.no_such_part' not loaded: "
                      "ModuleNotFoundError: No module named 'gdbklp.gdbext.commands.no_such_part'"]
     assert "Watch live-patch redirections per task" in proc.stdout
 

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from gdbklp.lab import config as cfg
 from gdbklp.lab.session import attached, booted
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.guest, pytest.mark.gdb]  # each boots the lab and watches it
 EXAMPLE = REPO / "qemu-images" / "examples" / "my_patch"
 
 

@@ -7,12 +7,10 @@ import sys
 
 import pytest
 
-from conftest import run_gdb_batch
+from helpers import run_gdb_batch
 from gdbklp.lab import LabError, build, config as cfg, qemu, root as labroot
 from gdbklp.lab.session import booted
 from gdbklp.versions import flushes_at_stops
-
-pytestmark = pytest.mark.lab
 
 
 def test_the_lab_root_has_gcc_14_and_a_qemu_that_does_not_flush(lab):
@@ -26,6 +24,8 @@ def test_the_lab_root_has_gcc_14_and_a_qemu_that_does_not_flush(lab):
 
 
 @pytest.mark.smoke
+@pytest.mark.guest
+@pytest.mark.gdb
 @pytest.mark.parametrize("which", list(cfg.QEMUS))
 def test_the_demo_on_each_qemu(lab, which):
     proc = subprocess.run([sys.executable, "-m", "gdbklp", "lab", "demo", "--tasks", "1", "--calls", "5",
@@ -40,6 +40,8 @@ def test_the_demo_on_each_qemu(lab, which):
 
 
 @pytest.mark.smoke
+@pytest.mark.guest
+@pytest.mark.gdb
 @pytest.mark.parametrize("which", list(cfg.QEMUS))
 def test_klp_watch_names_the_faster_mode_on_a_qemu_that_flushes(lab, tmp_path, which):
     emulator = qemu.emulator(which)

@@ -7,15 +7,15 @@ import shlex
 
 import pytest
 
-from conftest import needs_parking
+from helpers import needs_parking
 from gdbklp.abi import naming
 from gdbklp.abi.kernel import function_of_label
-from gdbklp.lab.gdbmi import GdbCommandError
+from gdbklp.gdbmi import GdbCommandError
 from gdbklp.lab.session import WatchedGuest
 from gdbklp.options import WatchOptions
 
-# gdb-multiarch, a QEMU guest; on each generation --kernels names
-pytestmark = [pytest.mark.lab, pytest.mark.generations]
+# on each generation --kernels names (guest and gdb: from the fixtures)
+pytestmark = pytest.mark.generations
 
 
 def frames_of(gdb, pid: int) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gdbklp.lab import LabError, build
+from gdbklp.lab import LabError, build, host
 from gdbklp.lab import config as cfg
 from gdbklp.lab import root as labroot
 
@@ -96,7 +96,7 @@ def test_later_fragment_lines_win(tmp_path):
     assert build.read_fragments(kernel) == {"CONFIG_A": "n", "CONFIG_B": "y", "CONFIG_C": "m"}
 
 
-@pytest.mark.lab  # the lab root's cpio
+@pytest.mark.toolchain  # the lab root's cpio
 def test_cpio_is_deterministic_and_readable(tmp_path):
     def archive():
         w = build.CpioWriter()
@@ -121,7 +121,7 @@ def test_missing_host_tool_names_the_package():
             cfg.HostRequirement("/no/such/file.a", "other-pkg"),
             cfg.HostRequirement("sh", "dash"))
     with pytest.raises(LabError) as e:
-        build.check_host(reqs)
+        host.check_host(reqs)
     assert str(e.value) == ("missing gdbklp-no-such-tool, /no/such/file.a: "
                             "install with 'apt-get install gdbklp-pkg other-pkg'")
 

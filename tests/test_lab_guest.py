@@ -11,11 +11,13 @@ import time
 
 import pytest
 
+from helpers import assert_counts_agree
 from gdbklp.lab import LabError, qemu, workload
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import booted, watch_workload
 
-pytestmark = pytest.mark.lab  # gdb-multiarch, a QEMU guest
+pytestmark = pytest.mark.guest  # each boots QEMU (gdb: from the fixture)
+
 
 def test_guest_loads_modules_and_enables_the_patch(guest):
     modules = guest.check("lsmod")
@@ -34,20 +36,17 @@ def test_every_kind_returns_the_patched_result(guest):
 def test_unpatched_then_patched(lab, tmp_path):
     with booted(lab, patch=False, workdir=tmp_path) as g:
         counts = workload.parse_counts(g.check("klplab-run -r -t 1 -n 10"))
-        assert all((c.old, c.new, c.bad) == (10, 0, 0) for c in counts.values())
+        assert {k: (c.old, c.new, c.bad) for k, c in counts.items()} == dict.fromkeys(workload.KINDS, (10, 0, 0))
         g.check("insmod /lib/modules/klp_lab_patch.ko && klplab_settle")
         counts = workload.parse_counts(g.check("klplab-run -r -t 1 -n 10 -f sleep,yield"))
-        assert all((c.old, c.new, c.bad) == (0, 10, 0) for c in counts.values())
+        assert {k: (c.old, c.new, c.bad) for k, c in counts.items()} == dict.fromkeys(workload.KINDS, (0, 10, 0))
 
 
 @pytest.mark.smoke
 def test_gdb_sees_each_redirection_once_per_kind(guest, gdb):
     report, counts = watch_workload(guest, gdb, "-t 2 -n 15 -f yield")
-    rows = workload.compare(report.by_caller, counts)
-    assert [r.kind for r in rows] == list(workload.KINDS)
-    for row in rows:
-        assert row.seen_by_gdb == row.guest_new == 30, row
-        assert row.guest_bad == 0
+    rows = assert_counts_agree(report, counts)
+    assert [(r.kind, r.guest_new) for r in rows] == [(kind, 30) for kind in workload.KINDS]
     assert report.redirections == 30 * len(workload.KINDS)
     assert not report.errors and not report.violations
     # each event's call-site class, B and C match the kind's caller A
@@ -64,11 +63,8 @@ def test_gdb_sees_each_redirection_once_per_kind(guest, gdb):
 
 def test_gdb_counts_agree_while_the_patch_is_cycled(guest, gdb):
     report, counts = watch_workload(guest, gdb, "-t 2 -n 20 -b 5 -p 2 -k local,global,indirect")
-    rows = workload.compare(report.by_caller, counts)
-    assert {r.kind: r.guest_calls for r in rows if r.guest_calls} == {"local": 40, "global": 40, "indirect": 40}
-    for row in rows:
-        assert row.seen_by_gdb == row.guest_new, row
-        assert row.guest_bad == 0
+    assert_counts_agree(report, counts, ("local", "global", "indirect"))
+    assert {k: c.calls for k, c in counts.items() if c.calls} == {"local": 40, "global": 40, "indirect": 40}
     assert sum(c.old for c in counts.values()) > 0  # the patch really was off for a while
     assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/enabled").strip() == "1"
 

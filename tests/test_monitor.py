@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from gdbklp.lab.session import booted
 
 CONTROL = re.compile(rb"\x1b\[([0-9;?]*)([a-zA-Z])|\x1b[()][AB0-2]|\x1b[>=]|[\r\n\b]")
@@ -136,6 +136,8 @@ def gdbklp(*args):
 
 
 @pytest.mark.generations
+@pytest.mark.guest
+@pytest.mark.gdb
 def test_monitor_watches_saves_and_detaches(lab, tmp_path):
     report = tmp_path / "report.json"
     with booted(lab, workdir=tmp_path) as guest:
@@ -184,6 +186,7 @@ def test_monitor_bad_input_is_one_line():
     assert no_gdb.stderr == "gdbklp: missing gdb-multiarch: install with 'apt-get install gdb-multiarch'\n"
 
 
+@pytest.mark.gdb
 def test_monitor_nothing_listening(lab):
     proc = subprocess.run(gdbklp("watch", "--attach", "127.0.0.1:9", "--vmlinux", str(lab.vmlinux)),
                           capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -191,6 +194,7 @@ def test_monitor_nothing_listening(lab):
     assert proc.stderr.startswith("gdbklp: cannot attach to the gdbstub:") and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.gdb
 def test_monitor_refuses_a_vmlinux_of_another_kernel(guest, lab, tmp_path):
     other = tmp_path / "vmlinux"
     other.write_bytes(lab.vmlinux.read_bytes().replace(b"Linux version ", b"Linux versi0n "))
@@ -201,6 +205,8 @@ def test_monitor_refuses_a_vmlinux_of_another_kernel(guest, lab, tmp_path):
     assert "\n" not in line and "does not match the running kernel" in line and "Linux versi0n" in line
 
 
+@pytest.mark.guest
+@pytest.mark.gdb
 def test_monitor_drives_the_lab_and_shows_its_console(lab, tmp_path):
     # --lab --run: the workload starts with the watch; r starts another; the
     # guest's console shows klplab-run's counts
