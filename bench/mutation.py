@@ -79,8 +79,8 @@ def watch_mutant(mutant: Mutant, images: build.LabImages, options: WatchOptions,
             return Outcome(False, [], None, False, False, False, note=f"n/a: {str(e).strip().splitlines()[-1]}")
     invariants = [v.invariant for v in report.violations]
     ordered = sorted(set(invariants), key=lambda i: (i != mutant.invariant, invariants.index(i)))
-    # caught before the crash: violations reported by the time the guest first went down
-    before = report.violations_at_down is not None and report.violations_at_down > 0
+    # before any crash: the guest did not go down, or violations were reported by the time it first did
+    before = not report.guest_events or (report.violations_at_down or 0) > 0
     return Outcome(bool(report.violations), ordered, min((v.seq for v in report.violations), default=None),
                    before, bool(report.guest_events), not any("did not finish" in n for n in report.notes))
 

@@ -136,8 +136,7 @@ class RfcWatch(Watch):
         event = (f"{self.kernel.describe(self.trampoline.helper.address)} entered again by "
                  f"{tasks.identity(task)} on CPU {vcpus.current_cpu()} with r1 {sp:#x} and no mini frame "
                  "there: it returned into itself and pops A's frame")
-        self.reporter.report.guest_events.append(event)
-        gdb.write(f"klp-watch: {event}\n")
+        self.reporter.guest_going_down(event)
 
     # ---- the report ----------------------------------------------------------
 
