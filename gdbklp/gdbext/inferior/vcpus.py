@@ -75,14 +75,21 @@ def each_vcpu():
             original.switch()
 
 
-def select_kernel_vcpu() -> None:
-    """QEMU reads kernel memory through the selected vCPU's MMU context:
-    select one that runs kernel code."""
+def found_kernel_vcpu() -> bool:
+    """QEMU reads and writes kernel memory through the selected vCPU's MMU
+    context, and one that runs user code cannot reach it: select one that runs
+    kernel code (the selected one if it does). False if none does."""
     if not target.register("msr") & MSR_PR:
-        return
+        return True
     for thread in gdb.selected_inferior().threads():
         thread.switch()
         if not target.register("msr") & MSR_PR:
-            return
-    raise GdbklpError("every vCPU runs user code, so kernel memory cannot be read through "
+            return True
+    return False
+
+
+def select_kernel_vcpu() -> None:
+    """Select a vCPU that runs kernel code (found_kernel_vcpu), or refuse."""
+    if not found_kernel_vcpu():
+        raise GdbklpError("every vCPU runs user code, so kernel memory cannot be read through "
                       "the gdbstub now; stop the guest in the kernel (a breakpoint) and retry")

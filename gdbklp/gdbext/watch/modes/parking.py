@@ -17,7 +17,9 @@ costs the guest the same whatever it finds).
 
 What it risks: the branch is in the guest's memory, not in QEMU's breakpoint
 list. The watch puts the instruction back when it ends (klp-watch stop
-while the guest runs ends it at the next pause). If gdb dies first,
+while the guest runs ends it at the next pause), through a vCPU that runs
+kernel code: QEMU's gdbstub writes through the selected vCPU's MMU, and a
+vCPU in user mode cannot reach kernel text. If gdb dies first,
 tasks that reach P3 wait there until a gdb attaches and runs klp-watch start
 or stop, which put the instruction back from the vmlinux file.
 """
@@ -53,6 +55,7 @@ def unpark_leftover(kernel: Kernel) -> bool:
     gdb went away); the originals come from the vmlinux file. True if it did."""
     if kernel.symbols.address("livepatch_handler") is None:
         return False
+    vcpus.select_kernel_vcpu()  # P3 is read and written through the selected vCPU's MMU
     unparked = False
     for address in parking_points(kernel):
         if target.read_memory(address, 4) == PARKED:
@@ -111,7 +114,9 @@ class Parking(PeriodicPauses):
         self.in_pause = True
         try:
             stop = self.check_parked()
-            if self.end_reason and not stop:
+            # P3 is put back through a vCPU that runs kernel code; while none
+            # does (the last one checked may run user code), a later pause ends the watch
+            if self.end_reason and not stop and vcpus.found_kernel_vcpu():
                 self.watch.finish(self.end_reason)
             return stop
         finally:
@@ -135,6 +140,8 @@ class Parking(PeriodicPauses):
         """End the pauses; release the vCPUs waiting and put the instructions back."""
         if self.stopping.is_set() or self.thread is None:
             return
+        if guest_stopped() and not self.in_pause:
+            vcpus.select_kernel_vcpu()  # none: refused before anything is undone, the watch goes on
         super().close()
         gdb.execute(f"set breakpoint always-inserted {'on' if self.always_inserted else 'off'}")
         self.guards.remove()
@@ -145,5 +152,8 @@ class Parking(PeriodicPauses):
             return
         if not self.in_pause:
             self.check_parked()
+        # QEMU writes through the selected vCPU's MMU: not through the last one
+        # check_parked looked at, which may run user code (it cannot reach P3)
+        vcpus.select_kernel_vcpu()
         for address, original in self.originals.items():
             target.write_memory(address, original)
