@@ -1,15 +1,24 @@
-"""On the real lab: a vCPU stopped at the first instructions of an interrupt
-from user space, where the kernel still runs on the user's r1 (and, before
-it swaps it with an SPRG, the user's r13). gdb's interrupts land there about
-once in 15 while shells start tasks (their pages fault in); klp-frames once
-read the user's r1 as a kernel stack pointer there and failed
-("Cannot access memory"), test_identity_lab's pid test with it.
+"""On the real lab: vCPUs that run user code, or enter the kernel from it.
+
+- At the first instructions of an interrupt from user space the kernel still
+  runs on the user's r1 (and, before it swaps it with an SPRG, the user's
+  r13). gdb's interrupts land there about once in 15 while shells start
+  tasks (their pages fault in); klp-frames once read the user's r1 as a
+  kernel stack pointer there and failed ("Cannot access memory"),
+  test_identity_lab's pid test with it.
+- QEMU's gdbstub reads and writes through the selected vCPU's MMU, and one
+  that runs user code cannot reach kernel text: a parked watch once put P3
+  back through the last vCPU its pause had looked at, failed when that one
+  ran user code, and never ended (13 of 20 rounds with a busy loop in user
+  space on the previous main).
 """
 
 import pytest
 
+from helpers import needs_parking
 from gdbklp.abi.kernel import KERNEL_BASE
 from gdbklp.gdbmi import GdbCommandError
+from gdbklp.lab.session import end_watch_running
 
 # the data storage interrupt's relocation-on vector (6.1): +0 still has the
 # user's r13 (mfsprg r13,1 follows), +20 the PACA in r13 but the user's r1
@@ -50,3 +59,19 @@ def test_a_vcpu_entering_the_kernel_from_user_space_has_no_kernel_stack_yet(gues
         gdb.console("delete")
         gdb.cont()
     guest.wait_done(start, timeout=60)
+
+
+@needs_parking
+def test_a_parked_watch_ends_while_a_vcpu_runs_user_code(guest, gdb):
+    busy = guest.check("(while :; do :; done) > /dev/null 2>&1 & echo $!").strip()  # one vCPU in user space
+    try:
+        for _ in range(5):
+            if gdb.running:
+                gdb.interrupt()
+            gdb.console("klp-watch start --quiet --park --background")
+            gdb.cont()
+            guest.check("klplab-run -t 2 -n 4 -k local > /dev/null")
+            end_watch_running(gdb, timeout=10)  # klp-watch stop: ended within 10 s, or LabError
+            assert "0 violations" in gdb.console("klp-watch status")
+    finally:
+        guest.check(f"kill {busy}")
