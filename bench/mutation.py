@@ -106,7 +106,7 @@ def main() -> None:
             outcomes[mode] = watch_mutant(mutant, images, MODES[mode], workdir)
             print(f"{mutant.name:<24} {mode:<8} {outcomes[mode].cell(mutant)}", flush=True)
         rows.append((mutant, build_seconds, outcomes))
-    print(f"\n| mutant | code point | defect | expected | build | {' | '.join(modes)} |")
+    print(f"\n| mutant | mutated code | defect | expected | build | {' | '.join(modes)} |")
     print("|" + "---|" * (5 + len(modes)))
     for mutant, seconds, outcomes in rows:
         print(f"| {mutant.name} | {mutant.mutated} | {mutant.defect} | {mutant.invariant} | {seconds:.0f} s | "
