@@ -18,7 +18,7 @@ GDB = shutil.which("gdb-multiarch")
 # other release does; on a Debian 13 installation they pass
 PARKING = not labroot.inside_lab_root()
 needs_parking = pytest.mark.skipif(not PARKING, reason="gdb 16.3 aborts in parked watches inside the lab root's "
-                                   "sandbox (README: Known problem)")
+                                   "sandbox (docs/known-problems.md)")
 
 
 def in_lab_root(*cmd, where: Path) -> None:
