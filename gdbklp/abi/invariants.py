@@ -14,8 +14,7 @@ cross-checked against what the code says it must be (static knowledge): the
 instruction before RA (a call, and which class), the TOC of the object RA is
 in, A's frame size from its prologue (so r1's back chain must lie exactly
 that far above r1), and the module stub a global call went through (so the
-saved TOC must be B's). Invariant numbers are those of
-shared/design/redirection-invariants.md.
+saved TOC must be B's). Invariant numbers are those of docs/invariants.md.
 """
 
 import struct

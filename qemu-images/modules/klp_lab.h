@@ -30,7 +30,7 @@ enum klp_lab_kind {
 /*
  * Faults C commits on request, each breaking one redirection invariant the
  * way a broken trampoline or replacement would (numbers from
- * shared/design/redirection-invariants.md).
+ * docs/invariants.md).
  */
 #define KLP_LAB_FAULT_MAGIC	0x010	/* 8: overwrite its entry's STACK_END_MAGIC  */
 #define KLP_LAB_FAULT_TOC	0x020	/* 7/9: overwrite the saved TOC             */
