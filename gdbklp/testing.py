@@ -36,6 +36,6 @@ def klp_watch(tmp_path_factory):
     """A guest (the lab, or GDBKLP_VMLINUX + GDBKLP_INITRAMFS) with klp-watch ready."""
     images = _images()
     with session.booted(images, workdir=tmp_path_factory.mktemp("klp-guest")) as guest, \
-            session.attached(guest, images.vmlinux) as gdb:
+            session.attached(guest, images.symbols) as gdb:
         gdb.cont()
         yield WatchedGuest(guest, gdb)

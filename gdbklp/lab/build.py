@@ -308,8 +308,16 @@ def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, 
     """The lab's modules against kernel (a build of generation); edits (a
     mutant's, paths modules/NAME) are applied to the step's own copy of the
     sources."""
+    return build_modules_in(kernel / "build", kernel.key, f"modules-{generation.name}", modules, edits, generation)
+
+
+def build_modules_in(build_dir: Path, kernel_key: str, step: str, modules: cfg.ModulesConfig = cfg.MODULES,
+                     edits: tuple = (), generation: cfg.KernelConfig = cfg.KERNEL, binds=()) -> StepResult:
+    """The lab's modules against the kernel build tree build_dir (kernel_key
+    names what was built there), as the cache step named step; binds: the
+    directories outside the cache the build reads (a user's tree)."""
     sources = [p for p in modules.source_dir.iterdir() if p.is_file()]
-    parts = {"kernel": kernel.key, "sources": files_digest(sources), "from_kernel": modules.from_kernel}
+    parts = {"kernel": kernel_key, "sources": files_digest(sources), "from_kernel": modules.from_kernel}
     if edits:
         parts["edits"] = edits
     outputs = tuple(f"{name}.ko" for name in modules.names)
@@ -320,30 +328,32 @@ def build_modules(kernel: StepResult, modules: cfg.ModulesConfig = cfg.MODULES, 
         for path in sources:
             shutil.copy2(path, src / path.name)
         apply_edits(src, [(Path(path).relative_to("modules"), old, new) for path, old, new in edits])
-        run(make_cmd(generation, "-C", str(kernel / "build"), f"M={src}", "modules"),
-            log_file=out / "build.log")
+        run(make_cmd(generation, "-C", str(build_dir), f"M={src}", "modules"), log_file=out / "build.log",
+            binds=binds)
         for name in outputs:
             os.link(src / name, out / name)
         for path in modules.from_kernel:
-            shutil.copy2(kernel / "build" / path, out / Path(path).name)
+            shutil.copy2(build_dir / path, out / Path(path).name)
 
     from_kernel = tuple(Path(p).name for p in modules.from_kernel)
-    return cached_step(f"modules-{generation.name}", parts, outputs + from_kernel, build)
+    return cached_step(step, parts, outputs + from_kernel, build)
 
 
 # ---- initramfs ----------------------------------------------------------
 
 
-def apt_options(suite: str, arch: str = "ppc64el") -> tuple[Path, list[str]]:
-    """The lab root's apt, configured for one suite of the Debian archive and
-    the guest's architecture, with its lists and sources under the cache:
-    neither the root's nor the host's apt configuration is touched."""
+def apt_options(suite: str, arch: str = "ppc64el", archive: str = "") -> tuple[Path, list[str]]:
+    """The lab root's apt, configured for one suite of a Debian archive
+    (default cfg.MIRROR) and the guest's architecture, with its lists and
+    sources under the cache: neither the root's nor the host's apt
+    configuration is touched."""
+    archive = archive or cfg.MIRROR
     apt_dir = cfg.cache_root() / "apt" / f"{suite}-{arch}"
     (apt_dir / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (apt_dir / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     (apt_dir / "sources.d").mkdir(exist_ok=True)
     sources = apt_dir / "sources.list"
-    sources.write_text(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.pgp] {cfg.MIRROR} {suite} main\n")
+    sources.write_text(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.pgp] {archive} {suite} main\n")
     return apt_dir, [
         "-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}",
         "-o", f"Dir::Etc::SourceList={sources}", "-o", f"Dir::Etc::SourceParts={apt_dir / 'sources.d'}",
@@ -364,7 +374,7 @@ def fetch_package(package: cfg.DebianPackage) -> Path:
     """The package's .deb in the cache, downloaded by the lab root's apt if
     it is not there yet (a cached one is used without the network)."""
     arch = package.arch if package.arch != "all" else native_architecture()
-    apt_dir, opts = apt_options(package.suite, arch)
+    apt_dir, opts = apt_options(package.suite, arch, package.archive_url)
     debs = apt_dir / "debs"
     found = sorted(debs.glob(f"{package.name}_*.deb")) if debs.exists() else []
     if found:
@@ -383,15 +393,26 @@ def fetch_package(package: cfg.DebianPackage) -> Path:
 
 
 def fetch_member(package: cfg.DebianPackage) -> Path:
-    """The file package.member from the package, unpacked once into the cache."""
-    deb = fetch_package(package)
-    unpacked = deb.with_suffix("")
+    """The file package.member from the package, taken out of it once into
+    the cache (only that file: a -dbg package holds gigabytes besides)."""
+    unpacked = cfg.cache_root() / "members" / package.name
     member = unpacked / package.member
-    if not member.exists():
-        shutil.rmtree(unpacked, ignore_errors=True)
-        run(["dpkg-deb", "-x", str(deb), str(unpacked)])
-        if not member.exists():
-            raise LabError(f"{deb.name} has no {package.member}")
+    if member.exists():
+        return member
+    deb = fetch_package(package)
+    # taken out beside the cache entry and renamed: a killed run leaves no half file
+    partial = unpacked.with_name(unpacked.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as tarfile:
+        extract = subprocess.run(["tar", "-x", "-C", str(partial), f"./{package.member}"], stdin=tarfile.stdout,
+                                 capture_output=True, text=True)
+    if tarfile.returncode != 0 or extract.returncode != 0 or not (partial / package.member).exists():
+        raise LabError(f"{deb.name} has no {package.member}: {extract.stderr.strip()}")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    partial.rename(unpacked)
+    if not package.keep_deb:
+        deb.unlink()
     return member
 
 
@@ -426,13 +447,14 @@ class CpioWriter:
         return gzip.compress(self.buf.getvalue(), mtime=0)
 
 
-def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.INITRAMFS,
+def build_initramfs(modules: StepResult | None, initramfs: cfg.InitramfsConfig = cfg.INITRAMFS,
                     extra_modules: tuple[Path, ...] = ()) -> StepResult:
-    """The initramfs: busybox, /init, the lab's programs and modules; with
-    extra_modules (a user's .ko files), those too, in /lib/modules/extra."""
+    """The initramfs: busybox, /init, the lab's programs and modules (None:
+    none, for a kernel they were not built for); with extra_modules (a
+    user's .ko files), those too, in /lib/modules/extra."""
     busybox = fetch_member(initramfs.busybox)
     parts = {
-        "modules": modules.key,
+        "modules": modules.key if modules else None,
         "busybox": sha256_file(busybox),
         "init": sha256_file(initramfs.init),
         "programs": {n: sha256_file(p) for n, p in initramfs.programs.items()},
@@ -454,7 +476,7 @@ def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.IN
         for name, source in initramfs.programs.items():
             run([cfg.KERNEL.cross_compile + "gcc", *initramfs.cflags, "-o", str(out / name), str(source)])
             cpio.file(f"bin/{name}", (out / name).read_bytes(), 0o755)
-        for ko in sorted(modules.directory.glob("*.ko")):
+        for ko in sorted(modules.directory.glob("*.ko")) if modules else ():
             cpio.file(f"lib/modules/{ko.name}", ko.read_bytes())
         for ko in extra_modules:
             cpio.file(f"lib/modules/extra/{ko.name}", ko.read_bytes())
@@ -465,11 +487,22 @@ def build_initramfs(modules: StepResult, initramfs: cfg.InitramfsConfig = cfg.IN
 
 @dataclass(frozen=True)
 class LabImages:
-    kernel: cfg.KernelConfig  # the generation
-    vmlinux: Path
-    kernel_build: Path
-    modules: Path
+    vmlinux: Path  # what QEMU boots
     initramfs: Path
+    kernel: cfg.KernelConfig | None = None  # the lab generation; None: a user's own kernel
+    kernel_build: Path | None = None  # the build tree modules are built against
+    modules: Path | None = None  # the lab's modules, built for this kernel
+    debug_vmlinux: Path | None = None  # what gdb reads, if not vmlinux
+
+    @property
+    def symbols(self) -> Path:
+        """The vmlinux gdb reads: the one with DWARF."""
+        return self.debug_vmlinux or self.vmlinux
+
+    @property
+    def name(self) -> str:
+        """What boots, for messages: "the lab" or "your kernel"."""
+        return "the lab" if self.kernel else "your kernel"
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from gdbklp.lab import LabError, build, host, session, workload
+from gdbklp.lab import LabError, build, host, ownkernel, session, workload
 from gdbklp.lab import root as labroot
 from gdbklp.lab.config import (DEFAULT_KERNEL, DEFAULT_TRAMPOLINE, KERNELS, OTHER_RELEASE_ROOTS, QEMUS, REPO_ROOT,
                                TRAMPOLINES)
@@ -24,15 +24,33 @@ def lab_emulator(args):
 
 
 def lab_images(args, extra_modules: tuple[Path, ...] = ()) -> build.LabImages:
-    """The chosen generation's images (with extra_modules in the initramfs),
-    built or verified; a trampoline the generation does not have is refused
+    """The chosen kernel's images (with extra_modules in the initramfs),
+    built or verified: the user's own kernel with --vmlinux, else a lab
+    generation; a trampoline the generation does not have is refused
     before anything is built."""
-    kernel = KERNELS[args.kernel]
     trampoline = getattr(args, "trampoline", None)
+    if getattr(args, "vmlinux", None):
+        if args.kernel or trampoline not in (None, DEFAULT_TRAMPOLINE):
+            raise LabError("--vmlinux boots your own kernel: --kernel and --trampoline choose lab kernels")
+        return ownkernel.own_images(ownkernel.OwnKernel(args.vmlinux, args.debug_vmlinux, args.kernel_build),
+                                    extra_modules)
+    if getattr(args, "debug_vmlinux", None) or getattr(args, "kernel_build", None):
+        raise LabError("--debug-vmlinux and --kernel-build describe your own kernel: give --vmlinux too")
+    kernel = KERNELS[args.kernel or DEFAULT_KERNEL]
     if trampoline and trampoline not in kernel.trampolines:
         raise LabError(f"the {kernel.name} lab has no {trampoline} trampoline "
                        f"(it has: {', '.join(kernel.trampolines)})")
     return build.build_all(kernel=kernel.name, extra_modules=extra_modules)
+
+
+def say_watch_gaps(images: build.LabImages) -> list[str]:
+    """Print what an own kernel lacks for klp-watch (one line each) and return it."""
+    if images.kernel is not None:
+        return []
+    gaps = ownkernel.watch_gaps(ownkernel.examine(ownkernel.OwnKernel(images.vmlinux)))
+    for line in gaps:
+        print(f"note: {line}", flush=True)
+    return gaps
 
 
 def cmd_build(args) -> int:
@@ -57,13 +75,14 @@ def gdb_command(vmlinux, port: int) -> list[str]:
 
 def cmd_boot(args) -> int:
     images = lab_images(args)
+    say_watch_gaps(images)
     guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
                   emulator=lab_emulator(args),
                   append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run,
                                         trampoline=args.trampoline))
     with guest.start():
         print(f"gdbstub: 127.0.0.1:{guest.gdb_port}   serial log: {guest.serial_log}")
-        print("attach with: " + shlex.join(gdb_command(images.vmlinux, guest.gdb_port)))
+        print("attach with: " + shlex.join(gdb_command(images.symbols, guest.gdb_port)))
         if not args.stopped:
             guest.wait_ready(120)
             print("guest ready; Ctrl-C stops it")
@@ -74,15 +93,22 @@ def cmd_boot(args) -> int:
 
 def cmd_gdb(args) -> int:
     images = lab_images(args)
+    say_watch_gaps(images)
     if args.port:
-        return subprocess.call(gdb_command(images.vmlinux, args.port))
+        return subprocess.call(gdb_command(images.symbols, args.port))
     with session.booted(images, smp=args.smp, trampoline=args.trampoline, emulator=lab_emulator(args)) as guest:
         print(f"guest booted (serial log: {guest.serial_log}); starting gdb", file=sys.stderr)
-        return subprocess.call(gdb_command(images.vmlinux, guest.gdb_port))
+        return subprocess.call(gdb_command(images.symbols, guest.gdb_port))
 
 
 def cmd_build_module(args) -> int:
-    for ko in build.build_user_modules(args.directory, args.kernel):
+    if args.kernel_build:
+        if args.kernel:
+            raise LabError("--kernel-build builds against your own kernel's tree: --kernel chooses a lab kernel")
+        built = ownkernel.build_user_modules_in(args.directory, args.kernel_build)
+    else:
+        built = build.build_user_modules(args.directory, args.kernel or DEFAULT_KERNEL)
+    for ko in built:
         print(ko)
     return 0
 
@@ -98,10 +124,12 @@ def cmd_own_patch(args) -> int:
     command = " && ".join([*(f"insmod /lib/modules/extra/{ko.name}" for ko in modules),
                            "klplab_settle", args.run or "klplab-run -t 1 -n 5"])
     qemu = lab_emulator(args)
-    print(f"booting the {images.kernel.name} lab with {', '.join(ko.name for ko in modules) or 'the lab patch'} ...",
-          flush=True)
+    if say_watch_gaps(images):
+        raise LabError(f"{images.vmlinux} cannot be watched (above)")
+    patches = ", ".join(ko.name for ko in modules) or "the lab patch"
+    print(f"booting {images.name} ({images.vmlinux}) with {patches} ...", flush=True)
     with session.booted(images, patch=not modules, smp=args.smp, trampoline=args.trampoline, emulator=qemu) as guest:
-        with session.attached(guest, images.vmlinux) as gdb:
+        with session.attached(guest, images.symbols) as gdb:
             print(f"gdb attached; watching '{command}' ...", flush=True)
             watched = session.WatchedGuest(guest, gdb)
             report = watched.watch(command, args.timeout or 1800.0,
@@ -120,16 +148,21 @@ def cmd_demo(args) -> int:
     if args.module or args.run:
         return cmd_own_patch(args)
     images = lab_images(args)
-    trampoline = TRAMPOLINES[args.trampoline]
+    if say_watch_gaps(images):
+        raise LabError(f"{images.vmlinux} cannot be watched (above)")
+    if images.modules is None:
+        raise LabError(f"the demo's workload needs the lab's modules built for {images.vmlinux}: give its build "
+                       f"tree with --kernel-build DIR, or your own patch with --module and --run")
+    trampoline = TRAMPOLINES[args.trampoline or DEFAULT_TRAMPOLINE]
     kinds = args.kinds or ",".join(trampoline.kinds)
     run_args = f"-t {args.tasks} -n {args.calls} -k {kinds}"
     if args.flags:
         run_args += f" -f {args.flags}"
     qemu = lab_emulator(args)
-    print(f"booting the lab ({images.vmlinux.parent.name}; trampoline: {trampoline.summary}) ...", flush=True)
+    print(f"booting {images.name} ({images.vmlinux.parent.name}; trampoline: {trampoline.summary}) ...", flush=True)
     with session.booted(images, smp=args.smp, trampoline=trampoline.name, emulator=qemu) as guest:
         print(f"guest ready; serial log: {guest.serial_log}")
-        with session.attached(guest, images.vmlinux) as gdb:
+        with session.attached(guest, images.symbols) as gdb:
             print(f"gdb attached; watching 'klplab-run {run_args}' ...", flush=True)
             start = time.monotonic()
             try:
@@ -174,13 +207,25 @@ def cmd_other_release(args) -> int:
 
 
 def add_kernel_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", choices=tuple(KERNELS), default=DEFAULT_KERNEL,
+    parser.add_argument("--kernel", choices=tuple(KERNELS), default=None,
                         help="the lab kernel generation: " + "; ".join(
                             f"{k.name}: {k.summary}" for k in KERNELS.values()) + f" (default {DEFAULT_KERNEL})")
 
 
+def add_own_kernel_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vmlinux", type=Path, metavar="PATH",
+                        help="boot your own ppc64le kernel (pseries, hvc console, initramfs support) instead of a "
+                             "lab kernel, with the lab's initramfs")
+    parser.add_argument("--debug-vmlinux", type=Path, metavar="PATH",
+                        help="the same kernel with its DWARF, for gdb (default: --vmlinux)")
+    parser.add_argument("--kernel-build", type=Path, metavar="DIR",
+                        help="your kernel's build tree: the lab's modules (and the demo's workload) are built "
+                             "against it")
+
+
 def add_guest_options(parser: argparse.ArgumentParser) -> None:
     add_kernel_option(parser)
+    add_own_kernel_options(parser)
     parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
                         help="; ".join(f"{t.name}: {t.summary}" for t in TRAMPOLINES.values()))
     parser.add_argument("--qemu", choices=tuple(QEMUS), default=None,
@@ -235,6 +280,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                             "root's cross compiler (make -C BUILD M=DIRECTORY modules)")
     p.add_argument("directory", type=Path, help="the module's sources, with a Kbuild or Makefile")
     add_kernel_option(p)
+    p.add_argument("--kernel-build", type=Path, metavar="DIR",
+                   help="build against your own kernel's build tree instead of a lab kernel")
     p.set_defaults(func=cmd_build_module)
 
     p = sub.add_parser("other-release", help="run a command on this checkout in a root of the other supported "

@@ -78,6 +78,8 @@ LAB_ROOT = DebianRoot(
     backports=("qemu-system-ppc", "qemu-system-common", "qemu-system-data"),
 )
 MIRROR = os.environ.get("GDBKLP_MIRROR", "http://deb.debian.org/debian")
+# Debian's security archive: stable's kernel updates are published there
+SECURITY_MIRROR = os.environ.get("GDBKLP_SECURITY_MIRROR", "http://deb.debian.org/debian-security")
 
 # The other supported release, for CI's second run (`gdbklp lab other-release`):
 # a Debian 12 host runs the checkout again in the lab root (Debian 13); a
@@ -101,6 +103,14 @@ class DebianPackage:
     # "all" (architecture-independent: every index lists it) reads the lab
     # root's own, the one a mirror keeps in step first
     arch: str = "ppc64el"
+    archive: str = ""  # the archive's URL; empty: MIRROR
+    # keep the .deb in the cache once the member is out of it (False for a
+    # large package of which one file is wanted)
+    keep_deb: bool = True
+
+    @property
+    def archive_url(self) -> str:
+        return self.archive or MIRROR
 
 
 def linux_source(version: str, suite: str) -> DebianPackage:
@@ -162,6 +172,32 @@ KERNELS = {k.name: k for k in (
 DEFAULT_KERNEL = "6.1"
 KERNEL = KERNELS[DEFAULT_KERNEL]
 
+
+
+@dataclass(frozen=True)
+class DistributionKernel:
+    """A distribution's own ppc64le kernel, as the distribution ships it:
+    the lab boots it as a user's kernel (--vmlinux) and gdb reads its
+    debug vmlinux. Pinned to one build: the lab is reproducible."""
+
+    name: str
+    image: DebianPackage  # member: the bootable vmlinux
+    debug: DebianPackage  # member: the same vmlinux with its DWARF
+
+
+def debian_kernel(abi: str, suite: str, archive: str) -> DistributionKernel:
+    """Debian's powerpc64le kernel of one ABI (as "6.12.107+deb13")."""
+    flavour = f"{abi}-powerpc64le"
+    return DistributionKernel(
+        f"debian-{abi}",
+        DebianPackage(f"linux-image-{flavour}", suite, f"boot/vmlinux-{flavour}", archive=archive),
+        # about 880 MB, for one 325 MB file: not kept
+        DebianPackage(f"linux-image-{flavour}-dbg", suite, f"usr/lib/debug/boot/vmlinux-{flavour}",
+                      archive=archive, keep_deb=False))
+
+
+# Debian 13's kernel: distribution configuration, no CONFIG_LIVEPATCH
+DEBIAN_KERNEL = debian_kernel("6.12.107+deb13", "trixie-security", SECURITY_MIRROR)
 
 @dataclass(frozen=True)
 class ModulesConfig:
