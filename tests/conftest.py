@@ -3,7 +3,7 @@ hooks that mark each test by what it needs; shared helpers are in helpers.py."""
 
 import pytest
 
-from gdbklp.lab import build, session
+from gdbklp.lab import build, ownkernel, session
 from gdbklp.lab import config as cfg
 
 # what a test needs, as markers; `lab` is added to a test with any of them
@@ -11,7 +11,8 @@ NEEDS = ("toolchain", "gdb", "guest")
 # the needs of each fixture; a test that uses a fixture, or a fixture that
 # depends on it, has them (tests that build or boot by themselves are marked
 # explicitly)
-FIXTURE_NEEDS = {"lab": {"toolchain"}, "guest": {"guest"}, "gdb": {"gdb"}, "klp_watch": {"guest", "gdb"}}
+FIXTURE_NEEDS = {"lab": {"toolchain"}, "guest": {"guest"}, "gdb": {"gdb"}, "klp_watch": {"guest", "gdb"},
+                 "distribution_kernel": {"toolchain"}}
 
 
 def pytest_collection_modifyitems(items):
@@ -76,3 +77,13 @@ def gdb(guest, lab):
     with session.attached(guest, lab.vmlinux) as g:
         g.cont()
         yield g
+
+
+@pytest.fixture(scope="session")
+def distribution_kernel() -> build.LabImages:
+    """Debian's own ppc64le kernel (config.DEBIAN_KERNEL) as a user's kernel
+    in the lab: fetched into the lab cache once (about 960 MB), booted with
+    the lab's initramfs, read by gdb from its -dbg vmlinux."""
+    kernel = cfg.DEBIAN_KERNEL
+    return ownkernel.own_images(ownkernel.OwnKernel(build.fetch_member(kernel.image),
+                                                    build.fetch_member(kernel.debug)))

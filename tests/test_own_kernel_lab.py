@@ -120,3 +120,18 @@ def test_a_demo_on_a_kernel_without_its_modules_says_what_it_needs(own_tree):
     assert proc.stderr.strip().splitlines() == [
         f"gdbklp: the demo's workload needs the lab's modules built for {own_tree / 'vmlinux'}: give its build "
         f"tree with --kernel-build DIR, or your own patch with --module and --run"]
+
+
+@pytest.mark.distribution
+def test_a_distribution_kernel_without_live_patching_boots_but_is_not_watched(distribution_kernel):
+    vmlinux = distribution_kernel.vmlinux
+    found = ownkernel.examine(ownkernel.OwnKernel(vmlinux))
+    assert found.release == cfg.DEBIAN_KERNEL.name.removeprefix("debian-") + "-powerpc64le"
+    assert ownkernel.watch_gaps(found) == [
+        f"{vmlinux} needs CONFIG_LIVEPATCH=y for live patching (no klp_enable_patch in its symbols): "
+        "klp-frames works, klp-watch will refuse"]
+    assert distribution_kernel.modules is None  # the lab's are not built for it
+    proc = gdbklp_lab("demo", "--vmlinux", vmlinux, "--debug-vmlinux", distribution_kernel.symbols, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines() == [f"note: {line}" for line in ownkernel.watch_gaps(found)]
+    assert proc.stderr.strip().splitlines()[-1] == f"gdbklp: {vmlinux} cannot be watched (above)"
