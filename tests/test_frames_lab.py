@@ -109,3 +109,50 @@ def test_klp_frames_bad_task(gdb):
             gdb.console("klp-frames --task 999999")
     finally:
         gdb.cont()
+
+
+# the address of a trampoline's first call (of the tracer: its frame is built by
+# then), on a path from its entry: ftrace_call/ftrace_regs_call up to 6.12, a bctrl in 7.3
+FIRST_CALL = ("from gdbklp.abi import ppc\n"
+              "from gdbklp.gdbext.inferior.kernel import kernel\n"
+              "k = kernel(); reached = k.traced_calls().states\n"
+              "for name in ('ftrace_caller', 'ftrace_regs_caller'):\n"
+              "    a = k.symbols.address(name)\n"
+              "    print('call', next(a + 4 * i for i, w in enumerate(ppc.words(k.code(a, 1024)))\n"
+              "                       if (ppc.is_bl(w) or w == ppc.BCTRL) and a + 4 * i in reached))\n")
+
+
+def first_calls(gdb) -> list[int]:
+    text = gdb.console(f"python exec({FIRST_CALL!r})")
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith("call ")]
+
+
+@pytest.mark.parametrize("trampoline", ["entry", "inside"])
+def test_a_stop_in_ftrace_caller_shows_the_traced_functions_caller(guest, gdb, trampoline):
+    """B = klp_lab_b_local is live-patched, so traced: stopped in the ftrace
+    trampoline it calls (at its entry, or at its call of the tracer, its frame
+    built), klp-frames and `bt` go on to A through r0 and ftrace's frame."""
+    if gdb.running:
+        gdb.interrupt()
+    where = ("ftrace_caller", "ftrace_regs_caller") if trampoline == "entry" else map(hex, first_calls(gdb))
+    for location in where:
+        gdb.console(f"break *{location}")
+    gdb.cont()
+    start = guest.send("echo 'local 1 0' > /proc/klp_lab/run")
+    gdb.wait_stopped(60)
+    try:
+        (stack,) = json.loads(gdb.console("klp-frames --json"))["stacks"]
+        frames = stack["frames"]
+        assert [f["kind"] for f in frames[:3]] == ["current", "traced", "caller"]
+        assert "klp_lab_b_local" in frames[1]["function"]  # or its out-of-line stub (7.3)
+        assert frames[2]["function"].startswith(workload.caller_of("local") + "+")
+        if trampoline == "entry":
+            assert frames[2]["pc"] == int(gdb.console("output/x $r0").strip(), 16)
+        else:  # ftrace_caller has saved RA in A's own LR save slot
+            assert frames[2]["pc"] == int(gdb.console(f"output/x *(long *){frames[2]['sp'] + 16:#x}").strip(), 16)
+        assert stack["problems"] == []
+        assert frames[2]["pc"] in [pc for pc, _, _ in gdb_frames(gdb)]  # bt reaches A
+    finally:
+        gdb.console("delete")
+        gdb.cont()
+        guest.wait_done(start, 60)

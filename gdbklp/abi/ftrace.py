@@ -265,3 +265,172 @@ def ool_stub_label(pc: int, read, describe) -> str | None:
         if stub is not None:
             return f"out-of-line ftrace stub of {describe(stub.returns_to - 4)}"
     return None
+
+
+# ---- a traced call, seen from inside ftrace_caller ---------------------------
+
+@dataclass(frozen=True)
+class TracedCallState:
+    """Where a traced call is kept at one instruction of an ftrace trampoline.
+
+    At the entry (P0) r1 is still A's stack pointer (B's profiling call comes
+    before its prologue), r0 is RA and LR the site in B. frame is r1 minus
+    that entry value; the registers and frame slots (offsets from A's stack
+    pointer) that hold RA and the site; kept: where r2 and the non-volatile
+    registers still have their entry values (a register, or a slot offset)."""
+
+    trampoline: str
+    entry: int
+    frame: int
+    ra_registers: tuple[str, ...]
+    ra_slots: tuple[int, ...]
+    site_registers: tuple[str, ...]
+    site_slots: tuple[int, ...]
+    kept: tuple[tuple[str, str | int], ...]
+
+
+@dataclass
+class TracedCallFrames:
+    """Every instruction of the ftrace trampolines reached from their entries,
+    with its TracedCallState, and the ones the decoder refuses, with why."""
+
+    states: dict[int, TracedCallState]
+    refused: dict[int, str]
+
+    def at(self, pc: int) -> TracedCallState | str | None:
+        """The state at pc, the refusal (one line naming the address) if the
+        decoder could not follow the code there, None if pc is not in a trampoline."""
+        return self.states.get(pc) or self.refused.get(pc)
+
+
+KEPT_REGISTERS = ("r2", *ppc.CALLEE_SAVED_GPRS)
+
+
+class _TracedCallWalk(_HandlerWalk):
+    """_HandlerWalk over every path of a trampoline (both ways at each
+    conditional branch): a path ends where it leaves (blr, bctr, a branch
+    out of the code), and the state is recorded before each instruction."""
+
+    def snapshot(self, entry: int) -> TracedCallState:
+        regs = self.regs
+        slots = lambda origin: tuple(off for off, o in self.slots.items() if o == origin)
+        kept = []
+        for reg in KEPT_REGISTERS:
+            here = f"entry:{reg}"
+            if regs[reg] == here:
+                kept.append((reg, reg))
+            elif here in self.slots.values():
+                kept.append((reg, next(off for off, o in self.slots.items() if o == here)))
+        return TracedCallState(self.name, entry, self.frame,
+                               tuple(r for r in ("r0", "lr", *KEPT_REGISTERS, *ppc.VOLATILE_GPRS[1:], "ctr")
+                                     if regs.get(r) == RA),
+                               slots(RA),
+                               tuple(r for r in ("lr", *KEPT_REGISTERS, *ppc.VOLATILE_GPRS, "ctr")
+                                     if regs.get(r) == SITE),
+                               slots(SITE), tuple(kept))
+
+    def fork(self) -> "_TracedCallWalk":
+        other = _TracedCallWalk(self.name, self.livepatch_handler)
+        other.regs, other.slots, other.frame = dict(self.regs), dict(self.slots), self.frame
+        other.compares = {k: set(v) for k, v in self.compares.items()}
+        return other
+
+    def add_immediate(self, word: int, at: int) -> None:
+        """As _HandlerWalk's, but an address computed from the site is no longer
+        the site's value (the unwinder reads values, not origins)."""
+        super().add_immediate(word, at)
+        d = ppc.dform(word)
+        if d.rt != 1 and (d.disp or ppc.is_addis(word)):
+            self.regs[f"r{d.rt}"] = None
+
+    def compute(self, word: int, at: int) -> bool:
+        modelled = super().compute(word, at)
+        if modelled and ppc.is_add(word):
+            self.regs[f"r{ppc.xform(word).rt}"] = None  # a sum is neither RA nor the site
+        return modelled
+
+    def meet(self, other: "_TracedCallWalk") -> "_TracedCallWalk | None":
+        """What this walk and other (at the same instruction, r1 in the same
+        place) have in common; None if that is all of this one."""
+        regs = {r: o if o == other.regs.get(r) else None for r, o in self.regs.items()}
+        slots = {off: o for off, o in self.slots.items() if other.slots.get(off) == o}
+        if regs == self.regs and slots == self.slots:
+            return None
+        met = self.fork()
+        met.regs, met.slots, met.compares = regs, slots, {}
+        return met
+
+    def successors(self, word: int, at: int, inside) -> list[int]:
+        """Follow one instruction; the addresses it may continue at in the
+        trampoline (none where it leaves). Raises FtraceCodeError where the
+        instruction is one the walk does not model."""
+        if ppc.is_bc(word):
+            target = ppc.conditional_branch_target(word, at)
+            taken = [target] if inside(target) and target != self.livepatch_handler else []
+            return taken if ppc.bform(word).always else [*taken, at + 4]
+        if ppc.is_b(word):
+            target = ppc.branch_target(word, at)
+            return [target] if inside(target) else []
+        if ppc.is_bl(word) or word in (ppc.BCTRL, ppc.BLRL):
+            self.call()
+        elif word in (ppc.BLR, ppc.BCTR):
+            return []
+        elif ppc.is_conditional_bclr(word) or ppc.is_conditional_bcctr(word):
+            pass  # leaves when taken; the walk goes on where it is not
+        elif not (word == ppc.NOP or self.load_or_store(word, at) or self.compute(word, at)):
+            raise refuse(self.name, word, at)
+        return [at + 4]
+
+
+def decode_traced_calls(trampolines, livepatch_handler: int | None = None) -> TracedCallFrames:
+    """Follow each trampoline ((name, address, code): ftrace_caller,
+    ftrace_regs_caller) from its entry along every path, recording at each
+    instruction where RA and the site in B are. Where paths meet, a value is
+    kept only where both have it (and followed on again until nothing
+    changes); paths that meet with r1 at different places, and an instruction
+    the walk does not model (with the code after it that no path reached),
+    are refused."""
+    out = TracedCallFrames({}, {})
+    walks: dict[int, _TracedCallWalk] = {}   # pc -> what every path so far has in common there
+    failures = []                             # (address, why, end of that trampoline's code)
+    for name, address, code in trampolines:
+        insns = ppc.words(code)
+        inside = lambda at, start=address, end=address + 4 * len(insns): at is not None and start <= at < end
+        work = [(address, _TracedCallWalk(name, livepatch_handler))]
+        for _ in range(8 * MAX_INSNS):
+            if not work:
+                break
+            at, walk = work.pop()
+            if at in out.refused:
+                continue
+            seen = walks.get(at)
+            if seen is not None:
+                if seen.frame != walk.frame:
+                    out.refused[at] = (f"{name}: paths meet at {at:#x} with r1 at entry{seen.frame:+#x} "
+                                       f"and entry{walk.frame:+#x}: not followed")
+                    continue
+                walk = seen.meet(walk)
+                if walk is None:
+                    continue  # nothing new here
+            walks[at] = walk.fork()
+            out.states[at] = walk.snapshot(address)
+            try:
+                nexts = walk.successors(insns[(at - address) // 4], at, inside)
+            except FtraceCodeError as e:
+                failures.append((at, str(e), address + 4 * len(insns)))
+                continue
+            work += [(n, walk.fork() if i else walk) for i, n in enumerate(reversed(nexts))]
+    for at, why, end in failures:
+        refuse_rest(out, at, why, end)
+    for at in out.refused:
+        out.states.pop(at, None)
+    return out
+
+
+def refuse_rest(out: TracedCallFrames, at: int, why: str, end: int) -> None:
+    """Refuse at and the code after it that no path reached: where a path the
+    decoder could not follow would have gone, nothing is known."""
+    out.refused[at] = why
+    for address in range(at + 4, end, 4):
+        if address not in out.states:
+            out.refused.setdefault(address, why)

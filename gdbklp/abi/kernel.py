@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from gdbklp.abi import callsite, ppc
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.elf import Symbol, SymbolTable
+from gdbklp.abi.ftrace import TracedCallFrames
 from gdbklp.abi.livepatch import LivepatchHandlerLayout
 
 VMLINUX = "vmlinux"
@@ -40,6 +41,22 @@ def local_entry(code: bytes, address: int) -> int:
     code (the two instructions that compute r2), if it has any. A breakpoint on
     a function must go there to see calls from its own object."""
     return address + 8 if toc_from_global_entry(code, address) is not None else address
+
+
+@dataclass(frozen=True)
+class InterruptFrameLayout:
+    """Where an interrupt frame keeps the "REGS" marker and its pt_regs, as offsets
+    from its r1 (STACK_INT_FRAME_MARKER and STACK_INT_FRAME_REGS; before 6.2
+    STACK_FRAME_MARKER longs and STACK_FRAME_OVERHEAD). Decoded from the kernel's
+    system call entry (gdbklp.abi.frames.decode_interrupt_frame)."""
+
+    marker_offset: int
+    regs_offset: int
+
+
+# the layout of ELFv2 kernels before 6.2 (the lab's 6.1): what a view made
+# without the kernel's code (the 6.1 stack images of the unit tests) assumes
+PRE_6_2_INTERRUPT_FRAME = InterruptFrameLayout(marker_offset=96, regs_offset=112)
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,11 @@ class KernelView:
     klp_return_helper: int | None = None
     thread_size: int = THREAD_SIZE_DEFAULT
     ool_stubs: bool = False  # ftrace enters through out-of-line stubs (6.13+)
+    # None when the kernel's code did not tell (interrupt_frame_problem says why)
+    interrupt_frame: InterruptFrameLayout | None = PRE_6_2_INTERRUPT_FRAME
+    interrupt_frame_problem: str | None = None
+    # where ftrace_caller keeps a traced call's return address, per instruction
+    traced_calls: TracedCallFrames | None = None
     _call_sites: dict[int, CallSite] = field(default_factory=dict)
 
     def object_at(self, address: int) -> ObjectInfo | None:
@@ -117,6 +139,13 @@ class KernelView:
     def function_start(self, address: int) -> int | None:
         symbol = self.symbol_at(address)
         return symbol.address if symbol else None
+
+    def is_toc_slot(self, value: int, call_site: CallSite) -> bool:
+        """Does a frame's TOC save slot (24(r1)) hold a TOC? Only when its value is
+        the TOC of vmlinux or of a module, or when the frame's call site reloads r2
+        from it (a global or indirect call: the stub, or the caller, wrote it). A
+        frame whose calls never touch the slot leaves in it whatever was there."""
+        return self.toc_owner(value) is not None or call_site.restores_toc
 
     def toc_owner(self, value: int) -> str | None:
         for obj in self.objects:

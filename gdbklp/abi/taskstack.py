@@ -49,8 +49,12 @@ class TaskStack:
                  f"{self.stack_base + view.thread_size:#x})"]
         for f in self.walk.frames:
             toc = ""
-            if f.toc_save is not None and f.kind not in ("current", "interrupt"):
+            if f.kind in ("current", "interrupt"):
+                pass  # the innermost frame's slot belongs to its next call; an interrupt frame has none
+            elif f.toc_save is not None:
                 toc = f"  toc-save {f.toc_save:#x}" + (f" ({f.toc_owner})" if f.toc_owner else "")
+            elif f.toc_slot_unused:
+                toc = "  toc-slot unused"
             site = f"  [{f.call_site}]" if f.call_site else ""
             lines.append(f"  #{f.index:<2} sp {f.sp:#x}  {f.function:<44} {f.kind}{site}{toc}")
             lines += [f"       {n}" for n in f.notes]
@@ -100,10 +104,11 @@ def decode_task_stack(label: str, regs: Registers, task: int, read, view: Kernel
 
 
 def label_ool_stubs(walk: Walk, read, view: KernelView) -> None:
-    """Name the out-of-line ftrace stub a frame is in: only the stopped pc and the
-    LR register can be in one (ftrace_caller saves the site in B, not the stub)."""
+    """Name the out-of-line ftrace stub a frame is in: only the stopped pc, the
+    LR register and the site ftrace_caller was called from (a traced frame) can
+    be in one."""
     for frame in walk.frames:
-        if frame.kind in ("current", "lr"):
+        if frame.kind in ("current", "lr", "traced"):
             try:
                 label = ool_stub_label(frame.pc, read, view.describe)
             except Exception:  # memory around pc not readable: the symbol label stays

@@ -8,7 +8,14 @@ trampoline frame gives gdb the caller: pc = RA and r2 = the saved TOC from
 the matching livepatch-stack entry, r1 unchanged (livepatch_handler has no
 frame of its own).
 
-A second unwinder serves gdbklp's own stops (probes, pauses): while one is
+A second one unwinds the ftrace trampolines (ftrace_caller, ftrace_regs_caller):
+entered at B's first instructions, before B has a frame, they keep the
+return address into A in r0 and then in their own frame
+(gdbklp.abi.ftrace.decode_traced_calls), where gdb's own unwinders do not
+look ("frame did not save the PC"). Its caller is B at the site, with LR =
+the return address into A, as B had them when it called the trampoline.
+
+A third unwinder serves gdbklp's own stops (probes, pauses): while one is
 handled, the innermost frame is made from registers alone (see
 StopHandlingUnwinder); handling_stop() switches it on for that time.
 """
@@ -16,7 +23,9 @@ StopHandlingUnwinder); handling_stop() switches it on for that time.
 import gdb
 from gdb.unwinder import Unwinder, register_unwinder
 
-from gdbklp.gdbext.inferior import stacks, vcpus
+from gdbklp.abi import ppc
+from gdbklp.abi.frames import traced_call
+from gdbklp.gdbext.inferior import stacks, target, vcpus
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 NAME = "gdbklp-livepatch"
@@ -90,6 +99,67 @@ unwinder = LivepatchUnwinder()
 register_unwinder(None, unwinder, replace=True)
 
 
+class TracedCallUnwinder(Unwinder):
+    """The caller of an ftrace trampoline's frame: the traced function B at its
+    site (LR at the trampoline's entry) with LR = RA, or A itself (pc = RA)
+    where the site is no longer known; r1 is A's stack pointer either way."""
+
+    def __init__(self):
+        super().__init__("gdbklp-ftrace")
+        self.last_error = ""
+
+    def __call__(self, pending_frame):
+        try:
+            return self._unwind(pending_frame)
+        except Exception as e:  # an unwinder must never break `bt`; gdb's own takes over
+            self.last_error = f"{type(e).__name__}: {e}"
+            return None
+
+    def _unwind(self, pending_frame):
+        view = current_kernel().view(read_modules=False)
+        pc = int(pending_frame.read_register("pc")) & ppc.MASK64
+        state = view.traced_calls.at(pc) if view.traced_calls else None
+        if state is None:
+            return None
+        if isinstance(state, str):
+            self.last_error = state  # the decoder's refusal, naming the address
+            return None
+        wanted = {*state.ra_registers, *state.site_registers, *(r for r, where in state.kept if where == r)}
+        registers = {name: _register(pending_frame, name) for name in wanted}
+        sp = int(pending_frame.read_register("r1")) & ppc.MASK64
+        found = traced_call(state, sp, registers, target.read_memory)
+        if isinstance(found, str):
+            self.last_error = f"{state.trampoline} at {pc:#x}: {found}"
+            return None
+        reg_type = pending_frame.read_register("pc").type
+        value = lambda number: gdb.Value(number).cast(reg_type)
+        info = pending_frame.create_unwind_info(FrameId(value(sp), value(state.entry)))
+        ra = found.ra[0]
+        info.add_saved_register("pc", value(found.site[0] if found.site else ra))
+        info.add_saved_register("r1", value(found.a_sp))
+        if found.site:  # B at its site has RA in LR and r0 (its mflr r0)
+            info.add_saved_register("lr", value(ra))
+            info.add_saved_register("r0", value(ra))
+        for name, where in state.kept:  # r2 and the non-volatile registers, where they still are
+            kept = registers.get(name) if where == name else target.read_u64(found.a_sp + where)
+            if kept is not None:
+                info.add_saved_register(name, value(kept))
+        return info
+
+
+def _register(pending_frame, name: str) -> int | None:
+    """A register of the frame being unwound, or None where gdb does not know it."""
+    try:
+        found = pending_frame.read_register(name)
+        return None if found.is_optimized_out else int(found) & ppc.MASK64
+    except (gdb.error, ValueError):
+        return None
+
+
+traced_call_unwinder = TracedCallUnwinder()
+register_unwinder(None, traced_call_unwinder, replace=True)
+
+
 class StopHandlingUnwinder(Unwinder):
     """The innermost frame from registers alone, while gdbklp handles a stop itself.
 
@@ -127,9 +197,9 @@ def handle_stops(enabled: bool) -> None:
 
 
 def livepatch_unwinder(enabled: bool | None = None) -> LivepatchUnwinder:
-    """The trampoline unwinder, switched on or off if enabled is given
-    (gdb's cached frames are then forgotten)."""
+    """The trampoline unwinder, switched on or off, with the ftrace one, if
+    enabled is given (gdb's cached frames are then forgotten)."""
     if enabled is not None:
-        unwinder.enabled = enabled
+        unwinder.enabled = traced_call_unwinder.enabled = enabled
         gdb.invalidate_cached_frames()
     return unwinder

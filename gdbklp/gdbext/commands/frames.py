@@ -15,6 +15,22 @@ from gdbklp.gdbext.inferior import stacks, target, tasks, vcpus
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 
+def every_task(kernel) -> tuple[list, list[str]]:
+    """The stack of every task, and a note for each whose stack cannot be read
+    (a task exiting while the guest was stopped: its stack may be freed)."""
+    if not kernel.has_dwarf:
+        raise GdbklpError("--tasks needs DWARF (a vmlinux built with debug info)")
+    vcpus.select_kernel_vcpu()
+    found, notes = [], []
+    for task in tasks.all_tasks():
+        try:
+            found.append(stacks.stack_of_task(kernel, task))
+        except gdb.MemoryError as e:
+            who = tasks.identity(task)
+            notes.append(f"pid {who.pid} {who.comm}: its stack is unreadable ({e})")
+    return found, notes
+
+
 class KlpFrames(Command):
     """Decode kernel stacks through live-patch trampolines: frames, TOC slots, call sites,
     livepatch-stack entries, and anything inconsistent."""
@@ -25,6 +41,7 @@ class KlpFrames(Command):
         who = parser.add_mutually_exclusive_group()
         who.add_argument("--all", action="store_true", help="every vCPU (gdb thread)")
         who.add_argument("--task", metavar="PID|ADDR", help="any task, running or asleep (needs DWARF)")
+        who.add_argument("--tasks", action="store_true", help="every task, running or asleep (needs DWARF)")
         parser.add_argument("--json", action="store_true", help="print the same as JSON")
 
     def run(self, args: argparse.Namespace) -> None:
@@ -34,6 +51,8 @@ class KlpFrames(Command):
         if args.task:
             vcpus.select_kernel_vcpu()
             found.append(stacks.stack_of_task(kernel, tasks.find_task(kernel, args.task)))
+        elif args.tasks:
+            found, notes = every_task(kernel)
         elif args.all:
             for label, state in vcpus.each_vcpu():
                 elsewhere = vcpus.user_context(state)

@@ -72,6 +72,7 @@ class KlpTransition(Command):
 
     def run(self, args: argparse.Namespace) -> None:
         kernel = current_kernel()
+        kernel.require_live_patching("klp_transition_patch")
         target.require_target()
         vcpus.select_kernel_vcpu()
         data = transition_state(kernel)

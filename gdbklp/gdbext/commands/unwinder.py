@@ -1,15 +1,15 @@
-"""klp-unwinder on|off|status: switch the live-patch trampoline unwinder (gdbklp.gdbext.unwind)."""
+"""klp-unwinder on|off|status: switch gdbklp's unwinders (gdbklp.gdbext.unwind)."""
 
 import argparse
 
 import gdb
 
 from gdbklp.gdbext.commands.base import Command
-from gdbklp.gdbext.unwind import livepatch_unwinder
+from gdbklp.gdbext.unwind import livepatch_unwinder, traced_call_unwinder
 
 
 class KlpUnwinder(Command):
-    """Switch gdbklp's live-patch trampoline unwinder: on | off | status."""
+    """Switch gdbklp's unwinders (live-patch trampolines, ftrace trampolines): on | off | status."""
 
     name = "klp-unwinder"
 
@@ -18,7 +18,8 @@ class KlpUnwinder(Command):
 
     def run(self, args: argparse.Namespace) -> None:
         unwinder = livepatch_unwinder(None if args.state == "status" else args.state == "on")
-        error = f" (last error: {unwinder.last_error})" if unwinder.last_error else ""
+        errors = [e for e in (unwinder.last_error, traced_call_unwinder.last_error) if e]
+        error = f" (last error: {'; '.join(errors)})" if errors else ""
         gdb.write(f"klp-unwinder: {'on' if unwinder.enabled else 'off'}{error}\n")
 
 

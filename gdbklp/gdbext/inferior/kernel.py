@@ -8,7 +8,15 @@ gdb loads another objfile; the view until the module list changes.
 import gdb
 
 from gdbklp.abi import elf
-from gdbklp.abi.kernel import THREAD_SIZE_DEFAULT, VMLINUX, KernelView, ObjectInfo
+from gdbklp.abi.frames import SCAN_INSNS, decode_interrupt_frame
+from gdbklp.abi.ftrace import TracedCallFrames, decode_traced_calls
+from gdbklp.abi.kernel import (
+    THREAD_SIZE_DEFAULT,
+    VMLINUX,
+    InterruptFrameLayout,
+    KernelView,
+    ObjectInfo,
+)
 from gdbklp.abi.livepatch import LivepatchHandlerLayout
 from gdbklp.abi.trampoline import decode_layout
 from gdbklp.errors import GdbklpError
@@ -42,6 +50,8 @@ class Kernel:
         self.thread_size = self._thread_size()
         self.modules = ModuleList(self.has_dwarf)
         self._layout: LivepatchHandlerLayout | None = None
+        self._interrupt_frame: tuple[InterruptFrameLayout | None, str | None] | None = None
+        self._traced_calls: TracedCallFrames | None = None
         self._view: KernelView | None = None
         self._view_objects: list[ObjectInfo] | None = None
 
@@ -59,12 +69,18 @@ class Kernel:
 
     # ---- the trampoline --------------------------------------------------
 
+    def require_live_patching(self, symbol: str = "livepatch_handler") -> int:
+        """The address of a symbol of the kernel's live patching (livepatch_handler,
+        klp_transition_patch, ...); the one-line refusal every command gives on a
+        kernel built without it (a distribution's, say)."""
+        address = self.symbols.address(symbol)
+        if address is None:
+            raise GdbklpError(f"kernel without live patching: no {symbol} in {self.vmlinux}")
+        return address
+
     def require_livepatch(self) -> int:
         """livepatch_handler's address; a one-line error for a kernel without it."""
-        address = self.symbols.address("livepatch_handler")
-        if address is None:
-            raise GdbklpError(f"kernel without live patching: no livepatch_handler in {self.vmlinux}")
-        return address
+        return self.require_live_patching("livepatch_handler")
 
     def handler_code(self) -> bytes:
         """livepatch_handler's code, both halves, from the file: the handler is
@@ -94,6 +110,34 @@ class Kernel:
                               f"{ours.decode(errors='replace').strip()!r}, the guest has "
                               f"{theirs.decode(errors='replace').strip()!r} there")
 
+    # ---- what the walker needs from the kernel's code ----------------------
+
+    def interrupt_frame(self) -> tuple[InterruptFrameLayout | None, str | None]:
+        """Where interrupt frames keep the marker and pt_regs (decoded from the
+        system call entry), or None and why not."""
+        if self._interrupt_frame is None:
+            entry = self.symbols.address("system_call_common")
+            callee = self.symbols.address("system_call_exception")
+            if entry is None or callee is None:
+                self._interrupt_frame = (None, f"no system_call_common or system_call_exception in {self.vmlinux}")
+            else:
+                try:
+                    self._interrupt_frame = (decode_interrupt_frame(self.code(entry, 4 * SCAN_INSNS), entry,
+                                                                    callee), None)
+                except ValueError as e:
+                    self._interrupt_frame = (None, str(e))
+        return self._interrupt_frame
+
+    def traced_calls(self) -> TracedCallFrames:
+        """Where each ftrace trampoline keeps a traced call, per instruction."""
+        if self._traced_calls is None:
+            from gdbklp.gdbext.inferior.trampolines import (
+                trampoline_code,  # it imports this module
+            )
+            self._traced_calls = decode_traced_calls(list(trampoline_code(self)),
+                                                     self.symbols.address("livepatch_handler"))
+        return self._traced_calls
+
     # ---- the view ----------------------------------------------------------
 
     def view(self, read_modules: bool = True) -> KernelView:
@@ -106,10 +150,13 @@ class Kernel:
         if self._view is None or modules is not self._view_objects:
             layout = self.livepatch_layout() if self.symbols.address("livepatch_handler") else None
             self._view_objects = modules
+            interrupt_frame, why_not = self.interrupt_frame()
             self._view = KernelView([self.vmlinux_object, *modules], layout,
                                     klp_return_helper=self.symbols.address("KLP_return_helper"),
                                     thread_size=self.thread_size,
-                                    ool_stubs=self.symbols.address("ftrace_ool_stub_text") is not None)
+                                    ool_stubs=self.symbols.address("ftrace_ool_stub_text") is not None,
+                                    interrupt_frame=interrupt_frame, interrupt_frame_problem=why_not,
+                                    traced_calls=self.traced_calls())
         return self._view
 
     def view_covering(self, address: int) -> KernelView:

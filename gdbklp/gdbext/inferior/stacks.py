@@ -17,20 +17,21 @@ from gdbklp.gdbext.inferior.kernel import Kernel
 
 
 def registers(state: dict) -> Registers:
-    return Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"])
+    return Registers(pc=state["pc"], sp=state["r1"], lr=state["lr"], toc=state["r2"], r0=state.get("r0"))
 
 
 @cache_until(*RAN, "modules")
-def _decode_running(kernel: Kernel, pc: int, r1: int, lr: int, r2: int, r13: int, view: KernelView) -> TaskStack:
+def _decode_running(kernel: Kernel, pc: int, r1: int, lr: int, r2: int, r13: int, r0: int | None,
+                    view: KernelView) -> TaskStack:
     task = tasks.running_task(kernel, r13)
     who = tasks.identity(task)
-    return decode_task_stack("", Registers(pc=pc, sp=r1, lr=lr, toc=r2), task, target.read_memory, view,
+    return decode_task_stack("", Registers(pc=pc, sp=r1, lr=lr, toc=r2, r0=r0), task, target.read_memory, view,
                              who.pid, who.comm, tasks.task_stack(task))
 
 
 def decode_running(kernel: Kernel, state: dict, view: KernelView) -> TaskStack:
     """The stack of the task running on a vCPU in the kernel (state: its registers)."""
-    return _decode_running(kernel, *(state[name] for name in ("pc", "r1", "lr", "r2", "r13")), view)
+    return _decode_running(kernel, *(state[name] for name in ("pc", "r1", "lr", "r2", "r13")), state.get("r0"), view)
 
 
 def running_stack(kernel: Kernel, label: str, state: dict) -> TaskStack:

@@ -8,7 +8,8 @@ from gdbklp.abi.ppc import MSR_PR
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target
 
-STATE_REGISTERS = ("pc", "lr", "r1", "r2", "r13", "msr")
+# r0: the return address into the traced function's caller at ftrace_caller's entry
+STATE_REGISTERS = ("pc", "lr", "r1", "r2", "r13", "msr", "r0")
 
 
 def current_cpu() -> int:
@@ -21,7 +22,7 @@ def label(thread=None) -> str:
 
 
 def vcpu_state() -> dict:
-    """pc, lr, r1, r2, r13 and msr of the selected vCPU."""
+    """pc, lr, r1, r2, r13, msr and r0 of the selected vCPU."""
     return {name: target.register(name) for name in STATE_REGISTERS}
 
 
