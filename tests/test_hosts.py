@@ -124,5 +124,5 @@ def test_a_qemu_too_old_is_refused_in_one_line(tmp_path):
 
 
 def test_an_unknown_qemu_is_refused():
-    with pytest.raises(LabError, match="unknown QEMU 'qemu-9' \\(one of lab, host\\)"):
+    with pytest.raises(LabError, match="unknown QEMU 'qemu-9' \\(one of lab, host, record\\)"):
         qemu.emulator("qemu-9")

@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,18 +343,20 @@ def build_modules_in(build_dir: Path, kernel_key: str, step: str, modules: cfg.M
 # ---- initramfs ----------------------------------------------------------
 
 
-def apt_options(suite: str, arch: str = "ppc64el", archive: str = "") -> tuple[Path, list[str]]:
+def apt_options(suite: str, arch: str = "ppc64el", archive: str = "", source: bool = False) -> tuple[Path, list[str]]:
     """The lab root's apt, configured for one suite of a Debian archive
     (default cfg.MIRROR) and the guest's architecture, with its lists and
     sources under the cache: neither the root's nor the host's apt
-    configuration is touched."""
+    configuration is touched. With source, for the suite's source packages
+    (a deb-src line; apt-get source)."""
     archive = archive or cfg.MIRROR
-    apt_dir = cfg.cache_root() / "apt" / f"{suite}-{arch}"
+    apt_dir = cfg.cache_root() / "apt" / (f"{suite}-source" if source else f"{suite}-{arch}")
     (apt_dir / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (apt_dir / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     (apt_dir / "sources.d").mkdir(exist_ok=True)
     sources = apt_dir / "sources.list"
-    sources.write_text(f"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.pgp] {archive} {suite} main\n")
+    kind = "deb-src" if source else "deb"
+    sources.write_text(f"{kind} [signed-by=/usr/share/keyrings/debian-archive-keyring.pgp] {archive} {suite} main\n")
     return apt_dir, [
         "-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}",
         "-o", f"Dir::Etc::SourceList={sources}", "-o", f"Dir::Etc::SourceParts={apt_dir / 'sources.d'}",
@@ -373,18 +376,22 @@ def native_architecture() -> str:
 def fetch_package(package: cfg.DebianPackage) -> Path:
     """The package's .deb in the cache, downloaded by the lab root's apt if
     it is not there yet (a cached one is used without the network)."""
-    arch = package.arch if package.arch != "all" else native_architecture()
+    arch = package.arch if package.arch not in ("all", cfg.NATIVE) else native_architecture()
     apt_dir, opts = apt_options(package.suite, arch, package.archive_url)
     debs = apt_dir / "debs"
-    found = sorted(debs.glob(f"{package.name}_*.deb")) if debs.exists() else []
+    # apt names a .deb NAME_VERSION_ARCH.deb, the epoch's colon written %3a
+    pattern = f"{package.name}_{package.version.replace(':', '%3a')}_*.deb" if package.version \
+        else f"{package.name}_*.deb"
+    found = sorted(debs.glob(pattern)) if debs.exists() else []
     if found:
         return found[-1]
     debs.mkdir(exist_ok=True)
-    log(f"apt: fetching {package.name} from {package.suite}")
+    wanted = f"{package.name}={package.version}" if package.version else package.name
+    log(f"apt: fetching {wanted} from {package.suite}")
     update = subprocess.run(labroot.wrap(["apt-get", *opts, "update"], settings=True), capture_output=True, text=True)
-    download = subprocess.run(labroot.wrap(["apt-get", *opts, "download", package.name], debs, settings=True),
+    download = subprocess.run(labroot.wrap(["apt-get", *opts, "download", wanted], debs, settings=True),
                               capture_output=True, text=True)
-    found = sorted(debs.glob(f"{package.name}_*.deb"))
+    found = sorted(debs.glob(pattern))
     if download.returncode != 0 or not found:
         # a partly failed update (one mirror syncing) is fine if the package was found
         raise labroot.archive_failure(update.stdout + update.stderr + download.stdout + download.stderr,
@@ -395,7 +402,8 @@ def fetch_package(package: cfg.DebianPackage) -> Path:
 def fetch_member(package: cfg.DebianPackage) -> Path:
     """The file package.member from the package, taken out of it once into
     the cache (only that file: a -dbg package holds gigabytes besides)."""
-    unpacked = cfg.cache_root() / "members" / package.name
+    unpacked = cfg.cache_root() / "members" / (
+        f"{package.name}_{package.version.replace(':', '%3a')}" if package.version else package.name)
     member = unpacked / package.member
     if member.exists():
         return member
@@ -414,6 +422,62 @@ def fetch_member(package: cfg.DebianPackage) -> Path:
     if not package.keep_deb:
         deb.unlink()
     return member
+
+
+def fetch_source_member(source: cfg.DebianSource) -> Path:
+    """The file source.member of a Debian source package's upstream tarball,
+    taken out of it once into the cache by the lab root's apt (apt-get source
+    --download-only) and tar; the downloads are removed after. LabError if
+    one of Debian's patches (debian/patches/series) changes the file: the
+    lab does not apply them."""
+    unpacked = cfg.cache_root() / "members" / f"{source.name}_{source.version.replace(':', '%3a')}_source"
+    member = unpacked / source.member
+    if member.exists():
+        return member
+    apt_dir, opts = apt_options(source.suite, archive=source.archive_url, source=True)
+    partial = unpacked.with_name(unpacked.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    wanted = f"{source.name}={source.version}"
+    log(f"apt: fetching the source of {wanted} from {source.suite}")
+    update = subprocess.run(labroot.wrap(["apt-get", *opts, "update"], settings=True), capture_output=True, text=True)
+    download = subprocess.run(labroot.wrap(["apt-get", *opts, "source", "--download-only", wanted], partial,
+                                           settings=True), capture_output=True, text=True)
+    origs = sorted(partial.glob(f"{source.name}_*.orig.tar.*"))
+    debians = sorted(partial.glob(f"{source.name}_*.debian.tar.*"))
+    if download.returncode != 0 or len(origs) != 1:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise labroot.archive_failure(update.stdout + update.stderr + download.stdout + download.stderr,
+                                      f"fetching the source of {wanted} from {source.suite}")
+    if debians:
+        patched = debian_patches_changing(debians[0], source.member)
+        if patched:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise LabError(f"Debian's {', '.join(patched)} change {source.member} of {wanted}: "
+                           "the lab takes the file from the upstream tarball unpatched")
+    out = partial / "tree"
+    out.mkdir()
+    run(["tar", "-x", "-C", str(out), "--strip-components=1", "--wildcards", f"*/{source.member}",
+         "-f", str(origs[0])])
+    if not (out / source.member).exists():
+        raise LabError(f"{origs[0].name} has no {source.member}")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    (out).rename(unpacked)
+    shutil.rmtree(partial)
+    return member
+
+
+def debian_patches_changing(debian_tarball: Path, member: str) -> list[str]:
+    """The patches of a Debian source package's series that change member
+    (a path in the upstream tree)."""
+    with tempfile.TemporaryDirectory(dir=cfg.cache_root()) as tmp:
+        run(["tar", "-x", "-C", tmp, "-f", str(debian_tarball), "debian/patches"])
+        patches = Path(tmp) / "debian" / "patches"
+        series = (patches / "series").read_text().split("\n") if (patches / "series").exists() else []
+        names = [line.split("#", 1)[0].split()[0] for line in series if line.split("#", 1)[0].strip()]
+        return [name for name in names if (patches / name).exists() and any(
+            line.startswith(("+++ ", "--- ")) and line.split()[1].split("/", 1)[-1] == member
+            for line in (patches / name).read_text(errors="replace").splitlines() if len(line.split()) > 1)]
 
 
 class CpioWriter:
@@ -573,3 +637,41 @@ def build_user_modules(source: Path, kernel: str = cfg.DEFAULT_KERNEL) -> list[P
         log(f"building the modules in {source} against {built / 'build'}")
         run(make_cmd(generation, "-C", str(built / "build"), f"M={source}", "modules"), binds=(source,))
     return sorted(source.glob("*.ko"))
+
+
+# ---- the recorder ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecorderImages:
+    qemu: Path     # trixie's qemu-system-ppc64 10.0, run with the lab root's libraries
+    plugin: Path   # libklprecord.so, built against that QEMU's plugin header
+
+
+def build_plugin(recorder: cfg.RecorderConfig = cfg.RECORDER) -> StepResult:
+    """The recorder plugin, built in the lab root with its gcc and glib
+    against the recorder QEMU's include/qemu/qemu-plugin.h; keyed by the
+    sources, the header and the compiler as the kernel is."""
+    header = fetch_source_member(recorder.header)
+    parts = {
+        "sources": files_digest(recorder.sources),
+        "header": sha256_file(header),
+        "cflags": recorder.cflags,
+        "cc": tool_version("gcc"),
+    }
+
+    def build(out: Path) -> None:
+        glib = run(["pkg-config", "--cflags", "glib-2.0"]).split()
+        run(["gcc", *recorder.cflags, *glib, f"-I{header.parent}", f"-I{recorder.main.parent}",
+             "-o", str(out / recorder.library), str(recorder.main)], log_file=out / "build.log")
+
+    return cached_step("plugin", parts, (recorder.library,), build)
+
+
+def build_recorder(recorder: cfg.RecorderConfig = cfg.RECORDER) -> RecorderImages:
+    """The recorder's QEMU (fetched into the cache once) and its plugin
+    (built, or verified in the cache); not part of build_all()."""
+    with cache_lock():
+        qemu = fetch_member(recorder.qemu)
+        plugin = build_plugin(recorder)
+    return RecorderImages(qemu=qemu, plugin=plugin / recorder.library)

@@ -73,6 +73,8 @@ LAB_ROOT = DebianRoot(
         "cpio", "xz-utils", "patch", "kmod",
         # the suite's own gdb and Python, for the CI run on Debian 13 inside the root
         "gdb-multiarch", "python3-venv", "ca-certificates",
+        # the recorder plugin (qemu-images/plugin/): QEMU's plugin header includes <glib.h>
+        "libglib2.0-dev", "pkgconf",
     ),
     # QEMU >= 10.2: its gdbstub no longer flushes the translation cache at every stop
     backports=("qemu-system-ppc", "qemu-system-common", "qemu-system-data"),
@@ -104,6 +106,8 @@ class DebianPackage:
     # root's own, the one a mirror keeps in step first
     arch: str = "ppc64el"
     archive: str = ""  # the archive's URL; empty: MIRROR
+    # one exact version (apt's, with its epoch), pinned: empty, the suite's current one
+    version: str = ""
     # keep the .deb in the cache once the member is out of it (False for a
     # large package of which one file is wanted)
     keep_deb: bool = True
@@ -111,6 +115,10 @@ class DebianPackage:
     @property
     def archive_url(self) -> str:
         return self.archive or MIRROR
+
+
+# the `arch` of a package for the machine the lab runs on (the lab root's own architecture)
+NATIVE = "native"
 
 
 def linux_source(version: str, suite: str) -> DebianPackage:
@@ -269,11 +277,14 @@ DEFAULT_TRAMPOLINE = Design.LIVEPATCH_STACK
 
 
 # The lab's QEMUs: the lab root's (QEMU >= 10.2: no translation flush at a
-# stop) and the host's (Debian 12: 7.2, which flushes). $GDBKLP_QEMU chooses.
+# stop), the host's (Debian 12: 7.2, which flushes) and the recorder's
+# (RECORDER: trixie's 10.0, which loads the recorder plugin; it flushes at
+# stops too). $GDBKLP_QEMU chooses.
 QEMUS = {
     "lab": "the lab root's qemu-system-ppc64 (trixie-backports)",
     "host": "the host's qemu-system-ppc64 (Debian 12: 7.2, Debian 13: 10.0; "
             "both flush their translations at every stop)",
+    "record": "trixie's qemu-system-ppc64 10.0 with the gdbklp recorder plugin (plugin API 4)",
 }
 DEFAULT_QEMU = "lab"
 
@@ -302,4 +313,51 @@ QEMU = QemuConfig(
     memory="1G",
     accel="tcg,thread=single",
     append=("console=hvc0", "quiet", "loglevel=4"),
+)
+
+
+@dataclass(frozen=True)
+class DebianSource:
+    """One file of a Debian source package (its upstream tarball), fetched
+    into the lab cache by the lab root's apt (apt-get source --download-only);
+    refused if one of Debian's own patches changes it."""
+
+    name: str
+    version: str  # apt's, with its epoch
+    suite: str
+    member: str   # a path inside the upstream tree
+    archive: str = ""  # empty: MIRROR
+
+    @property
+    def archive_url(self) -> str:
+        return self.archive or MIRROR
+
+
+PLUGIN_DIR = IMAGES_DIR / "plugin"
+
+
+@dataclass(frozen=True)
+class RecorderConfig:
+    """The recorder: a QEMU TCG plugin (qemu-images/plugin/) that records
+    registers and memory at probe points and streams them to gdbklp
+    (gdbklp.recorder) with no gdbstub stop, and the QEMU it runs in. The lab
+    root's QEMU (11.x) refuses plugins of API < 7 and no 11.x source is served
+    here, so the recorder's QEMU is trixie's 10.0 (plugin API 4), its binary
+    run with the lab root's libraries and firmware as the root's own QEMU is."""
+
+    qemu: DebianPackage     # member: the qemu-system-ppc64 binary
+    header: DebianSource    # member: include/qemu/qemu-plugin.h of the same QEMU
+    sources: tuple[Path, ...]  # the plugin's C sources and header
+    main: Path              # the file compiled (it includes the rest)
+    library: str = "libklprecord.so"
+    cflags: tuple[str, ...] = ("-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-std=gnu11", "-pthread")
+
+
+QEMU_10_VERSION = "1:10.0.13+ds-0+deb13u1"
+RECORDER = RecorderConfig(
+    qemu=DebianPackage("qemu-system-ppc", "trixie", "usr/bin/qemu-system-ppc64", arch=NATIVE,
+                       version=QEMU_10_VERSION),
+    header=DebianSource("qemu", QEMU_10_VERSION, "trixie", "include/qemu/qemu-plugin.h"),
+    sources=(PLUGIN_DIR / "klp_record.c", PLUGIN_DIR / "klp_record.h"),
+    main=PLUGIN_DIR / "klp_record.c",
 )

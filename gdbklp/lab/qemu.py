@@ -76,6 +76,7 @@ class Emulator:
     argv: tuple[str, ...]   # the command that starts it, before its options
     env: tuple[tuple[str, str], ...]
     version: str            # its first --version line
+    plugin: Path | None = None  # the recorder plugin it can load (-plugin), if any
 
     @property
     def version_number(self) -> tuple[int, ...]:
@@ -92,18 +93,25 @@ def emulator(which: str | None = None, qemu: cfg.QemuConfig = cfg.QEMU) -> Emula
     which = which or os.environ.get("GDBKLP_QEMU") or cfg.DEFAULT_QEMU
     if which not in cfg.QEMUS:
         raise LabError(f"unknown QEMU {which!r} (one of {', '.join(cfg.QEMUS)})")
+    plugin = None
     if which == "host":
         if not Path(qemu.program).exists():
             raise LabError(f"the host has no {qemu.program}: apt-get install qemu-system-ppc")
         argv, env = [qemu.program], {}
+    elif which == "record":
+        from gdbklp.lab import build  # the recorder is built (or verified in the cache) on first use
+        recorder = build.build_recorder()
+        root = labroot.ensure_root()
+        argv, env = recorder_command(root, recorder.qemu)
+        plugin = recorder.plugin
     else:
         root = labroot.ensure_root()
         argv, env = labroot.host_command(root, qemu.program)
     out = subprocess.run([*argv, "--version"], env={**os.environ, **env}, capture_output=True, text=True)
     version = (out.stdout.splitlines() or [""])[0]
-    if which == "lab":  # its firmware (SLOF) too, not the host's
+    if which != "host":  # its firmware (SLOF) too, not the host's
         argv += ["-L", str(root / "usr/share/qemu")]
-    found = Emulator(which, tuple(argv), tuple(env.items()), version)
+    found = Emulator(which, tuple(argv), tuple(env.items()), version, plugin)
     if not found.version_number:
         raise LabError(f"{' '.join(argv)} --version did not say its version: {(out.stdout + out.stderr).strip()[:200]}")
     if found.version_number < MIN_QEMU:
@@ -112,14 +120,32 @@ def emulator(which: str | None = None, qemu: cfg.QemuConfig = cfg.QEMU) -> Emula
     return found
 
 
+def recorder_command(root: Path, binary: Path) -> tuple[list[str], dict[str, str]]:
+    """(argv prefix, environment) that run the recorder's QEMU, a binary
+    outside the lab root, as labroot.host_command runs the root's own: through
+    the root's dynamic loader and libraries. Its modules directory is its own
+    (it has none): the root's modules are another QEMU's."""
+    if root == Path("/"):
+        return [str(binary)], {"QEMU_MODULE_DIR": str(binary.parent)}
+    loader = root / labroot.elf_interpreter(binary).lstrip("/")
+    dirs = labroot.library_dirs(root)
+    return ([str(loader), "--library-path", ":".join(map(str, dirs)), str(binary)],
+            {"QEMU_MODULE_DIR": str(binary.parent)})
+
+
 class Guest:
-    """One lab guest. Use as a context manager, or call close()."""
+    """One lab guest. Use as a context manager, or call close().
+
+    plugin_socket: with the recorder's QEMU (emulator("record")), the UNIX
+    socket its plugin listens on for gdbklp.recorder (-plugin SO,socket=PATH).
+    """
 
     def __init__(self, vmlinux: Path, initramfs: Path, *, append: str,
                  smp: int | None = None, stopped: bool = False,
                  workdir: Path | None = None, qemu: cfg.QemuConfig = cfg.QEMU,
-                 emulator: Emulator | None = None):
+                 emulator: Emulator | None = None, plugin_socket: Path | None = None):
         self.emulator = emulator
+        self.plugin_socket = Path(plugin_socket) if plugin_socket else None
         self.vmlinux = Path(vmlinux)
         self.initramfs = Path(initramfs)
         self.append = append
@@ -140,7 +166,7 @@ class Guest:
     def command_line(self, port: int) -> list[str]:
         q = self.qemu
         if self.emulator is None:
-            self.emulator = emulator(qemu=q)
+            self.emulator = emulator("record" if self.plugin_socket is not None else None, qemu=q)
         cmd = [
             *self.emulator.argv, "-M", q.machine, "-cpu", q.cpu, "-smp", str(self.smp), "-m", q.memory,
             "-accel", q.accel, "-nodefaults", "-nographic", "-no-reboot",
@@ -149,6 +175,11 @@ class Guest:
             "-append", self.append,
             "-gdb", f"tcp:127.0.0.1:{port}",
         ]
+        if self.plugin_socket is not None:
+            if self.emulator.plugin is None:
+                raise LabError(f"{self.emulator.describe()} has no recorder plugin: the recorder needs "
+                               "--qemu record")
+            cmd += ["-plugin", f"{self.emulator.plugin},socket={self.plugin_socket}"]
         return cmd + (["-S"] if self.stopped else [])
 
     def start(self, attempts: int = 3) -> "Guest":

@@ -18,11 +18,14 @@ from gdbklp.report import WatchReport
 @contextlib.contextmanager
 def booted(images: build.LabImages | None = None, *, patch: bool = True, smp: int | None = None,
            workdir: Path | None = None, ready_timeout: float = 120.0, trampoline: str = DEFAULT_TRAMPOLINE,
-           emulator: Emulator | None = None):
-    """A lab guest in serve mode, ready for commands; killed on exit."""
+           emulator: Emulator | None = None, plugin_socket: Path | None = None):
+    """A lab guest in serve mode, ready for commands; killed on exit. With
+    plugin_socket, under the recorder's QEMU (emulator("record"), unless
+    emulator is given) with its plugin listening on that UNIX socket for a
+    gdbklp.recorder.Recorder."""
     images = images or build.build_all()
     guest = Guest(images.vmlinux, images.initramfs, append=kernel_cmdline(patch=patch, trampoline=trampoline),
-                  smp=smp, workdir=workdir, emulator=emulator)
+                  smp=smp, workdir=workdir, emulator=emulator, plugin_socket=plugin_socket)
     with guest:
         guest.wait_ready(ready_timeout)
         yield guest
