@@ -1,6 +1,6 @@
 """The mutation bench: every mutant of the lab, watched in each mode.
 
-    .venv/bin/python bench/mutation.py [--mutants NAME,...] [--modes breakpoint,park,sample]
+    .venv/bin/python bench/mutation.py [--mutants NAME,...] [--modes breakpoint,park,sample,record]
 
 Each mutant (gdbklp.lab.mutants.MUTANTS: a small edit of livepatch_handler,
 ftrace_caller, the RFC paths, the module loader or C) is built as a lab
@@ -26,8 +26,9 @@ from gdbklp.lab.config import DEFAULT_TRAMPOLINE  # noqa: E402
 from gdbklp.lab.mutants import MUTANTS, Mutant  # noqa: E402
 from gdbklp.options import Mode, WatchOptions  # noqa: E402
 
+# record: the guest boots under the recorder's QEMU, its plugin on a socket in the workdir
 MODES = {Mode.BREAKPOINT: WatchOptions(breakpoint=True), Mode.PARK: WatchOptions(park=True),
-         Mode.SAMPLE: WatchOptions(sample=100)}
+         Mode.SAMPLE: WatchOptions(sample=100), Mode.RECORD: WatchOptions(record="recorder.sock")}
 RUN_TIMEOUT = 120.0
 
 
@@ -56,7 +57,7 @@ class Outcome:
 
 def not_applicable(mutant: Mutant, options: WatchOptions) -> str | None:
     """Why a mode cannot watch a mutant's design, if it cannot."""
-    if mutant.trampoline != DEFAULT_TRAMPOLINE and options.mode is not Mode.BREAKPOINT:
+    if mutant.trampoline != DEFAULT_TRAMPOLINE and options.mode not in (Mode.BREAKPOINT, Mode.RECORD):
         return "n/a (RFC design: no livepatch stack to park at or sample)"
     if mutant.handoff and options.mode is Mode.SAMPLE:
         return "n/a (the hand-off is checked at breakpoints: --handoff)"
@@ -68,7 +69,11 @@ def watch_mutant(mutant: Mutant, images: build.LabImages, options: WatchOptions,
     why_not = not_applicable(mutant, options)
     if why_not:
         return Outcome(False, [], None, False, False, False, note=why_not)
-    with session.booted(images, trampoline=mutant.trampoline, workdir=workdir) as guest, \
+    socket = None
+    if options.mode is Mode.RECORD:
+        socket = workdir / options.record
+        options = dataclasses.replace(options, record=str(socket))
+    with session.booted(images, trampoline=mutant.trampoline, workdir=workdir, plugin_socket=socket) as guest, \
             session.attached(guest, images.vmlinux) as gdb:
         gdb.cont()
         watched = session.WatchedGuest(guest, gdb)

@@ -20,6 +20,7 @@ class Mode(StrEnum):
     BREAKPOINT = "breakpoint"  # a breakpoint stop at each probe point
     PARK = "park"              # a branch to itself at P3, released by pauses by interrupt
     SAMPLE = "sample"          # no holding: pauses by interrupt sample the tasks' livepatch stacks
+    RECORD = "record"          # no holding: QEMU's recorder plugin streams each probe point's state
 
 
 @dataclass
@@ -33,6 +34,7 @@ class WatchOptions:
     sample: float | None = None
     park: bool = False
     breakpoint: bool = False
+    record: str | None = None  # the recorder plugin's socket
     background: bool = False
     resolve_indirect: bool = False
     handoff: bool = False
@@ -43,7 +45,7 @@ class WatchOptions:
         """How the guest is held at the probe points; AUTO until resolved() has
         chosen for the QEMU."""
         return (Mode.SAMPLE if self.sample else Mode.PARK if self.park else Mode.BREAKPOINT if self.breakpoint
-                else Mode.AUTO)
+                else Mode.RECORD if self.record else Mode.AUTO)
 
     def resolved(self, qemu_version: tuple[int, ...] | None, can_park: bool = True) -> "WatchOptions":
         """These options with the mode chosen, where none was asked for, by
@@ -71,10 +73,11 @@ class WatchOptions:
 
     def problem(self) -> str | None:
         """What makes these options contradict each other, in one line; None if nothing."""
-        if sum(map(bool, (self.sample, self.park, self.breakpoint))) > 1:
-            chosen = [flag for flag, on in (("--sample", self.sample), ("--park", self.park),
-                                            ("--breakpoint", self.breakpoint)) if on]
-            return f"{' and '.join(chosen)} are {('two', 'three')[len(chosen) - 2]} ways of watching: choose one"
+        chosen = [flag for flag, on in (("--sample", self.sample), ("--park", self.park),
+                                        ("--breakpoint", self.breakpoint), ("--record", self.record)) if on]
+        if len(chosen) > 1:
+            return f"{' and '.join(chosen)} are {('two', 'three', 'four')[len(chosen) - 2]} ways of watching: " \
+                   "choose one"
         if self.sample and self.resolve_indirect:
             return "--resolve-indirect holds redirections at P1: sampling holds none"
         if self.sample and self.handoff:
@@ -109,6 +112,10 @@ def add_start_arguments(start: argparse.ArgumentParser) -> None:
     start.add_argument("--breakpoint", action="store_true",
                        help="every redirection checked at a breakpoint stop at P3 (the default, but on a QEMU "
                             "older than 10.2 with --background, where --park is faster)")
+    start.add_argument("--record", metavar="SOCKET",
+                       help="every redirection checked with no stop at all: QEMU's gdbklp recorder plugin, "
+                            "loaded at QEMU's start with -plugin libklprecord.so,socket=SOCKET, streams the "
+                            "state at each probe point to klp-watch")
     start.add_argument("--background", action="store_true",
                        help="gdb runs the guest in the background (gdb/MI, `continue &`): with no mode given, "
                             "a QEMU older than 10.2, which flushes its translations at every stop, is then "

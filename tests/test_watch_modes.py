@@ -19,6 +19,7 @@ def test_every_mode_is_one_class_of_its_own_file():
     assert proc.returncode == 0, proc.stderr
     listed = proc.stdout.strip().splitlines()[-1]
     assert listed == str(sorted((str(m), file, True) for m, file in (
-        (Mode.BREAKPOINT, "breakpoint"), (Mode.PARK, "parking"), (Mode.SAMPLE, "sampling"))))
-    assert {m for m in Mode if m is not Mode.AUTO} == {Mode.BREAKPOINT, Mode.PARK, Mode.SAMPLE}
+        (Mode.BREAKPOINT, "breakpoint"), (Mode.PARK, "parking"), (Mode.SAMPLE, "sampling"),
+        (Mode.RECORD, "recording"))))
+    assert {m for m in Mode if m is not Mode.AUTO} == {Mode.BREAKPOINT, Mode.PARK, Mode.SAMPLE, Mode.RECORD}
 

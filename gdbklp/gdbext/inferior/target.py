@@ -4,6 +4,7 @@ Registers are read from gdb's register cache (frame 0, filled at the stop)
 and memory in whole blocks: no gdb frame unwinding or prologue analysis.
 """
 
+import contextlib
 import re
 
 import gdb
@@ -11,6 +12,7 @@ import gdb
 from gdbklp.abi import ppc
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.events import cache_until
+from gdbklp.snapshot import Snapshot
 
 # QEMU's gdbstub reads and writes memory through the MMU of the vCPU that
 # gdb last selected with an Hg packet. From gdb 14 on, Inferior.read_memory
@@ -39,10 +41,27 @@ def _memory_value(address: int, length: int) -> gdb.Value:
 VALUE_CHUNK = 32 * 1024
 
 
+_snapshot: Snapshot | None = None
+
+
+@contextlib.contextmanager
+def reading_from(snapshot: Snapshot):
+    """Serve read_memory() and register() from snapshot inside this block."""
+    global _snapshot
+    outer, _snapshot = _snapshot, snapshot
+    try:
+        yield snapshot
+    finally:
+        _snapshot = outer
+
+
 def read_memory(address: int, length: int) -> bytes:
-    """Guest memory, read through the selected vCPU's MMU context."""
+    """Guest memory, read through the selected vCPU's MMU context (or from
+    the snapshot in force)."""
     if length <= 0:  # gdb 16's Inferior.read_memory refuses a zero count
         return b""
+    if _snapshot is not None:
+        return _snapshot.read(address, length)
     if _THROUGH_VALUES:
         return b"".join(_memory_value(start, min(VALUE_CHUNK, address + length - start)).bytes
                         for start in range(address, address + length, VALUE_CHUNK))
@@ -69,6 +88,8 @@ def register(name: str) -> int:
     (about 20 four-byte reads of the function's code per stop); $name comes
     from the register cache gdb filled at the stop.
     """
+    if _snapshot is not None:
+        return _snapshot.register(name)
     return int(gdb.parse_and_eval(f"${name}")) & ppc.MASK64
 
 

@@ -129,6 +129,7 @@ class Guards:
         return what
 
     def on_guest_down(self, name: str) -> bool:
+        self.watch.mode.catch_up()  # what was recorded before the guest went down counts
         who = tasks.identity(tasks.current_task(self.kernel))
         self.reporter.guest_going_down(f"{self.what_went_down(name)} in {who} on CPU {vcpus.current_cpu()}, "
                                        f"after {self.reporter.report.redirections} redirections")

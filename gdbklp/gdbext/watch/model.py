@@ -31,7 +31,7 @@ from gdbklp.abi.invariants import (
     check_return,
     stamp,
 )
-from gdbklp.abi.kernel import KernelView, TaskIdentity
+from gdbklp.abi.kernel import VMLINUX, KernelView, TaskIdentity
 from gdbklp.abi.livepatch import entries as livepatch_entries
 from gdbklp.abi.livepatch import paca_load_target
 from gdbklp.abi.naming import Names, ReturnRegisters, map_may_be_stale, name_redirection
@@ -46,9 +46,11 @@ from gdbklp.gdbext.watch.guards import Guards
 from gdbklp.gdbext.watch.handoff import HandoffProbes
 from gdbklp.gdbext.watch.modes import WatchMode, mode_classes
 from gdbklp.gdbext.watch.probes import ProbePoint
+from gdbklp.gdbext.watch.recipes import p1_recipe, p3_recipe
 from gdbklp.gdbext.watch.reporting import Reporter
 from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection, WatchReport
+from gdbklp.snapshot import CodeImage
 
 
 def code_facts(kernel: Kernel, covering: int | None = None) -> CodeFacts:
@@ -151,6 +153,7 @@ class Watch:
 
     def finish(self, reason: str) -> None:
         """Remove the probes and write the report (idempotent)."""
+        self.mode.catch_up()
         self.mode.close()
         if self.handoff is not None:
             self.handoff.probes.remove()
@@ -176,11 +179,22 @@ class Watch:
         """P3, and P1 with --resolve-indirect: where every redirection is checked."""
         release = self.execute_p3_load if self.p3_loads_into is not None else None
         points = [ProbePoint(CodePoint.P3, self.layout.return_point, "livepatch_handler's return point (P3)",
-                             self.check_return_state, self.read_return_state, release)]
+                             self.check_return_state, self.read_return_state, release, p3_recipe(self))]
         if self.options.resolve_indirect:
             points.append(ProbePoint(CodePoint.P1, self.layout.call_to_c, "its bctrl into C (P1)",
-                                     self.keep_replacement, self.read_replacement, self.enter_replacement))
+                                     self.keep_replacement, self.read_replacement, self.enter_replacement,
+                                     p1_recipe(self, EnteringReplacement)))
         return points
+
+    def look_up_while_stopped(self) -> CodeImage:
+        """Read now what the checks look up beyond the state they are given (the
+        module list, the code facts, the patches' functions, the modules' code):
+        for checks that run on recorded states while the guest runs, where gdb
+        can read nothing. Returns the code they may read."""
+        facts = code_facts(self.kernel)
+        patches.replacements(self.kernel)
+        texts = [(o.base, target.read_memory(o.base, o.size)) for o in facts.view.objects if o.name != VMLINUX]
+        return CodeImage(texts, self.kernel.code)
 
     def guard_points(self) -> list[ProbePoint]:
         """The trampolines' exits for calls ftrace did not redirect, die() and panic()."""

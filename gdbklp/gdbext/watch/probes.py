@@ -15,6 +15,20 @@ def _nothing() -> None:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How the recorder plugin captures a point's state with no stop: the
+    memory reads it makes there (gdbklp.recorder.Read, over the registers
+    of RECORDED_REGISTERS) and how a record becomes the state check() takes."""
+
+    reads: tuple
+    state: Callable[[object], object]
+
+
+# the registers every record carries: those the checks read at a stop
+RECORDED_REGISTERS = ("r0", "r1", "r2", "r11", "r12", "r13", "lr", "ctr")
+
+
+@dataclass(frozen=True)
 class ProbePoint:
     """An address where a watch's model checks the guest, and how.
 
@@ -23,7 +37,8 @@ class ProbePoint:
     user). release(state), where the model has one, lets the held vCPU past
     address without a step (it executes the instruction there for the guest):
     a mode that parks vCPUs needs it, a breakpoint can do without. A mode
-    that captures states some other way hands them to check() itself.
+    that captures states some other way hands them to check() itself: the
+    recorder, with the point's recipe.
     """
 
     point: CodePoint
@@ -32,6 +47,7 @@ class ProbePoint:
     check: Callable[[object], bool]
     capture: Callable[[], object] = _nothing
     release: Callable[[object], None] | None = None
+    recipe: Recipe | None = None
 
     def handle(self) -> bool:
         """A vCPU is held at the point: check it, and let it past if the guest goes on."""

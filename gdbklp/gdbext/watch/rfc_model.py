@@ -20,6 +20,7 @@ from gdbklp.gdbext.inferior import patches, target, tasks, vcpus
 from gdbklp.gdbext.inferior.kernel import Kernel
 from gdbklp.gdbext.watch.model import Watch, code_facts
 from gdbklp.gdbext.watch.probes import ProbePoint
+from gdbklp.gdbext.watch.recipes import rfc_helper_recipe, rfc_redirect_recipe
 from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection
 
@@ -52,9 +53,10 @@ class RfcWatch(Watch):
         neither is an instruction klp-watch executes for the guest)."""
         t, describe = self.trampoline, self.kernel.describe
         return [ProbePoint(CodePoint.P1, t.address, f"the RFC redirect path (P1), {describe(t.address)},",
-                           self.check_redirect, self.read_redirect),
+                           self.check_redirect, self.read_redirect,
+                           recipe=rfc_redirect_recipe(self, rfc.RedirectSample)),
                 ProbePoint(CodePoint.P3, t.helper.address, f"its return helper (P3), {describe(t.helper.address)},",
-                           self.check_helper, self.read_helper)]
+                           self.check_helper, self.read_helper, recipe=rfc_helper_recipe(self))]
 
     def hazard(self, c: int) -> str | None:
         """Invariant 6, read from C's code once: does C use its caller's parameter save area?"""

@@ -1,0 +1,167 @@
+"""klp-watch start --record SOCKET: every redirection checked, with no stop.
+
+QEMU's gdbklp recorder plugin (qemu-images/plugin), loaded when QEMU
+started, runs each design point's recipe (gdbklp.gdbext.watch.recipes) on
+every vCPU that reaches it and streams the result; the guest waits when
+gdbklp falls behind, so nothing is lost. A thread of gdb's Python reads
+the records; gdb's own thread checks them with the model's usual checks,
+reading from the record instead of the guest (target.reading_from). The
+guard points (die, panic, the ftrace exits of calls not redirected) stay
+breakpoints: they cost nothing while all is well.
+"""
+
+import dataclasses
+import threading
+
+import gdb
+
+from gdbklp.errors import GdbklpError
+from gdbklp.gdbext.inferior import target, tasks
+from gdbklp.gdbext.watch.modes import WatchMode
+from gdbklp.gdbext.watch.modes.parking import guest_stopped
+from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, Probes, describe_points
+from gdbklp.options import Mode
+from gdbklp.recorder import Recorder, RecordPoint
+from gdbklp.snapshot import Snapshot
+
+POLL_SECONDS = 0.2  # how often the reading thread looks whether the watch ended
+
+
+class RecordMode(WatchMode):
+    mode = Mode.RECORD
+
+    def __init__(self, watch):
+        super().__init__(watch)
+        self.points = dict(enumerate(watch.design_points(), 1))
+        lacking = [p.label for p in self.points.values() if p.recipe is None]
+        if lacking:
+            raise GdbklpError(f"--record: the {watch.design} design's {', '.join(lacking)} has no recording "
+                              "recipe yet: use --breakpoint")
+        self.client: Recorder | None = None
+        self.guards: Probes | None = None
+        self.pending: list = []
+        self.lock = threading.Lock()
+        self.ending = threading.Event()
+        self.reader: threading.Thread | None = None
+        self.interrupted = False
+        self.code = None  # the kernel's code as of the last stop
+
+    def arm(self) -> str:
+        self.client = Recorder(self.watch.options.record)
+        self.code = self.watch.look_up_while_stopped()
+        gdb.events.stop.connect(self.at_stop)
+        points = [RecordPoint(p.address, number, p.recipe.reads) for number, p in self.points.items()]
+        # live once a vCPU runs (the plugin drops the old translations from one):
+        # the reading thread meets the plugin's answer before the first record
+        self.client.arm(RECORDED_REGISTERS, points, wait=False)
+        self.guards = Probes([dataclasses.replace(p, check=self.while_armed(p.check)) for p in self.watch.guard_points()],
+                             self.watch.record_error)
+        self.reader = threading.Thread(target=self.read_records, name="klp-record", daemon=True)
+        self.reader.start()
+        return f"recording {describe_points(list(self.points.values()))} (QEMU's recorder plugin, every vCPU)"
+
+    @property
+    def breakpoints(self) -> int:
+        return len(self.guards) if self.guards else 0
+
+    def while_armed(self, check):
+        """check, as long as the watch records (a guard hit after its end checks nothing)."""
+        return lambda state: self.client is not None and check(state)
+
+    def at_stop(self, _event) -> None:
+        """The guest stopped: check what it recorded up to here, then read again
+        what the checks look up (the module list may have changed)."""
+        if self.client is None:
+            return
+        self.hand_over(self.client.records(0.0))
+        self.catch_up()
+        self.code = self.watch.look_up_while_stopped()
+
+    # ---- the reading thread: no gdb API here ------------------------------------
+
+    def read_records(self) -> None:
+        try:
+            while not self.ending.is_set():
+                self.hand_over(self.client.records(POLL_SECONDS))
+        except GdbklpError as e:  # the plugin went away (QEMU ended): what came before still counts
+            gdb.post_event(lambda: self.watch.record_error(f"recorder: {e}"))
+
+    def hand_over(self, records: list) -> None:
+        if not records:
+            return
+        with self.lock:
+            first = not self.pending
+            self.pending.extend(records)
+        if first:
+            gdb.post_event(self.catch_up)
+
+    # ---- gdb's thread -------------------------------------------------------------
+
+    def catch_up(self) -> None:
+        """Check every record received so far, in the order the guest made them."""
+        while True:
+            with self.lock:
+                batch, self.pending = self.pending, []
+            if not batch:
+                return
+            for record in batch:
+                self.check(record)
+
+    def check(self, record) -> None:
+        point = self.points.get(record.point)
+        if point is None:
+            self.watch.record_error(f"recorder: a record of unknown point {record.point}")
+            return
+        # the guest ran since the last record: who a task pointer is must be read
+        # again (from this record); what only changes with the module list, or
+        # at a stop, stays as read at the last stop (look_up_while_stopped)
+        tasks.identity.cache.clear()
+        blocks = [(address, data) for address, data in record.reads if data is not None]
+        try:
+            with target.reading_from(Snapshot(record.registers, blocks, self.code.read)):
+                stop = point.check(point.recipe.state(record))
+        except Exception as e:  # one record's failure must not end the watch
+            self.watch.record_error(f"record {record.seq} at {point.label}: {type(e).__name__}: {e}")
+            return
+        if stop and not self.interrupted:  # the user gets the guest, some records after this one
+            self.interrupted = True
+            gdb.post_event(lambda: gdb.execute("interrupt", to_string=True))
+
+    def close(self) -> None:
+        if self.client is None:
+            return
+        self.ending.set()
+        gdb.events.stop.disconnect(self.at_stop)
+        if self.reader is not None:
+            self.reader.join()
+        stats = None
+        try:
+            self.hand_over(self.client.records(0.0))  # what came since the thread's last look
+            # disarming needs a vCPU to run; a stopped guest's plugin disarms itself
+            # when it resumes and finds its client gone
+            stats = self.client.disarm() if not guest_stopped() else self.client.stats()
+            self.hand_over(self.client.records(0.0))
+        except GdbklpError as e:
+            self.watch.record_error(f"recorder: {e}")
+        self.catch_up()
+        self.client.close()
+        self.client = None
+        self.remove_guards()
+        if stats is not None:
+            self.watch.reporter.note(f"recorder: {stats.records_sent} records, the guest waited "
+                                     f"{stats.ns_waited / 1e6:.1f} ms for klp-watch")
+
+    def remove_guards(self) -> None:
+        """Remove the guard breakpoints, at once if the guest is stopped, else at
+        its next stop (gdb cannot take them out of a running all-stop target)."""
+        if self.guards is None:
+            return
+        if guest_stopped():
+            self.guards.remove()
+            return
+
+        def at_stop(_event):
+            gdb.events.stop.disconnect(at_stop)
+            self.guards.remove()
+
+        gdb.events.stop.connect(at_stop)
