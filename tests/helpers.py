@@ -1,5 +1,6 @@
 """What the tests share besides fixtures (those, and the hooks, are in conftest.py)."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 from gdbklp.lab import root as labroot
 from gdbklp.lab import workload
+from gdbklp.options import Mode, WatchOptions
 
 REPO = Path(__file__).resolve().parent.parent
 GDB = shutil.which("gdb-multiarch")
@@ -51,3 +53,16 @@ def assert_counts_agree(report, counts, kinds=workload.KINDS, minimum=0) -> list
         assert row.seen_by_gdb == row.guest_new >= minimum, row
         assert row.guest_bad == 0, row
     return rows
+
+
+# a record-mode watch, for parametrize: its socket is given a place by recorder_for()
+RECORDED = WatchOptions(record="recorder.sock")
+
+
+def recorder_for(options: WatchOptions, workdir: Path) -> tuple[WatchOptions, Path | None]:
+    """(options, the recorder plugin's socket to boot with): for a record-mode
+    watch, the socket in workdir; for any other, options as they are and None."""
+    if options.mode is not Mode.RECORD:
+        return options, None
+    socket = workdir / options.record
+    return dataclasses.replace(options, record=str(socket)), socket

@@ -23,9 +23,11 @@ def gdbklp_lab(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("kernel", cfg.KERNELS)
-def test_the_demo_on_each_generation(kernel):
-    proc = gdbklp_lab("demo", "--kernel", kernel, "--tasks", "1", "--calls", "5")
+@pytest.mark.parametrize("mode", ["", "--record"], ids=["auto", "record"])
+def test_the_demo_on_each_generation(kernel, mode):
+    proc = gdbklp_lab("demo", "--kernel", kernel, "--tasks", "1", "--calls", "5", *filter(None, [mode]))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert ("record mode" in proc.stdout) == bool(mode)
     # every call kind, each seen by gdb as often as the guest counted it
     assert "35 redirections watched" in proc.stdout and "every kind agrees with the guest" in proc.stdout
     assert f"booting the lab (kernel-{kernel}-" in proc.stdout

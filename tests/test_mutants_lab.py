@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from helpers import needs_parking
+from helpers import RECORDED, needs_parking, recorder_for
 from gdbklp.lab import build
 from gdbklp.lab.mutants import MUTANTS, MutatedCode
 from gdbklp.lab.session import WatchedGuest, attached, booted
@@ -25,13 +25,14 @@ STATICALLY_CHECKED = (MutatedCode.PUSH_HALF, MutatedCode.RETURN_HALF, MutatedCod
 @pytest.mark.gdb
 @pytest.mark.parametrize("name,options",
                          [(name, WatchOptions()) for name in FAST + OOL] +
-                         [pytest.param(name, WatchOptions(park=True), marks=needs_parking) for name in FAST],
+                         [pytest.param(name, WatchOptions(park=True), marks=needs_parking) for name in FAST] +
+                         [(name, RECORDED) for name in FAST + OOL],
                          ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
 def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):
     mutant = MUTANTS[name]
     images = build.build_all(mutant)
-    options = dataclasses.replace(options, handoff=mutant.handoff)
-    with booted(images, trampoline=mutant.trampoline, workdir=tmp_path) as guest, \
+    options, socket = recorder_for(dataclasses.replace(options, handoff=mutant.handoff), tmp_path)
+    with booted(images, trampoline=mutant.trampoline, workdir=tmp_path, plugin_socket=socket) as guest, \
             attached(guest, images.vmlinux) as gdb:
         gdb.cont()
         report = WatchedGuest(guest, gdb).watch(f"klplab-run -r {mutant.run}", 120, options)

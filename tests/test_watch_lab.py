@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import GDB, REPO, assert_counts_agree, needs_parking
+from helpers import GDB, RECORDED, REPO, assert_counts_agree, needs_parking, recorder_for
 from gdbklp.lab import LabError, workload
 from gdbklp.lab import config as cfg
 from gdbklp.lab.qemu import Guest, kernel_cmdline
@@ -128,12 +128,14 @@ OTHER_KERNELS = [name for name in cfg.KERNELS if name != cfg.DEFAULT_KERNEL]
                          [(cfg.DEFAULT_KERNEL, fault, WatchOptions()) for fault in FAULTS] +
                          [pytest.param(cfg.DEFAULT_KERNEL, fault, WatchOptions(park=True), marks=needs_parking)
                           for fault in ("fault-magic", "fault-toc-slot")] +
-                         [(kernel, fault, WatchOptions()) for kernel in OTHER_KERNELS for fault in FAMILIES],
+                         [(kernel, fault, WatchOptions()) for kernel in OTHER_KERNELS for fault in FAMILIES] +
+                         [(cfg.DEFAULT_KERNEL, fault, RECORDED) for fault in FAULTS],
                          indirect=["lab"],
                          ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
 def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault, options):
     kind, invariant, goes_down = FAULTS[fault]
-    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+    options, socket = recorder_for(options, tmp_path)
+    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
         gdb.cont()
         watched = WatchedGuest(guest, gdb)
         report = watched.watch(f"klplab-run -t 1 -n 5 -k {kind} && klplab-run -t 1 -n 1 -k {kind} -f {fault}",

@@ -4,6 +4,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,10 +18,27 @@ from gdbklp.options import WatchOptions
 
 
 def lab_emulator(args):
-    """The QEMU the command runs, said before it starts."""
-    chosen = emulator(args.qemu)
+    """The QEMU the command runs, said before it starts: with --record, the
+    recorder's (the one whose plugin API the recorder is built for)."""
+    which = args.qemu
+    if getattr(args, "record", False):
+        if which not in (None, "record"):
+            raise LabError(f"--record needs the recorder's QEMU (--qemu record), not --qemu {which}")
+        which = "record"
+    chosen = emulator(which)
     print(f"qemu: {chosen.describe()}", flush=True)
     return chosen
+
+
+def recorder_socket(args) -> Path | None:
+    """Where the recorder plugin listens, with --record (in a directory of its own)."""
+    return Path(tempfile.mkdtemp(prefix="gdbklp-recorder-")) / "recorder.sock" if args.record else None
+
+
+def watch_options(args, socket: Path | None) -> WatchOptions:
+    """The demo's klp-watch options: P1 unless --without-p1, the recorder with --record."""
+    return WatchOptions(resolve_indirect=not args.without_p1, handoff=getattr(args, "handoff", False),
+                        record=str(socket) if socket else None)
 
 
 def lab_images(args, extra_modules: tuple[Path, ...] = ()) -> build.LabImages:
@@ -76,12 +94,15 @@ def gdb_command(vmlinux, port: int) -> list[str]:
 def cmd_boot(args) -> int:
     images = lab_images(args)
     say_watch_gaps(images)
+    socket = recorder_socket(args)
     guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
-                  emulator=lab_emulator(args),
+                  emulator=lab_emulator(args), plugin_socket=socket,
                   append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run,
                                         trampoline=args.trampoline))
     with guest.start():
         print(f"gdbstub: 127.0.0.1:{guest.gdb_port}   serial log: {guest.serial_log}")
+        if socket:
+            print(f"recorder: klp-watch start --record {socket}")
         print("attach with: " + shlex.join(gdb_command(images.symbols, guest.gdb_port)))
         if not args.stopped:
             guest.wait_ready(120)
@@ -96,8 +117,12 @@ def cmd_gdb(args) -> int:
     say_watch_gaps(images)
     if args.port:
         return subprocess.call(gdb_command(images.symbols, args.port))
-    with session.booted(images, smp=args.smp, trampoline=args.trampoline, emulator=lab_emulator(args)) as guest:
+    socket = recorder_socket(args)
+    with session.booted(images, smp=args.smp, trampoline=args.trampoline, emulator=lab_emulator(args),
+                        plugin_socket=socket) as guest:
         print(f"guest booted (serial log: {guest.serial_log}); starting gdb", file=sys.stderr)
+        if socket:
+            print(f"recorder: klp-watch start --record {socket}", file=sys.stderr)
         return subprocess.call(gdb_command(images.symbols, guest.gdb_port))
 
 
@@ -128,12 +153,13 @@ def cmd_own_patch(args) -> int:
         raise LabError(f"{images.vmlinux} cannot be watched (above)")
     patches = ", ".join(ko.name for ko in modules) or "the lab patch"
     print(f"booting {images.name} ({images.vmlinux}) with {patches} ...", flush=True)
-    with session.booted(images, patch=not modules, smp=args.smp, trampoline=args.trampoline, emulator=qemu) as guest:
+    socket = recorder_socket(args)
+    with session.booted(images, patch=not modules, smp=args.smp, trampoline=args.trampoline, emulator=qemu,
+                        plugin_socket=socket) as guest:
         with session.attached(guest, images.symbols) as gdb:
             print(f"gdb attached; watching '{command}' ...", flush=True)
             watched = session.WatchedGuest(guest, gdb)
-            report = watched.watch(command, args.timeout or 1800.0,
-                                   WatchOptions(resolve_indirect=not args.without_p1, handoff=args.handoff))
+            report = watched.watch(command, args.timeout or 1800.0, watch_options(args, socket))
     print(watched.last_output.rstrip())
     print()
     print(report.format_text())
@@ -160,7 +186,8 @@ def cmd_demo(args) -> int:
         run_args += f" -f {args.flags}"
     qemu = lab_emulator(args)
     print(f"booting {images.name} ({images.vmlinux.parent.name}; trampoline: {trampoline.summary}) ...", flush=True)
-    with session.booted(images, smp=args.smp, trampoline=trampoline.name, emulator=qemu) as guest:
+    socket = recorder_socket(args)
+    with session.booted(images, smp=args.smp, trampoline=trampoline.name, emulator=qemu, plugin_socket=socket) as guest:
         print(f"guest ready; serial log: {guest.serial_log}")
         with session.attached(guest, images.symbols) as gdb:
             print(f"gdb attached; watching 'klplab-run {run_args}' ...", flush=True)
@@ -168,7 +195,7 @@ def cmd_demo(args) -> int:
             try:
                 report, counts = session.watch_workload(guest, gdb, run_args,
                                                         timeout=args.timeout or trampoline.demo_timeout,
-                                                        options=WatchOptions(resolve_indirect=not args.without_p1))
+                                                        options=watch_options(args, socket))
             except session.WorkloadError as e:  # the guest went down or hung: what the watch saw still counts
                 print(f"\n{e.report.format_text()}\n\nthe workload did not finish: no counts from the guest")
                 return 1
@@ -228,6 +255,9 @@ def add_guest_options(parser: argparse.ArgumentParser) -> None:
     add_own_kernel_options(parser)
     parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
                         help="; ".join(f"{t.name}: {t.summary}" for t in TRAMPOLINES.values()))
+    parser.add_argument("--record", action="store_true",
+                        help="load QEMU's gdbklp recorder plugin (the recorder's QEMU), so that klp-watch start "
+                             "--record checks every redirection with no stop (the demo watches so)")
     parser.add_argument("--qemu", choices=tuple(QEMUS), default=None,
                         help="; ".join(f"{name}: {what}" for name, what in QEMUS.items())
                         + " (default: $GDBKLP_QEMU, else lab)")

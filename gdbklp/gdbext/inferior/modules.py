@@ -28,7 +28,10 @@ class ModuleList:
         return self._check(self._signature)
 
     def refresh(self) -> list[ObjectInfo]:
-        """The loaded modules now: checked again, at most once per probe hit or stop."""
+        """The loaded modules now: checked again, at most once per probe hit or stop;
+        for a recorded state, as of the last stop (the guest runs on meanwhile)."""
+        if target.reading_a_recording():
+            return self.objects
         return self._check(self._signature_now)
 
     def _check(self, signature_of) -> list[ObjectInfo]:

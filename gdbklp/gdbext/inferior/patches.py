@@ -35,7 +35,10 @@ def _replacements(kernel: Kernel) -> dict[int, int]:
 @cache_until(*RAN)
 def fresh_replacements(kernel: Kernel) -> dict[int, int]:
     """replacements() read again, at most once per stop or probe hit: for a lookup
-    that missed (a patch module loaded since the module list was checked)."""
+    that missed (a patch module loaded since the module list was checked); for
+    a recorded state, the map as of the last stop (nothing can be read now)."""
+    if target.reading_a_recording():
+        return _replacements(kernel)
     kernel.modules.refresh()
     _replacements.cache.clear()
     return _replacements(kernel)

@@ -55,6 +55,12 @@ def reading_from(snapshot: Snapshot):
         _snapshot = outer
 
 
+def reading_a_recording() -> bool:
+    """Whether reads come from a recorded snapshot (the guest may be running:
+    nothing can be read from it now)."""
+    return _snapshot is not None
+
+
 def read_memory(address: int, length: int) -> bytes:
     """Guest memory, read through the selected vCPU's MMU context (or from
     the snapshot in force)."""

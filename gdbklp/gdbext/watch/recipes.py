@@ -18,6 +18,10 @@ from gdbklp.snapshot import NotRecorded
 # the livepatch stack is read from the stack's base up to its top entry:
 # this much at most (the deepest nesting seen in the lab is 3 entries)
 MAX_LIVEPATCH_BLOCK = 1024
+# the used top of the stack, for the balance walk of nested redirections
+# (from r1 to the stack's top: a system call's stack in the lab uses about
+# a kilobyte); a deeper stack is a NotRecorded error for that check only
+STACK_TOP_WINDOW = 2048
 R1, R13 = RECORDED_REGISTERS.index("r1"), RECORDED_REGISTERS.index("r13")
 
 
@@ -69,12 +73,15 @@ def task_and_livepatch_sp(watch) -> list[Read]:
 def p3_recipe(watch) -> Recipe:
     """At P3: what read_return_state reads at a stop (task, livepatch_sp, the
     livepatch stack, A's frame header) and what the checks after it read
-    (the task's identity and patch_state, klp_transition_patch)."""
+    (the top of the stack, the task's identity and patch_state,
+    klp_transition_patch)."""
     layout, thread_size = watch.layout, watch.thread_size
     reads = task_and_livepatch_sp(watch) + [
         Read(Source.register(R1), mask=ppc.MASK64 & ~(thread_size - 1), length=MAX_LIVEPATCH_BLOCK,
              end=Source.read(1), end_offset=layout.entry_size),
         Read(Source.register(R1), length=32),
+        Read(Source.register(R1), mask=ppc.MASK64 & ~(thread_size - 1), offset=thread_size - STACK_TOP_WINDOW,
+             length=STACK_TOP_WINDOW),
     ]
     reads += task_fields_read(watch)
     if watch.consistency:

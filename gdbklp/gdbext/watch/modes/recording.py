@@ -43,7 +43,6 @@ class RecordMode(WatchMode):
         self.lock = threading.Lock()
         self.ending = threading.Event()
         self.reader: threading.Thread | None = None
-        self.interrupted = False
         self.code = None  # the kernel's code as of the last stop
 
     def arm(self) -> str:
@@ -56,6 +55,7 @@ class RecordMode(WatchMode):
         self.client.arm(RECORDED_REGISTERS, points, wait=False)
         self.guards = Probes([dataclasses.replace(p, check=self.while_armed(p.check)) for p in self.watch.guard_points()],
                              self.watch.record_error)
+        self.watch.reporter.end_watch = self.end_at_stop
         self.reader = threading.Thread(target=self.read_records, name="klp-record", daemon=True)
         self.reader.start()
         return f"recording {describe_points(list(self.points.values()))} (QEMU's recorder plugin, every vCPU)"
@@ -63,6 +63,32 @@ class RecordMode(WatchMode):
     @property
     def breakpoints(self) -> int:
         return len(self.guards) if self.guards else 0
+
+    def can_end_now(self) -> bool:
+        """Only with the guest stopped: gdb cannot take breakpoints (the guards,
+        the hand-off probes) out of an all-stop target while it runs."""
+        return guest_stopped()
+
+    def end_when_possible(self, reason: str) -> None:
+        """The guest runs: pause it a moment, end the watch, let it run on."""
+        self.end_at_stop(reason, then_continue=True)
+
+    def end_at_stop(self, reason: str, then_continue: bool = False) -> None:
+        """End the watch now if the guest is stopped, else at the stop asked for
+        here (the stop policy's way: --fail-fast, --max-events stop the guest
+        some records after the one that decided)."""
+        if guest_stopped():
+            self.watch.finish(reason)
+            return
+
+        def at_stop(_event):
+            gdb.events.stop.disconnect(at_stop)
+            self.watch.finish(reason)
+            if then_continue:
+                gdb.post_event(lambda: gdb.execute("continue &", to_string=True))
+
+        gdb.events.stop.connect(at_stop)
+        gdb.post_event(lambda: gdb.execute("interrupt", to_string=True))
 
     def while_armed(self, check):
         """check, as long as the watch records (a guard hit after its end checks nothing)."""
@@ -118,14 +144,11 @@ class RecordMode(WatchMode):
         tasks.identity.cache.clear()
         blocks = [(address, data) for address, data in record.reads if data is not None]
         try:
+            # a check that wants the guest stopped has ended the watch (end_at_stop)
             with target.reading_from(Snapshot(record.registers, blocks, self.code.read)):
-                stop = point.check(point.recipe.state(record))
+                point.check(point.recipe.state(record))
         except Exception as e:  # one record's failure must not end the watch
             self.watch.record_error(f"record {record.seq} at {point.label}: {type(e).__name__}: {e}")
-            return
-        if stop and not self.interrupted:  # the user gets the guest, some records after this one
-            self.interrupted = True
-            gdb.post_event(lambda: gdb.execute("interrupt", to_string=True))
 
     def close(self) -> None:
         if self.client is None:
@@ -137,31 +160,18 @@ class RecordMode(WatchMode):
         stats = None
         try:
             self.hand_over(self.client.records(0.0))  # what came since the thread's last look
-            # disarming needs a vCPU to run; a stopped guest's plugin disarms itself
-            # when it resumes and finds its client gone
-            stats = self.client.disarm() if not guest_stopped() else self.client.stats()
+            # the guest is stopped: its plugin disarms itself when it resumes and
+            # finds its client gone (a DISARM would wait for a vCPU to run)
+            stats = self.client.stats()
             self.hand_over(self.client.records(0.0))
         except GdbklpError as e:
             self.watch.record_error(f"recorder: {e}")
         self.catch_up()
         self.client.close()
         self.client = None
-        self.remove_guards()
+        if self.guards is not None:
+            self.guards.remove()
         if stats is not None:
             self.watch.reporter.note(f"recorder: {stats.records_sent} records, the guest waited "
                                      f"{stats.ns_waited / 1e6:.1f} ms for klp-watch")
 
-    def remove_guards(self) -> None:
-        """Remove the guard breakpoints, at once if the guest is stopped, else at
-        its next stop (gdb cannot take them out of a running all-stop target)."""
-        if self.guards is None:
-            return
-        if guest_stopped():
-            self.guards.remove()
-            return
-
-        def at_stop(_event):
-            gdb.events.stop.disconnect(at_stop)
-            self.guards.remove()
-
-        gdb.events.stop.connect(at_stop)
