@@ -21,6 +21,7 @@ import json
 import queue
 import shlex
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -317,6 +318,7 @@ class WatchTarget:
     port: int
     host: str = "127.0.0.1"
     guest: object = None  # the lab guest (gdbklp.lab.qemu.Guest), which the monitor also drives
+    recorder: str | None = None  # the socket of the QEMU's recorder plugin, for a recorded watch
 
 
 @contextlib.contextmanager
@@ -326,8 +328,11 @@ def guest_to_watch(args):
     if args.lab:
         from gdbklp.lab import build, session
         images = build.build_all()
-        with session.booted(images, trampoline=args.trampoline) as guest:
-            yield WatchTarget(images.vmlinux, guest.gdb_port, guest=guest)
+        with tempfile.TemporaryDirectory(prefix="gdbklp-recorder-") as tmp:
+            socket = Path(tmp) / "recorder.sock" if args.record is not None else None
+            with session.booted(images, trampoline=args.trampoline, plugin_socket=socket) as guest:
+                yield WatchTarget(images.vmlinux, guest.gdb_port, guest=guest,
+                                  recorder=str(socket) if socket else None)
     elif args.qemu:
         words = shlex.split(args.qemu)
         if any(w in GDBSTUB_OPTIONS for w in words):
@@ -342,12 +347,12 @@ def guest_to_watch(args):
                     raise LabError(f"QEMU did not open its gdbstub on 127.0.0.1:{port}: "
                                    f"{proc.stderr.read().decode(errors='replace').strip()[-300:]}")
                 time.sleep(0.2)
-            yield WatchTarget(args.vmlinux, port)
+            yield WatchTarget(args.vmlinux, port, recorder=args.record or None)
         finally:
             proc.kill()
     else:
         host, _, port = args.attach.rpartition(":")
-        yield WatchTarget(args.vmlinux, int(port), host or "127.0.0.1")
+        yield WatchTarget(args.vmlinux, int(port), host or "127.0.0.1", recorder=args.record or None)
 
 
 def cmd_watch(args) -> int:
@@ -357,6 +362,9 @@ def cmd_watch(args) -> int:
         raise LabError("--vmlinux is needed with --attach and --qemu")
     if args.run and not args.lab:
         raise LabError("--run starts klplab-run in the lab guest: it needs --lab")
+    if args.record == "" and not args.lab:
+        raise LabError("--record: give the socket your QEMU's recorder plugin listens on "
+                       "(-plugin libklprecord.so,socket=PATH)")
     with guest_to_watch(args) as watched:
         if not Path(watched.vmlinux).is_file():
             raise LabError(f"no vmlinux at {watched.vmlinux}")
@@ -368,7 +376,8 @@ def cmd_watch(args) -> int:
             # gdb runs the guest in the background: klp-watch may park it (the faster
             # mode on a QEMU that flushes its translations at every stop)
             options = WatchOptions(quiet=True, report=str(args.report), sample=args.sample,
-                                   resolve_indirect=args.resolve_indirect, background=True)
+                                   resolve_indirect=args.resolve_indirect, background=True,
+                                   record=watched.recorder)
             try:
                 gdb.console(options.command())
             except GdbklpError as e:  # no live patching, another kernel: gdbklp's one line
@@ -397,6 +406,9 @@ def configure(parser) -> None:
     parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
                         help="with --lab: the trampoline design the guest runs")
     parser.add_argument("--sample", type=float, metavar="HZ", help="sampling mode instead of breakpoints")
+    parser.add_argument("--record", nargs="?", const="", metavar="SOCKET",
+                        help="record mode: every redirection checked with no stop, by QEMU's recorder plugin "
+                             "(with --lab: booted with it; else the socket your QEMU's plugin listens on)")
     parser.add_argument("--resolve-indirect", action="store_true",
                         help="name B and C of every indirect call (one more stop per redirection, at P1)")
     parser.add_argument("--report", default="klp-watch.json", help="where the report is saved (key s, and at exit)")

@@ -207,10 +207,11 @@ def test_monitor_refuses_a_vmlinux_of_another_kernel(guest, lab, tmp_path):
 
 @pytest.mark.guest
 @pytest.mark.gdb
-def test_monitor_drives_the_lab_and_shows_its_console(lab, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--record"]], ids=["auto", "record"])
+def test_monitor_drives_the_lab_and_shows_its_console(lab, tmp_path, mode):
     # --lab --run: the workload starts with the watch; r starts another; the
     # guest's console shows klplab-run's counts
-    term = Terminal(gdbklp("watch", "--lab", "--run", "-t 1 -n 4 -k local,indirect", "--report",
+    term = Terminal(gdbklp("watch", "--lab", *mode, "--run", "-t 1 -n 4 -k local,indirect", "--report",
                            str(tmp_path / "report.json")))
     term.read_until(r"redirections: 8 ", 180)
     term.read_until(r"klplab-counts-end", 30)
