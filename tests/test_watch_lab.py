@@ -337,3 +337,28 @@ def test_sampling_finds_a_task_switched_while_the_old_function_is_on_its_stack(l
         assert {v.invariant for v in report.violations} == {12} and not report.errors, report.format_text()
         v = report.violations[0]
         assert v.call_site == "sample" and v.pid == holder["pid"] and v.found.startswith("klp_lab_b_local+")
+
+
+def test_a_recorded_watch_leaves_gdb_usable(lab, tmp_path):
+    """interrupt, klp-frames and continue in the middle of a recorded watch;
+    every redirection before, during and after is checked once."""
+    socket = tmp_path / "recorder.sock"
+    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.console(f"klp-watch start --quiet --record {socket} --report {tmp_path / 'report.json'}")
+        gdb.cont()
+        start = guest.send("klplab-run -r -t 2 -n 60 -k local,global -f sleep")
+        time.sleep(1.5)
+        gdb.interrupt()
+        assert "klp-watch: running" in gdb.console("klp-watch status")
+        frames = gdb.console("klp-frames --all")
+        assert "vCPU 0" in frames and "vCPU 1" in frames and "PROBLEM" not in frames
+        gdb.cont()
+        status, output = guest.wait_done(start, timeout=120)
+        gdb.interrupt()
+        gdb.console("klp-watch stop")
+        report = WatchReport.read_json(tmp_path / "report.json")
+    assert status == 0
+    counts = workload.parse_counts(output)
+    WatchedGuest.assert_clean(report)
+    assert report.mode == "record" and report.redirections == 240
+    assert_counts_agree(report, counts, kinds=("local", "global"), minimum=120)

@@ -82,7 +82,10 @@ def cmd_build(args) -> int:
           f"CROSS_COMPILE={images.kernel.cross_compile} M=DIRECTORY modules, in the lab root)")
     print(f"lab root: {labroot.ensure_root()}")
     for which in QEMUS:
-        print(f"qemu ({which}): {emulator(which).describe()}")
+        chosen = emulator(which)
+        print(f"qemu ({which}): {chosen.describe()}")
+        if chosen.plugin:
+            print(f"recorder plugin, for that QEMU: -plugin {chosen.plugin},socket=PATH")
     return 0
 
 
