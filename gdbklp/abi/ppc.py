@@ -26,6 +26,7 @@ predicates match the plain forms only; in the other X-form and XFX-form
 instructions bit 31 is reserved and must be 0.
 """
 
+import functools
 from dataclasses import dataclass
 
 MASK64 = (1 << 64) - 1  # registers and addresses are 64 bits wide
@@ -230,36 +231,49 @@ class IForm:
     lk: int
 
 
+# Decoding is memoized by word: a check runs the same few dozen instructions
+# (livepatch_handler's return half, call sites) for every redirection, and a
+# recorded watch checks tens of thousands a second.
+DECODED_WORDS = 4096
+
+
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def dform(word: int) -> DForm:
     """word's fields as a D-form instruction."""
     return DForm(_opcode(word), _rt(word), _ra(word), _signed(word & 0xFFFF, 16))
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def dsform(word: int) -> DSForm:
     """word's fields as a DS-form instruction."""
     return DSForm(_opcode(word), _rt(word), _ra(word), _signed(word & 0xFFFC, 16), word & 3)
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def xform(word: int) -> XForm:
     """word's fields as an X-form (or XO-form, or M-form) instruction."""
     return XForm(_opcode(word), _rt(word), _ra(word), _rb(word), _xo10(word), word & 1)
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def xfxform(word: int) -> XFXForm:
     """word's fields as an XFX-form instruction (mfspr, mtspr)."""
     return XFXForm(_opcode(word), _rt(word), _ra(word) | _rb(word) << 5, _xo10(word))
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def xlform(word: int) -> XLForm:
     """word's fields as an XL-form branch (bclr, bcctr)."""
     return XLForm(_opcode(word), _rt(word), _ra(word), (word >> 11) & 3, _xo10(word), word & 1)
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def bform(word: int) -> BForm:
     """word's fields as a B-form branch (bc)."""
     return BForm(_opcode(word), _rt(word), _ra(word), _signed(word & 0xFFFC, 16), (word >> 1) & 1, word & 1)
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def iform(word: int) -> IForm:
     """word's fields as an I-form branch (b, bl)."""
     return IForm(_opcode(word), _signed(word & 0x03FFFFFC, 26), (word >> 1) & 1, word & 1)
@@ -276,6 +290,7 @@ def _fields_match(decode, word: int, **wanted) -> bool:
 
 # ---- loads and stores --------------------------------------------------------
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def _is_ds(word: int, op: int, xo: int, rt: int | None, ra: int | None, disp: int | None) -> bool:
     """A DS-form instruction of this opcode and extended opcode, with these fields."""
     return _opcode(word) == op and word & 3 == xo and _fields_match(dsform, word, rt=rt, ra=ra, disp=disp)
@@ -340,6 +355,7 @@ def or_immediate(word: int) -> int:
     return ui << 16 if _opcode(word) == _ORIS else ui
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def _is_x(word: int, *xos: int) -> bool:
     """An opcode-31 instruction with one of these extended opcodes and bit 31 clear."""
     return _opcode(word) == _X and _xo10(word) in xos and not word & 1
@@ -441,6 +457,7 @@ def is_bc(word: int) -> bool:
     return _opcode(word) == _BC and word & 3 == 0
 
 
+@functools.lru_cache(maxsize=DECODED_WORDS)
 def _is_xl(word: int, xo: int, bo: int | None, bi: int | None, lk: int | None) -> bool:
     """An XL-form branch of this extended opcode, with these fields."""
     return _opcode(word) == _XL and _xo10(word) == xo and _fields_match(xlform, word, bo=bo, bi=bi, lk=lk)

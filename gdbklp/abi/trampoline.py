@@ -20,6 +20,7 @@ its address and the instruction), never guessed over.
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 from gdbklp.abi import ppc
@@ -57,6 +58,10 @@ def add(value: Value, imm: int) -> Value:
 
 def text(value: Value) -> str:
     return f"{value:#x}" if isinstance(value, int) else str(value)
+
+
+# the handler's code, run once per redirection by the P4 prediction
+_code_words = functools.lru_cache(maxsize=8)(ppc.words)
 
 
 @dataclass
@@ -183,7 +188,7 @@ class Machine:
     def run(self, code: bytes, address: int, start: int, until: str, stop_at_trap: bool = False) -> tuple[int, bool]:
         """Execute from start until an instruction returns until (or, with
         stop_at_trap, until a td/tdi traps): (its address, whether it trapped)."""
-        insns = ppc.words(code)
+        insns = _code_words(code)
         at = start
         for _ in range(MAX_INSNS):
             index = (at - address) // 4
