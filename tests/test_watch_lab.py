@@ -362,3 +362,21 @@ def test_a_recorded_watch_leaves_gdb_usable(lab, tmp_path):
     WatchedGuest.assert_clean(report)
     assert report.mode == "record" and report.redirections == 240
     assert_counts_agree(report, counts, kinds=("local", "global"), minimum=120)
+
+
+def test_a_recorded_watch_follows_the_patch_cycled(lab, tmp_path):
+    """The patch disabled, unloaded and loaded again twice while tasks call
+    through it, then calls through the reloaded patch, recorded: each
+    redirection checked once, none judged against a module list it was not
+    made under (a false violation would fail assert_clean)."""
+    socket = tmp_path / "recorder.sock"
+    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch("klplab-run -r -t 4 -n 20 -b 2 -p 2 -f yield && klplab-run -t 2 -n 5",
+                               options=WatchOptions(record=str(socket)))
+        counts = watched.counts()
+    WatchedGuest.assert_clean(report)
+    assert report.mode == "record"
+    assert_counts_agree(report, counts, minimum=10)
+    assert sum(c.old for c in counts.values()) > 0

@@ -24,3 +24,4 @@ class CodePoint(StrEnum):
     HANDLER_ENTRY = "livepatch_handler's entry"   # where ftrace hands a redirected call over
     FTRACE_EXIT = "ftrace exit"                   # a trampoline going on into B: a call not redirected
     GUEST_DOWN = "guest down"                     # die(), panic()
+    MODULES = "module list change"                # a module comes or goes, a patch starts its transition

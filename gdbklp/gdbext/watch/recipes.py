@@ -10,7 +10,7 @@ silently from the live guest.
 
 from gdbklp.abi import ppc, rfc
 from gdbklp.abi.invariants import ReturnSample
-from gdbklp.gdbext.inferior import patches, target, tasks
+from gdbklp.gdbext.inferior import target, tasks
 from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, Recipe
 from gdbklp.recorder import Read, Source
 from gdbklp.snapshot import NotRecorded

@@ -25,9 +25,9 @@ class WatchMode:
       point's check(state) with them; violations go to watch.reporter;
     - can_end_now() is False while the watch can only be ended from the
       mode's own pauses (then end_when_possible(reason) asks for that);
-    - catch_up() checks every state captured but not yet checked (a mode
-      whose states arrive from outside gdb): the watch calls it before it
-      reports;
+    - catch_up() checks, with the guest stopped, every state captured up to
+      that stop and not yet checked (a mode whose states arrive from outside
+      gdb): the watch calls it before it reports;
     - close() stops watching and leaves the guest as the mode found it.
 
     What a mode may use of its watch: design_points() and guard_points(),

@@ -7,7 +7,10 @@ gdbklp falls behind, so nothing is lost. A thread of gdb's Python reads
 the records; gdb's own thread checks them with the model's usual checks,
 reading from the record instead of the guest (target.reading_from). The
 guard points (die, panic, the ftrace exits of calls not redirected) stay
-breakpoints: they cost nothing while all is well.
+breakpoints: they cost nothing while all is well. So are the places where
+the module list changes (a module's init, a patch's transition starting, a
+module freed): what the checks look up is read again there, after every
+record made before.
 """
 
 import dataclasses
@@ -15,16 +18,22 @@ import threading
 
 import gdb
 
+from gdbklp.abi.designs import CodePoint
+from gdbklp.abi.kernel import local_entry
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target, tasks
 from gdbklp.gdbext.watch.modes import WatchMode
 from gdbklp.gdbext.watch.modes.parking import guest_stopped
-from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, Probes, describe_points
+from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, ProbePoint, Probes, describe_points
 from gdbklp.options import Mode
 from gdbklp.recorder import Recorder, RecordPoint
 from gdbklp.snapshot import Snapshot
 
 POLL_SECONDS = 0.2  # how often the reading thread looks whether the watch ended
+# where the module list or the patches' map changes: a module about to run
+# its init, a patch starting its transition (before any task reaches its
+# new code), a module being freed
+MODULE_CHANGES = ("do_init_module", "klp_start_transition", "free_module")
 
 
 class RecordMode(WatchMode):
@@ -40,7 +49,8 @@ class RecordMode(WatchMode):
         self.client: Recorder | None = None
         self.guards: Probes | None = None
         self.pending: list = []
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # pending
+        self.io = threading.Lock()  # the client: the reading thread's, or gdb's at a stop
         self.ending = threading.Event()
         self.reader: threading.Thread | None = None
         self.code = None  # the kernel's code as of the last stop
@@ -53,8 +63,8 @@ class RecordMode(WatchMode):
         # live once a vCPU runs (the plugin drops the old translations from one):
         # the reading thread meets the plugin's answer before the first record
         self.client.arm(RECORDED_REGISTERS, points, wait=False)
-        self.guards = Probes([dataclasses.replace(p, check=self.while_armed(p.check)) for p in self.watch.guard_points()],
-                             self.watch.record_error)
+        guards = [dataclasses.replace(p, check=self.while_armed(p.check)) for p in self.watch.guard_points()]
+        self.guards = Probes(guards + self.module_change_points(), self.watch.record_error)
         self.watch.reporter.end_watch = self.end_at_stop
         self.reader = threading.Thread(target=self.read_records, name="klp-record", daemon=True)
         self.reader.start()
@@ -90,6 +100,23 @@ class RecordMode(WatchMode):
         gdb.events.stop.connect(at_stop)
         gdb.post_event(lambda: gdb.execute("interrupt", to_string=True))
 
+    def module_change_points(self) -> list[ProbePoint]:
+        kernel = self.watch.kernel
+        points = []
+        for name in MODULE_CHANGES:
+            address = kernel.symbols.address(name)
+            if address is not None:
+                address = local_entry(kernel.code(address - 8, 16), address)
+                points.append(ProbePoint(CodePoint.MODULES, address, name, self.while_armed(self.modules_change)))
+        return points
+
+    def modules_change(self, _state) -> bool:
+        """At a module list change: check what came before against the list as it
+        was, then read it again; the guest goes on."""
+        self.catch_up()
+        self.code = self.watch.look_up_while_stopped()
+        return False
+
     def while_armed(self, check):
         """check, as long as the watch records (a guard hit after its end checks nothing)."""
         return lambda state: self.client is not None and check(state)
@@ -99,7 +126,6 @@ class RecordMode(WatchMode):
         what the checks look up (the module list may have changed)."""
         if self.client is None:
             return
-        self.hand_over(self.client.records(0.0))
         self.catch_up()
         self.code = self.watch.look_up_while_stopped()
 
@@ -108,9 +134,12 @@ class RecordMode(WatchMode):
     def read_records(self) -> None:
         try:
             while not self.ending.is_set():
-                self.hand_over(self.client.records(POLL_SECONDS))
+                with self.io:
+                    records = self.client.records(POLL_SECONDS)
+                self.hand_over(records)
         except GdbklpError as e:  # the plugin went away (QEMU ended): what came before still counts
-            gdb.post_event(lambda: self.watch.record_error(f"recorder: {e}"))
+            message = f"recorder: {e}"
+            gdb.post_event(lambda: self.watch.record_error(message))
 
     def hand_over(self, records: list) -> None:
         if not records:
@@ -119,11 +148,24 @@ class RecordMode(WatchMode):
             first = not self.pending
             self.pending.extend(records)
         if first:
-            gdb.post_event(self.catch_up)
+            gdb.post_event(self.check_pending)
 
     # ---- gdb's thread -------------------------------------------------------------
 
     def catch_up(self) -> None:
+        """With the guest stopped: check every record it made up to the stop.
+        The plugin answers a STATS message after every record before it, so
+        once the answer is in, nothing recorded is still on its way."""
+        if self.client is not None:
+            try:
+                with self.io:
+                    self.client.stats()
+                    self.hand_over(self.client.records(0.0))
+            except GdbklpError as e:
+                self.watch.record_error(f"recorder: {e}")
+        self.check_pending()
+
+    def check_pending(self) -> None:
         """Check every record received so far, in the order the guest made them."""
         while True:
             with self.lock:
@@ -159,14 +201,13 @@ class RecordMode(WatchMode):
             self.reader.join()
         stats = None
         try:
-            self.hand_over(self.client.records(0.0))  # what came since the thread's last look
             # the guest is stopped: its plugin disarms itself when it resumes and
             # finds its client gone (a DISARM would wait for a vCPU to run)
             stats = self.client.stats()
             self.hand_over(self.client.records(0.0))
         except GdbklpError as e:
             self.watch.record_error(f"recorder: {e}")
-        self.catch_up()
+        self.check_pending()
         self.client.close()
         self.client = None
         if self.guards is not None:
@@ -174,4 +215,3 @@ class RecordMode(WatchMode):
         if stats is not None:
             self.watch.reporter.note(f"recorder: {stats.records_sent} records, the guest waited "
                                      f"{stats.ns_waited / 1e6:.1f} ms for klp-watch")
-
