@@ -3,11 +3,13 @@
 import argparse
 import sys
 
+from gdbklp import __version__
 from gdbklp.errors import GdbklpError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gdbklp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"gdbklp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="the ppc64le live-patching lab in QEMU")
     from gdbklp.lab import cli as lab_cli

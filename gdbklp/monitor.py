@@ -30,7 +30,7 @@ from pathlib import Path
 from gdbklp.errors import GdbklpError
 from gdbklp.lab import LabError
 from gdbklp.gdbmi import GdbSession
-from gdbklp.ports import free_port, is_listening
+from gdbklp.ports import free_port, host_and_port, is_listening, require_listener
 from gdbklp.options import WatchOptions
 
 POLL_SECONDS = 0.5
@@ -351,8 +351,8 @@ def guest_to_watch(args):
         finally:
             proc.kill()
     else:
-        host, _, port = args.attach.rpartition(":")
-        yield WatchTarget(args.vmlinux, int(port), host or "127.0.0.1", recorder=args.record or None)
+        host, port = host_and_port(args.attach)
+        yield WatchTarget(args.vmlinux, port, host, recorder=args.record or None)
 
 
 def cmd_watch(args) -> int:
@@ -369,6 +369,7 @@ def cmd_watch(args) -> int:
         if not Path(watched.vmlinux).is_file():
             raise LabError(f"no vmlinux at {watched.vmlinux}")
         with GdbSession(watched.vmlinux) as gdb:
+            require_listener(watched.host, watched.port)
             try:
                 gdb.connect(watched.port, watched.host, timeout=30)
             except GdbklpError as e:

@@ -15,6 +15,7 @@ from gdbklp.lab.config import (DEFAULT_KERNEL, DEFAULT_TRAMPOLINE, KERNELS, OTHE
 from gdbklp.gdbmi import LOADER
 from gdbklp.lab.qemu import Guest, emulator, kernel_cmdline
 from gdbklp.options import WatchOptions
+from gdbklp.ports import port_number, require_listener
 
 
 def lab_emulator(args):
@@ -116,10 +117,13 @@ def cmd_boot(args) -> int:
 
 
 def cmd_gdb(args) -> int:
+    port = port_number(args.port) if args.port else None
+    if port:  # before anything is built: a wrong port is said at once
+        require_listener("127.0.0.1", port)
     images = lab_images(args)
     say_watch_gaps(images)
-    if args.port:
-        return subprocess.call(gdb_command(images.symbols, args.port))
+    if port:
+        return subprocess.call(gdb_command(images.symbols, port))
     socket = recorder_socket(args)
     with session.booted(images, smp=args.smp, trampoline=args.trampoline, emulator=lab_emulator(args),
                         plugin_socket=socket) as guest:
@@ -282,7 +286,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("gdb", help="gdb-multiarch with gdbklp, attached to a new or running guest")
-    p.add_argument("--port", type=int, help="attach to a guest already listening on this port")
+    p.add_argument("--port", help="attach to a guest whose gdbstub already listens on 127.0.0.1:PORT")
     p.add_argument("--smp", type=int, default=None)
     add_guest_options(p)
     p.set_defaults(func=cmd_gdb)
