@@ -30,7 +30,7 @@ def test_lab_gdb_on_a_port_where_nothing_listens_is_one_line_and_fails():
 def test_bootstrap_help_comes_before_any_set_up(tmp_path):
     # a venv that does not exist: had the set-up run, it would have made one
     env = {**os.environ, "GDBKLP_VENV": str(tmp_path / "venv")}
-    for args in (["demo", "--help"], ["test", "-h"], ["setup", "--help"]):
+    for args in (["--help"], ["demo", "--help"], ["test", "-h"], ["setup", "--help"]):
         proc = subprocess.run([str(REPO / "bootstrap"), *args], capture_output=True, text=True, timeout=30,
                               env=env)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: ./bootstrap demo")
