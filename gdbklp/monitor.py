@@ -327,7 +327,8 @@ def guest_to_watch(args):
     lab booted for it (stopped on exit when we started it)."""
     if args.lab:
         from gdbklp.lab import build, session
-        images = build.build_all()
+        from gdbklp.lab.config import DEFAULT_KERNEL
+        images = build.build_all(kernel=args.kernel or DEFAULT_KERNEL)
         with tempfile.TemporaryDirectory(prefix="gdbklp-recorder-") as tmp:
             socket = Path(tmp) / "recorder.sock" if args.record is not None else None
             with session.booted(images, trampoline=args.trampoline, plugin_socket=socket) as guest:
@@ -362,6 +363,8 @@ def cmd_watch(args) -> int:
         raise LabError("--vmlinux is needed with --attach and --qemu")
     if args.run and not args.lab:
         raise LabError("--run starts klplab-run in the lab guest: it needs --lab")
+    if args.kernel and not args.lab:
+        raise LabError("--kernel chooses the lab kernel to boot: it needs --lab")
     if args.record == "" and not args.lab:
         raise LabError("--record: give the socket your QEMU's recorder plugin listens on "
                        "(-plugin libklprecord.so,socket=PATH)")
@@ -396,7 +399,7 @@ def cmd_watch(args) -> int:
 
 
 def configure(parser) -> None:
-    from gdbklp.lab.config import DEFAULT_TRAMPOLINE, TRAMPOLINES
+    from gdbklp.lab.config import DEFAULT_KERNEL, DEFAULT_TRAMPOLINE, KERNELS, TRAMPOLINES
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--attach", metavar="HOST:PORT", help="a guest's gdbstub (QEMU -gdb tcp:127.0.0.1:PORT)")
     where.add_argument("--qemu", metavar="CMDLINE", help="start QEMU with this command line (gdbklp adds -gdb)")
@@ -404,6 +407,8 @@ def configure(parser) -> None:
     parser.add_argument("--vmlinux", type=Path, help="the running kernel's vmlinux (with --attach, --qemu)")
     parser.add_argument("--run", metavar="ARGS", help="with --lab: start klplab-run ARGS in the guest once the "
                                                       "watch runs (the r key starts more)")
+    parser.add_argument("--kernel", choices=tuple(KERNELS), default=None,
+                        help=f"with --lab: the lab kernel generation to boot (default {DEFAULT_KERNEL})")
     parser.add_argument("--trampoline", choices=tuple(TRAMPOLINES), default=DEFAULT_TRAMPOLINE,
                         help="with --lab: the trampoline design the guest runs")
     parser.add_argument("--sample", type=float, metavar="HZ", help="sampling mode instead of breakpoints")

@@ -35,3 +35,34 @@ def test_bootstrap_help_comes_before_any_set_up(tmp_path):
                               env=env)
         assert proc.returncode == 0 and proc.stdout.startswith("usage: ./bootstrap demo")
     assert not (tmp_path / "venv").exists()
+
+
+def test_every_option_has_help():
+    """Each option of gdbklp's command line says what it does in --help."""
+    import argparse
+    from gdbklp import monitor
+    from gdbklp.lab import cli as lab_cli
+    parser = argparse.ArgumentParser(prog="gdbklp")
+    sub = parser.add_subparsers()
+    lab_cli.configure(sub.add_parser("lab"))
+    monitor.configure(sub.add_parser("watch"))
+    silent, seen = [], 0
+
+    def walk(p: argparse.ArgumentParser, path: str) -> None:
+        nonlocal seen
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}")
+            elif action.dest != "help":
+                seen += 1
+                if not action.help:
+                    silent.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(parser, "gdbklp")
+    assert seen > 50 and silent == []
+
+
+def test_watch_kernel_needs_the_lab():
+    proc = gdbklp("watch", "--attach", "127.0.0.1:9", "--vmlinux", sys.executable, "--kernel", "7.3")
+    assert proc.returncode == 1 and proc.stderr == "gdbklp: --kernel chooses the lab kernel to boot: it needs --lab\n"

@@ -279,7 +279,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("boot", help="boot the lab guest and wait (Ctrl-C stops it)")
     p.add_argument("--smp", type=int, default=None, help="vCPUs (default 2)")
     p.add_argument("-S", "--stopped", action="store_true", help="wait for gdb before starting")
-    p.add_argument("--mode", choices=("serve", "run", "shell"), default="serve")
+    p.add_argument("--mode", choices=("serve", "run", "shell"), default="serve",
+                   help="serve: the guest's /init runs the lines sent on its console (what the demo and the "
+                        "tests use); run: it runs klplab-run --run's arguments, then powers off; shell: an "
+                        "interactive shell on the console (default serve)")
     p.add_argument("--run", default="", metavar="ARGS", help="klplab-run arguments (mode run)")
     p.add_argument("--no-patch", action="store_true", help="do not load the live patch at boot")
     add_guest_options(p)
@@ -287,17 +290,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("gdb", help="gdb-multiarch with gdbklp, attached to a new or running guest")
     p.add_argument("--port", help="attach to a guest whose gdbstub already listens on 127.0.0.1:PORT")
-    p.add_argument("--smp", type=int, default=None)
+    p.add_argument("--smp", type=int, default=None, help="vCPUs (default 2)")
     add_guest_options(p)
     p.set_defaults(func=cmd_gdb)
 
     p = sub.add_parser("demo", help="watch every call kind's redirections and compare with the guest")
-    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--tasks", type=int, default=2, help="guest tasks calling through the patch (default 2)")
     p.add_argument("--calls", type=int, default=20, help="calls per kind per task")
     p.add_argument("--kinds", help="comma-separated kinds, or all (default: those the trampoline handles)")
     p.add_argument("--timeout", type=float, help="seconds the workload may take (default: per trampoline)")
     p.add_argument("--flags", default="", help="yield,sleep,hold")
-    p.add_argument("--smp", type=int, default=None)
+    p.add_argument("--smp", type=int, default=None, help="vCPUs (default 2)")
     p.add_argument("--json", metavar="FILE", help="also write the watch report as JSON")
     p.add_argument("--without-p1", action="store_true",
                    help="one stop per redirection, not two: indirect calls' B and C are then named only "
