@@ -256,7 +256,9 @@ class WatchReport:
                 cpus = ",".join(map(str, sorted(t.cpus)))
                 lines.append(f"  {t.task:#20x}  {t.pid:>6}  {t.comm:<16}  {cpus:<6}  {t.redirections:>12}  {t.violations}")
         if self.violations:
-            lines.append(f"  invariants violated: {', '.join(map(str, self.violated_invariants))}")
+            numbers = self.violated_invariants
+            anchor = f"#{numbers[0]}" if len(numbers) == 1 else ""
+            lines.append(f"  invariants violated: {', '.join(map(str, numbers))} (docs/invariants.md{anchor})")
         lines += [f"  design hazard (invariant 6): {h}" for h in self.hazards]
         lines += [f"  guest: {e}" for e in self.guest_events]
         lines += [f"  note: {n}" for n in self.notes]

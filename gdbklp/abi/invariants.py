@@ -103,7 +103,8 @@ class Violation:
             f"  call site {self.call_site} in {self.caller}; patched {self.patched} -> replacement {self.replacement}",
             f"  expected: {self.expected}",
             f"  found:    {self.found}",
-        ] + ([f"  diagnosis: {self.diagnosis}"] if self.diagnosis else []))
+        ] + ([f"  diagnosis: {self.diagnosis}"] if self.diagnosis else [])
+          + [f"  invariant {self.invariant}: docs/invariants.md#{self.invariant}"])
 
 
 def stamp(violations: list[Violation], context: EventContext) -> list[Violation]:

@@ -11,6 +11,7 @@ import gdb
 
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.commands.style import styled
 from gdbklp.gdbext.inferior import stacks, target, tasks, vcpus
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
@@ -73,7 +74,7 @@ class KlpFrames(Command):
         for note in notes:
             gdb.write(note + "\n")
         for s in found:
-            gdb.write(s.format_text(view) + "\n")
+            gdb.write(styled(s.format_text(view)) + "\n")
 
 
 KlpFrames()

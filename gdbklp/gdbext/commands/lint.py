@@ -30,6 +30,7 @@ from gdbklp.abi import rfc
 from gdbklp.abi.livepatch import LayoutError
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.commands.style import styled
 from gdbklp.gdbext.inferior import target, vcpus
 from gdbklp.gdbext.inferior.kernel import Kernel
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
@@ -110,7 +111,8 @@ class KlpLint(Command):
                 for f in findings]}, indent=1) + "\n")
             return
         for f in findings:
-            gdb.write(f"{'ok   ' if f.ok else 'ERROR'} {kernel.describe(f.address)} ({f.address:#x}): {f.text}\n")
+            line = f"{'ok   ' if f.ok else 'ERROR'} {kernel.describe(f.address)} ({f.address:#x}): {f.text}"
+            gdb.write(styled(line) + "\n")
         gdb.write(f"klp-lint: {verdict}\n")
 
 

@@ -15,6 +15,7 @@ import gdb
 
 from gdbklp.abi.invariants import PATCH_STATE_NAMES, check_switched_task, replaced_on_stack
 from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.commands.style import styled
 from gdbklp.gdbext.inferior import patches, stacks, target, tasks, vcpus
 from gdbklp.gdbext.inferior.kernel import Kernel
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
@@ -76,7 +77,7 @@ class KlpTransition(Command):
         target.require_target()
         vcpus.select_kernel_vcpu()
         data = transition_state(kernel)
-        gdb.write((json.dumps(data, indent=1) if args.json else format_state(data)) + "\n")
+        gdb.write((json.dumps(data, indent=1) if args.json else styled(format_state(data))) + "\n")
 
 
 KlpTransition()

@@ -14,7 +14,8 @@ class KlpUnwinder(Command):
     name = "klp-unwinder"
 
     def configure(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("state", choices=("on", "off", "status"))
+        parser.add_argument("state", choices=("on", "off", "status"),
+                            help="on, off: switch both; status: say whether they are on, and their last errors")
 
     def run(self, args: argparse.Namespace) -> None:
         unwinder = livepatch_unwinder(None if args.state == "status" else args.state == "on")

@@ -11,6 +11,7 @@ import gdb
 from gdbklp.abi.designs import Design
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.commands.base import Command
+from gdbklp.gdbext.commands.style import styled
 from gdbklp.gdbext.inferior import target, vcpus
 from gdbklp.gdbext.inferior.kernel import Kernel
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
@@ -174,7 +175,7 @@ class KlpWatch(Command):
     def report(self, watch: Watch, args: argparse.Namespace) -> None:
         self.write_reports(watch, args)
         if not (args.json or args.junit):
-            gdb.write(watch.report.format_text() + "\n")
+            gdb.write(styled(watch.report.format_text()) + "\n")
 
     def finish(self, watch: Watch, args: argparse.Namespace) -> None:
         if not watch.mode.can_end_now():
@@ -182,7 +183,7 @@ class KlpWatch(Command):
                               "or interrupt the guest, then finish")
         watch.finish("klp-watch finish")
         self.write_reports(watch, args)
-        gdb.write(watch.report.format_text() + "\n")
+        gdb.write(styled(watch.report.format_text()) + "\n")
         gdb.execute(f"quit {exit_status(watch.report)}")
 
 

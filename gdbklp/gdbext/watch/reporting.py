@@ -8,6 +8,7 @@ import gdb
 
 from gdbklp.abi.invariants import EventContext, Violation
 from gdbklp.abi.kernel import TaskIdentity
+from gdbklp.gdbext.commands.style import styled
 from gdbklp.options import WatchOptions
 from gdbklp.report import Redirection, WatchReport
 
@@ -49,8 +50,8 @@ class Reporter:
     def publish(self, violations: list[Violation]) -> None:
         """Print violations as they happen."""
         for v in violations:
-            gdb.write((f"klp-watch: invariant {v.invariant} violated: {v.title} ({v.event})"
-                       if self.options.quiet else v.format_text()) + "\n")
+            gdb.write(styled(f"klp-watch: invariant {v.invariant} violated: {v.title} ({v.event})"
+                             if self.options.quiet else v.format_text()) + "\n")
 
     def stop_wanted(self, violations: list[Violation]) -> bool:
         """Must the guest stop for the user now (--fail-fast, --max-events)? Ends the watch if so."""
