@@ -1,10 +1,12 @@
-"""gdb side of tests/capture.py: write one task's stack as a replayable image.
+"""gdb side of tests/capture.py and tests/data/distribution/capture.py: write
+one task's stack as a replayable image.
 
-Sourced into gdb by capture.py. An image holds the task's whole kernel stack,
-every other memory block the real decoder read (code around return
-addresses, the livepatch_sp slot), the registers, and the part of the
-symbol tables that names what is on the stack, so tests replay the decoder
-on real memory without gdb or QEMU.
+Sourced into gdb by those scripts. An image holds the task's whole kernel
+stack, every other memory block the real decoder read (code around return
+addresses, the livepatch_sp slot), the registers, the part of the symbol
+tables that names what is on the stack, and the kernel code a view is
+decoded from (the system call entry, the ftrace trampolines), so tests
+replay the decoder on real memory without gdb or QEMU.
 """
 
 import argparse
@@ -16,12 +18,21 @@ from dataclasses import asdict
 
 import gdb
 
-from gdbklp.abi.frames import Registers
+from gdbklp.abi.frames import SCAN_INSNS, Registers
 from gdbklp.abi.invariants import CodeFacts, ReturnSample, check_return
 from gdbklp.abi.taskstack import decode_task_stack
 from gdbklp.gdbext.inferior import stacks, target, tasks, vcpus
 from gdbklp.gdbext.commands.base import Command
 from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
+from gdbklp.gdbext.inferior.trampolines import trampoline_code
+
+
+def kernel_code(kernel) -> dict:
+    """The code a view decodes: the ftrace trampolines and the system call entry."""
+    code = {name: {"address": address, "code": data.hex()} for name, address, data in trampoline_code(kernel)}
+    entry = kernel.symbols.address("system_call_common")
+    code["system_call_common"] = {"address": entry, "code": kernel.code(entry, 4 * SCAN_INSNS).hex()}
+    return code
 
 
 def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | None) -> dict:
@@ -39,6 +50,7 @@ def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | No
 
     who = tasks.identity(task)
     pid, comm = who.pid, who.comm
+    regs_offset = target.dwarf_offset("struct task_struct", "thread.regs")
     stack = decode_task_stack(label, regs, task, read, view, pid, comm, base)
     if stack.livepatch and stack.livepatch.entries:
         # at C's entry the state is what P3 sees when C returns cleanly: record
@@ -47,7 +59,7 @@ def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | No
         sample = ReturnSample(task, 0, regs.sp, stack.livepatch.livepatch_sp, base,
                               read(base, top - base), read(regs.sp, 32))
         check_return(sample, CodeFacts(view, read))
-    addresses = {f.pc for f in stack.walk.frames}
+    addresses = {f.pc for f in stack.walk.frames} | {regs.lr or 0, regs.r0 or 0}
     if stack.livepatch:
         addresses |= {e.ra for e in stack.livepatch.entries}
     symbols = set()
@@ -63,7 +75,10 @@ def capture(kernel, label: str, regs: Registers, task: int, stack_base: int | No
         "reads": reads,
         "objects": [{"name": o.name, "base": o.base, "size": o.size, "toc": o.toc} for o in view.objects],
         "symbols": sorted(symbols),
-        "livepatch": asdict(view.livepatch),
+        "livepatch": asdict(view.livepatch) if view.livepatch else None,
+        "code": kernel_code(kernel),
+        "system_call_exception": kernel.symbols.address("system_call_exception"),
+        "thread_regs": target.read_u64(task + regs_offset) if regs_offset is not None else None,
         "decoded": stack.format_text(view),
     }
 

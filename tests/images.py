@@ -6,7 +6,8 @@ import zlib
 from pathlib import Path
 
 from gdbklp.abi import elf
-from gdbklp.abi.frames import Registers
+from gdbklp.abi.frames import Registers, decode_interrupt_frame
+from gdbklp.abi.ftrace import decode_traced_calls
 from gdbklp.abi.kernel import KernelView, ObjectInfo
 from gdbklp.abi.livepatch import LivepatchHandlerLayout
 from gdbklp.abi.taskstack import TaskStack, decode_task_stack
@@ -21,8 +22,8 @@ class Unreadable(Exception):
 class StackImage:
     """A captured task: its memory (mutable, to corrupt it) and the kernel's view."""
 
-    def __init__(self, name: str):
-        data = json.loads((STACKS / f"{name}.json").read_text())
+    def __init__(self, name: str, directory: Path = STACKS, code_edit=None):
+        data = json.loads((directory / f"{name}.json").read_text())
         self.data = data
         self.base = data["stack_base"]
         self.stack = bytearray(zlib.decompress(base64.b64decode(data["stack"])))
@@ -30,14 +31,29 @@ class StackImage:
         self.unreadable: list[tuple[int, int]] = []
         self.regs = Registers(**data["regs"])
         self.task = data["task"]
+        # the kernel's code a view decodes where the image has it (the system
+        # call entry, the ftrace trampolines): code_edit may change it first
+        self.code = {n: (c["address"], bytes.fromhex(c["code"])) for n, c in data.get("code", {}).items()}
+        if code_edit:
+            code_edit(self.code)
+        self.view = self.kernel_view()
+
+    def kernel_view(self) -> KernelView:
+        data = self.data
         by_object: dict[str, list[elf.Symbol]] = {}
         for obj, name_, address, size, type_ in data["symbols"]:
             by_object.setdefault(obj, []).append(elf.Symbol(name_, address, size, type_))
         objects = [ObjectInfo(o["name"], o["base"], o["size"],
                               elf.SymbolTable(by_object.get(o["name"], []), o["name"]), o["toc"])
                    for o in data["objects"]]
-        self.view = KernelView(objects, LivepatchHandlerLayout(**data["livepatch"]),
-                               thread_size=data["thread_size"])
+        livepatch = LivepatchHandlerLayout(**data["livepatch"]) if data.get("livepatch") else None
+        if "system_call_common" not in self.code:  # a 6.1 image: the layout of its time
+            return KernelView(objects, livepatch, thread_size=data["thread_size"])
+        entry, code = self.code["system_call_common"]
+        return KernelView(objects, livepatch, thread_size=data["thread_size"],
+                          interrupt_frame=decode_interrupt_frame(code, entry, data["system_call_exception"]),
+                          traced_calls=decode_traced_calls(
+                              [(n, a, c) for n, (a, c) in self.code.items() if n != "system_call_common"]))
 
     # ---- memory ------------------------------------------------------------
 

@@ -12,56 +12,24 @@ patching), replayed from stack images captured in the lab's QEMU
   then from ftrace's frame, decoded from the kernel's own ftrace_caller.
 """
 
-import base64
 import dataclasses
-import json
-import zlib
 from pathlib import Path
 
 import pytest
 from images import StackImage
 
 from gdbklp.abi import elf, ppc
-from gdbklp.abi.frames import Registers, decode_interrupt_frame, from_user
-from gdbklp.abi.ftrace import decode_traced_calls
-from gdbklp.abi.kernel import PRE_6_2_INTERRUPT_FRAME, KernelView, ObjectInfo
-from gdbklp.abi.taskstack import decode_task_stack
+from gdbklp.abi.frames import from_user
+from gdbklp.abi.kernel import PRE_6_2_INTERRUPT_FRAME, ObjectInfo
 
 DATA = Path(__file__).parent / "data" / "distribution"
 NIP, GPR1 = 256, 8  # pt_regs->nip and ->gpr[1] (struct user_pt_regs, a user-space ABI)
 
 
-class DistributionImage(StackImage):
-    """A captured task of the distribution kernel, with the kernel's code the
-    view is decoded from: the system call entry and the ftrace trampolines."""
-
-    def __init__(self, name: str, code_edit=None):
-        data = json.loads((DATA / f"{name}.json").read_text())
-        self.data = data
-        self.base = data["stack_base"]
-        self.stack = bytearray(zlib.decompress(base64.b64decode(data["stack"])))
-        self.reads = {int(a, 16): bytes.fromhex(v) for a, v in data["reads"].items()}
-        self.unreadable = []
-        self.regs = Registers(**data["regs"])
-        self.task = data["task"]
-        self.code = {n: (c["address"], bytes.fromhex(c["code"])) for n, c in data["code"].items()}
-        if code_edit:
-            code_edit(self.code)
-        by_object: dict[str, list[elf.Symbol]] = {}
-        for obj, name_, address, size, type_ in data["symbols"]:
-            by_object.setdefault(obj, []).append(elf.Symbol(name_, address, size, type_))
-        objects = [ObjectInfo(o["name"], o["base"], o["size"],
-                              elf.SymbolTable(by_object.get(o["name"], []), o["name"]), o["toc"])
-                   for o in data["objects"]]
-        entry, code = self.code["system_call_common"]
-        self.view = KernelView(objects, None, thread_size=data["thread_size"],
-                               interrupt_frame=decode_interrupt_frame(code, entry, data["system_call_exception"]),
-                               traced_calls=decode_traced_calls(
-                                   [(n, a, c) for n, (a, c) in self.code.items() if n != "system_call_common"]))
-
-    def decode(self):
-        return decode_task_stack(self.data["label"], self.regs, self.task, self.read, self.view,
-                                 self.data["pid"], self.data["comm"], self.base)
+def distribution_image(name: str, code_edit=None) -> StackImage:
+    """A captured task of the distribution kernel, with the kernel's code its
+    view is decoded from (the system call entry, the ftrace trampolines)."""
+    return StackImage(name, DATA, code_edit)
 
 
 def names(stack):
@@ -71,7 +39,7 @@ def names(stack):
 # ---- the entry from user space -------------------------------------------------------
 
 def test_a_task_in_a_system_call_ends_at_its_entry_from_user_space():
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     stack = image.decode()
     user_regs = image.data["thread_regs"]  # task->thread.regs: the pt_regs of its user context
     assert stack.walk.end == from_user(image.u64(user_regs + NIP), image.u64(user_regs + GPR1))
@@ -84,7 +52,7 @@ def test_a_task_in_a_system_call_ends_at_its_entry_from_user_space():
 
 
 def test_the_interrupt_frame_layout_is_decoded_from_the_system_call_entry():
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     # 6.2 on: STACK_INT_FRAME_MARKER = STACK_FRAME_MIN_SIZE, STACK_INT_FRAME_REGS = it + 16
     assert (image.view.interrupt_frame.marker_offset, image.view.interrupt_frame.regs_offset) == (32, 48)
 
@@ -96,19 +64,19 @@ def test_the_system_call_entry_without_its_pt_regs_pointer_is_refused():
         code["system_call_common"] = (entry, b"".join(w.to_bytes(4, "little") for w in words))
 
     with pytest.raises(ValueError, match=r"system_call_common \(0x[0-9a-f]+\) calls system_call_exception at"):
-        DistributionImage("user-entry", drop_regs_pointer)
+        distribution_image("user-entry", drop_regs_pointer)
 
 
 def test_with_the_pre_6_2_layout_the_user_entry_is_a_false_loop():
     """What the walker did before it read the layout from the kernel: the
     marker is not where it looked, and the back chain into user space 'loops'."""
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     image.view.interrupt_frame = PRE_6_2_INTERRUPT_FRAME
     assert image.decode().walk.end.endswith(": loop")
 
 
 def test_a_back_chain_that_does_not_rise_inside_the_kernel_is_still_a_loop():
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     kernel_frames = [f.sp for f in image.decode().walk.frames if f.kind == "caller"]
     sp = kernel_frames[3]
     image.put_u64(sp, kernel_frames[1])  # back to a frame below it
@@ -124,7 +92,7 @@ def raw_toc_slot(image, frame) -> int:
 
 
 def test_toc_slots_are_a_toc_only_when_they_hold_one():
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     stack = image.decode()
     vmlinux_toc = image.view.objects[0].toc
     for f in stack.walk.frames:
@@ -147,7 +115,7 @@ def test_toc_slots_are_a_toc_only_when_they_hold_one():
 
 
 def test_a_slot_holding_a_modules_toc_is_that_modules():
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     frame = next(f for f in image.decode().walk.frames if f.toc_slot_unused)
     value = raw_toc_slot(image, frame)
     image.view.objects.append(ObjectInfo("some_module", 0xC008000000000000, 0x10000, elf.SymbolTable([], "m"), value))
@@ -156,7 +124,7 @@ def test_a_slot_holding_a_modules_toc_is_that_modules():
 
 
 def test_a_slot_written_by_an_indirect_call_site_is_a_toc_whatever_it_holds():
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     frame = next(f for f in image.decode().walk.frames if f.call_site == "indirect")
     image.put_u64(frame.sp + 24, 0x1234)
     again = image.decode().walk.frames[frame.index]
@@ -184,7 +152,7 @@ def assert_traced_call(image, stack, a_sp: int, ra: int):
 
 
 def test_at_ftrace_callers_entry_the_caller_comes_from_r0():
-    image = DistributionImage("ftrace-entry")
+    image = distribution_image("ftrace-entry")
     stack = image.decode()
     assert stack.walk.frames[1].pc == image.regs.lr  # the site in B
     assert_traced_call(image, stack, a_sp=image.regs.sp, ra=image.regs.r0)
@@ -192,13 +160,13 @@ def test_at_ftrace_callers_entry_the_caller_comes_from_r0():
 
 
 def test_without_the_trampolines_model_the_caller_is_missing():
-    image = DistributionImage("ftrace-entry")
+    image = distribution_image("ftrace-entry")
     image.view.traced_calls = None
     assert image.regs.r0 not in [f.pc for f in image.decode().walk.frames]
 
 
 def test_inside_ftrace_caller_the_caller_comes_from_its_frame():
-    image = DistributionImage("ftrace-inside")
+    image = distribution_image("ftrace-inside")
     state = image.view.traced_calls.at(image.regs.pc)
     a_sp = image.regs.sp - state.frame
     assert state.frame < 0 and state.ra_slots  # the frame is built and RA saved in it
@@ -212,7 +180,7 @@ def test_inside_ftrace_caller_the_caller_comes_from_its_frame():
 
 
 def test_ftrace_slots_that_disagree_are_refused_not_guessed():
-    image = DistributionImage("ftrace-inside")
+    image = distribution_image("ftrace-inside")
     state = image.view.traced_calls.at(image.regs.pc)
     a_sp = image.regs.sp - state.frame
     image.put_u64(a_sp + 16, 0xC000000000000BAD)  # one copy of RA changed (as a tracer may)
@@ -229,7 +197,7 @@ def test_ftrace_code_the_decoder_does_not_model_is_refused_with_its_address():
         address, data = code["ftrace_caller"]
         code["ftrace_caller"] = (address, data[:4] + sync.to_bytes(4, "little") + data[8:])
 
-    image = DistributionImage("ftrace-inside", unmodelled_second_instruction)
+    image = distribution_image("ftrace-inside", unmodelled_second_instruction)
     entry = image.code["ftrace_caller"][0]
     walk = image.decode().walk
     assert walk.end == f"ftrace_caller: cannot model `sync` ({sync:#010x}) at {entry + 4:#x}"
@@ -240,7 +208,7 @@ def test_stopped_in_the_entry_code_on_the_interrupt_frame_itself():
     """A vCPU in system_call_vectored_common after its r1 moved to the kernel
     stack: the current frame is the interrupt frame, whose back chain is the
     user's r1."""
-    image = DistributionImage("user-entry")
+    image = distribution_image("user-entry")
     entry = image.decode().walk.frames[-1]
     image.regs = dataclasses.replace(image.regs, sp=entry.sp)
     stack = image.decode()

@@ -13,6 +13,8 @@
   space on the previous main).
 """
 
+import json
+
 import pytest
 
 from helpers import needs_parking
@@ -75,3 +77,33 @@ def test_a_parked_watch_ends_while_a_vcpu_runs_user_code(guest, gdb):
             assert "0 violations" in gdb.console("klp-watch status")
     finally:
         guest.check(f"kill {busy}")
+
+
+def test_a_task_running_user_code_is_said_to_be_there_not_walked_from_its_stale_stack(guest, gdb):
+    # two busy loops in user space, one per vCPU: at the interrupt at least one
+    # vCPU runs one of them. What _switch left on that task's stack is stale (it
+    # has returned to user space since): walking it once gave "loop" endings
+    if gdb.running:
+        gdb.interrupt()
+    gdb.cont()
+    pids = [int(guest.check("(while :; do :; done) > /dev/null 2>&1 & echo $!").strip()) for _ in range(2)]
+    try:
+        for _ in range(10):
+            gdb.interrupt()
+            users = [line for line in gdb.console("klp-frames --all").splitlines() if "in user space at" in line]
+            if users:
+                break
+            gdb.cont()
+        else:
+            pytest.fail("no vCPU ran user code at 10 interrupts with two busy loops")
+        notes = json.loads(gdb.console("klp-frames --tasks --json"))["notes"]
+        in_user = [n for n in notes if "(no kernel stack in use)" in n]
+        assert len(in_user) >= len(users) and all(n.split(":")[0].split()[1].isdigit() for n in in_user), notes
+        busy = [n for n in in_user if int(n.split()[1].rstrip(":")) in pids]
+        assert busy, (notes, pids)
+        pid = int(busy[0].split()[1].rstrip(":"))
+        with pytest.raises(GdbCommandError, match=f"klp-frames: pid {pid} .*: on vCPU [0-9], in user space at"):
+            gdb.console(f"klp-frames --task {pid}")
+    finally:
+        gdb.cont()
+        guest.check(f"kill {' '.join(map(str, pids))}")

@@ -40,19 +40,30 @@ class FrameId:
         self.pc = pc
 
 
-class LivepatchUnwinder(Unwinder):
-    def __init__(self):
-        super().__init__(NAME)
-        self.innermost: dict[str, int] | None = None
-        self.callers: dict[int, tuple[int, int]] | None = None  # trampoline sp -> (RA, saved TOC)
+class SafeUnwinder(Unwinder):
+    """An unwinder whose failure is kept in last_error, never raised: an
+    unwinder must never break `bt`, gdb's own take over."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
         self.last_error = ""
 
     def __call__(self, pending_frame):
         try:
             return self._unwind(pending_frame)
-        except Exception as e:  # an unwinder must never break `bt`; gdb's own takes over
+        except Exception as e:
             self.last_error = f"{type(e).__name__}: {e}"
             return None
+
+    def _unwind(self, pending_frame):
+        raise NotImplementedError
+
+
+class LivepatchUnwinder(SafeUnwinder):
+    def __init__(self):
+        super().__init__(NAME)
+        self.innermost: dict[str, int] | None = None
+        self.callers: dict[int, tuple[int, int]] | None = None  # trampoline sp -> (RA, saved TOC)
 
     def _unwind(self, pending_frame):
         kernel = current_kernel()
@@ -99,21 +110,13 @@ unwinder = LivepatchUnwinder()
 register_unwinder(None, unwinder, replace=True)
 
 
-class TracedCallUnwinder(Unwinder):
+class TracedCallUnwinder(SafeUnwinder):
     """The caller of an ftrace trampoline's frame: the traced function B at its
     site (LR at the trampoline's entry) with LR = RA, or A itself (pc = RA)
     where the site is no longer known; r1 is A's stack pointer either way."""
 
     def __init__(self):
         super().__init__("gdbklp-ftrace")
-        self.last_error = ""
-
-    def __call__(self, pending_frame):
-        try:
-            return self._unwind(pending_frame)
-        except Exception as e:  # an unwinder must never break `bt`; gdb's own takes over
-            self.last_error = f"{type(e).__name__}: {e}"
-            return None
 
     def _unwind(self, pending_frame):
         view = current_kernel().view(read_modules=False)

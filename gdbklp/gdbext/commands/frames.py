@@ -18,7 +18,8 @@ from gdbklp.gdbext.inferior.kernel import kernel as current_kernel
 
 def every_task(kernel) -> tuple[list, list[str]]:
     """The stack of every task, and a note for each whose stack cannot be read
-    (a task exiting while the guest was stopped: its stack may be freed)."""
+    (a task exiting while the guest was stopped: its stack may be freed) or
+    is not in use (a task running user code on a vCPU)."""
     if not kernel.has_dwarf:
         raise GdbklpError("--tasks needs DWARF (a vmlinux built with debug info)")
     vcpus.select_kernel_vcpu()
@@ -29,6 +30,8 @@ def every_task(kernel) -> tuple[list, list[str]]:
         except gdb.MemoryError as e:
             who = tasks.identity(task)
             notes.append(f"pid {who.pid} {who.comm}: its stack is unreadable ({e})")
+        except stacks.TaskInUserSpace as e:
+            notes.append(str(e))
     return found, notes
 
 

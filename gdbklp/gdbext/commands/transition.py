@@ -39,6 +39,8 @@ def transition_state(kernel: Kernel) -> dict:
             # a task exiting while the guest was stopped: its stack may be freed
             # already, and its saved stack pointer leads nowhere
             frames, record["unreadable"] = [], f"its stack is unreadable ({e})"
+        except stacks.TaskInUserSpace:
+            frames = []  # running user code: no kernel function of it is on its stack
         holders = record["held_by"] = replaced_on_stack([f.function for f in frames], replaced)
         if state != goal:
             pending.append(record)

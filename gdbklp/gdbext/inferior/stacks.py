@@ -11,6 +11,7 @@ import gdb
 from gdbklp.abi.frames import Registers
 from gdbklp.abi.kernel import KernelView
 from gdbklp.abi.taskstack import TaskStack, decode_task_stack
+from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.events import RAN, cache_until
 from gdbklp.gdbext.inferior import target, tasks, vcpus
 from gdbklp.gdbext.inferior.kernel import Kernel
@@ -52,10 +53,27 @@ def sleeping_stack(kernel: Kernel, task: int) -> TaskStack:
                              stack_base=base)
 
 
+class TaskInUserSpace(GdbklpError):
+    """The task runs user code on a vCPU: no kernel stack of it is in use."""
+
+
 def stack_of_task(kernel: Kernel, task: int) -> TaskStack:
-    """Any task's stack: from its vCPU's registers if it runs, else as _switch left it."""
+    """Any task's stack: from its vCPU's registers if it runs, else as _switch
+    left it. TaskInUserSpace for a task running user code: what _switch left
+    on its stack is stale (the task has returned to user space since)."""
+    vcpus.select_kernel_vcpu()
+    who = tasks.identity(task)
+    running = tasks.on_cpus(kernel, len(vcpus.vcpu_threads()))
     for label, state in vcpus.each_vcpu():
-        if not vcpus.in_user_mode(state) and tasks.running_task(kernel, state["r13"]) == task:
-            return running_stack(kernel, f"{label} pid {tasks.identity(task).pid}", state)
+        if running:
+            here = running.get(task) == vcpus.current_cpu()
+        else:  # no DWARF for the PACAs: a vCPU in the kernel tells by its r13
+            here = not vcpus.in_user_mode(state) and tasks.running_task(kernel, state["r13"]) == task
+        if not here:
+            continue
+        elsewhere = vcpus.user_context(state)
+        if elsewhere:
+            raise TaskInUserSpace(f"pid {who.pid} {who.comm}: on {label}, {elsewhere} (no kernel stack in use)")
+        return running_stack(kernel, f"{label} pid {who.pid}", state)
     vcpus.select_kernel_vcpu()
     return sleeping_stack(kernel, task)

@@ -92,6 +92,25 @@ def task_slot(kernel: Kernel, r13: int) -> int:
     return r13 + paca_current_offset(kernel)
 
 
+@cache_until(*RAN)
+def on_cpus(kernel: Kernel, cpus: int) -> dict[int, int]:
+    """task -> the CPU it runs on, for CPUs 0 to cpus - 1, from each CPU's PACA
+    (paca_ptrs[cpu]->__current: right whatever the vCPU runs, user code
+    included, where r13 is the user's); empty without DWARF for paca_ptrs.
+    Read through the selected vCPU, which must run kernel code."""
+    array = target.dwarf_address("paca_ptrs")
+    if array is None:
+        return {}
+    offset = paca_current_offset(kernel)
+    pacas = target.read_u64(array)
+    found = {}
+    for cpu in range(cpus):
+        paca = target.read_u64(pacas + 8 * cpu)
+        if paca:
+            found[target.read_u64(paca + offset)] = cpu
+    return found
+
+
 def running_task(kernel: Kernel, r13: int) -> int:
     """The task_struct a vCPU in kernel mode runs, from its PACA (r13)."""
     return target.read_u64(task_slot(kernel, r13))

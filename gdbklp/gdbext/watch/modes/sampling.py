@@ -127,7 +127,9 @@ class Sampler(PeriodicPauses):
             if not own <= sp < own + self.watch.thread_size:  # on an interrupt stack: no bound from r1
                 sp = own + self.watch.thread_size
             self.check(task, own, sp, cpu, state)
-        self.check_sleepers({t for t, _, _ in running})
+        # a task running user code is no sleeper: what _switch left on its stack is stale
+        on_vcpus = set(tasks.on_cpus(self.kernel, len(self.vcpus)))
+        self.check_sleepers({t for t, _, _ in running} | on_vcpus)
 
     def stack_of(self, task: int, sp: int) -> int | None:
         """task->stack, read again only when sp is not inside the stack read
