@@ -93,7 +93,7 @@ def capture_stacks(images: build.LabImages, out: Path) -> None:
         # a task asleep inside C (the nap flag: C sleeps a second)
         gdb.cont()
         start = guest.send("echo 'local 1 8' > /proc/klp_lab/run & echo pid=$!; wait")
-        pid = guest.wait_for(r"pid=(\d+)", 30, start).group(1)
+        pid = guest.wait_for(r"pid=(\d+)", 30, start.offset).group(1)
         time.sleep(0.3)
         gdb.interrupt()
         print(gdb.console(f"klp-capture {out / 'asleep-in-c-local.json'} --task {pid}"))

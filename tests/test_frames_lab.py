@@ -85,7 +85,7 @@ def test_klp_frames_all_lists_every_vcpu(guest, gdb):
 
 def test_klp_frames_of_a_sleeping_task(guest, gdb):
     start = guest.send("echo 'local 1 8' > /proc/klp_lab/run & echo pid=$!; wait")
-    pid = guest.wait_for(r"pid=(\d+)", 30, start).group(1)
+    pid = guest.wait_for(r"pid=(\d+)", 30, start.offset).group(1)
     time.sleep(0.3)
     gdb.interrupt()
     try:

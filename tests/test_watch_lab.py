@@ -282,7 +282,7 @@ def test_sampling_finds_a_corrupted_entry_of_a_sleeping_task(lab, tmp_path):
         # a task asleep in C for 20 s, its entry's magic overwritten, restored before it wakes
         start = guest.send("echo 20000 > /sys/module/klp_lab_patch/parameters/nap_ms; "
                            "echo 'local 1 8' > /proc/klp_lab/run & echo pid=$!; wait")  # 8: nap
-        pid = guest.wait_for(r"pid=(\d+)", 30, start).group(1)
+        pid = guest.wait_for(r"pid=(\d+)", 30, start.offset).group(1)
         time.sleep(1)
         gdb.interrupt()
         (stack,) = json.loads(gdb.console(f"klp-frames --task {pid} --json"))["stacks"]

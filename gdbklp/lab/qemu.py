@@ -133,6 +133,15 @@ def recorder_command(root: Path, binary: Path) -> tuple[list[str], dict[str, str
             {"QEMU_MODULE_DIR": str(binary.parent)})
 
 
+@dataclass(frozen=True)
+class SentCommand:
+    """A command sent to the guest's shell: where its output starts on the
+    console, and how many commands were sent before it."""
+
+    offset: int
+    number: int
+
+
 class Guest:
     """One lab guest. Use as a context manager, or call close().
 
@@ -160,6 +169,9 @@ class Guest:
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._commands_sent = 0
+        self._done_markers: list[re.Match] = []
+        self._markers_scanned = 0
 
     # ---- life cycle --------------------------------------------------------
 
@@ -296,17 +308,42 @@ class Guest:
     def wait_ready(self, timeout: float = 60.0) -> None:
         self.wait_for(re.escape(self.qemu.ready_marker), timeout)
 
-    def send(self, command: str) -> int:
-        """Start a shell command on the guest (serve mode); return its console offset."""
-        start = len(self.console)
+    def send(self, command: str) -> "SentCommand":
+        """Start a shell command on the guest (serve mode); wait_done(it) waits for it."""
+        with self._cond:
+            sent = SentCommand(len(self._console), self._commands_sent)
+            self._commands_sent += 1
         self.proc.stdin.write(command.encode() + b"\n")
         self.proc.stdin.flush()
-        return start
+        return sent
 
-    def wait_done(self, start: int, timeout: float = 120.0) -> tuple[int, str]:
-        """Wait for the command sent at offset start; return (status, output)."""
-        m = self.wait_for(re.escape(self.qemu.done_marker) + r" (\d+)\n", timeout, start)
-        return int(m.group(1)), self.console[start:m.start()]
+    def wait_done(self, sent: "SentCommand", timeout: float = 120.0) -> tuple[int, str]:
+        """Wait for a command send() started; return (status, output).
+
+        The guest's shell runs its commands one after the other and ends each
+        with one done marker: the command's marker is the (number + 1)-th. An
+        earlier command that has not ended (a test that failed before waiting
+        for its own) holds this one back instead of lending it its marker."""
+        done = re.compile(re.escape(self.qemu.done_marker) + r" (\d+)\n")
+        markers = self._done_markers
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(markers) <= sent.number:
+                for m in done.finditer(self._console, self._markers_scanned):
+                    markers.append(m)
+                    self._markers_scanned = m.end()
+                if len(markers) > sent.number:
+                    break
+                if self.proc is None or self.proc.poll() is not None:
+                    raise LabError(f"QEMU exited while a guest command ran{self._serial_tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LabError(f"guest command {sent.number + 1} did not end within {timeout:.0f} s "
+                                   f"({len(markers)} ended){self._serial_tail()}")
+                self._cond.wait(min(left, 0.5))
+            m = markers[sent.number]
+            begin = max(sent.offset, markers[sent.number - 1].end() if sent.number else 0)
+            return int(m.group(1)), self._console[begin:m.start()]
 
     def run(self, command: str, timeout: float = 120.0) -> tuple[int, str]:
         """Run a shell command on the guest (serve mode); return (status, output)."""
