@@ -1,11 +1,10 @@
-"""Load gdbklp into gdb-multiarch.
+"""Load gdbklp into gdb-multiarch from this checkout.
 
     gdb-multiarch -x gdbinit.d/gdbklp.py vmlinux
 
-or, for every session, add "source /path/to/gdbinit.d/gdbklp.py" to ~/.gdbinit.
-The project's environment (.venv, made by ./bootstrap setup from
-the Python gdb embeds) provides capstone; GDBKLP_VENV
-names another one.
+The checkout's environment (.venv, made by ./bootstrap setup from the Python
+gdb embeds) provides capstone; GDBKLP_VENV names another one. An installed
+gdbklp loads with the commands `gdbklp gdbinit` prints (or installs).
 """
 
 import os
@@ -28,19 +27,10 @@ def _add_environment() -> None:
               "loading without it: instruction display is off")
 
 
-def _check_gdb_version() -> None:
-    import gdb
-
-    from gdbklp import versions
-    version = tuple(int(part) for part in gdb.VERSION.split()[0].split(".")[:2] if part.isdigit())
-    if version < versions.MIN_GDB:
-        raise RuntimeError(f"gdbklp needs gdb {versions.dotted(versions.MIN_GDB)} or newer; this is gdb {gdb.VERSION}")
-
-
 try:
     _add_environment()
-    _check_gdb_version()
     import gdbklp.gdbext
-    gdbklp.gdbext.load()
 except Exception as e:  # one clear line, never a traceback at gdb start-up
     print(f"gdbklp: not loaded: {type(e).__name__}: {e}")
+else:
+    gdbklp.gdbext.start()

@@ -1,4 +1,4 @@
-"""gdbklp command line: gdbklp lab build|boot|gdb|demo, gdbklp watch."""
+"""gdbklp command line: gdbklp lab build|boot|gdb|demo|..., gdbklp watch, gdbklp gdbinit."""
 
 import argparse
 import sys
@@ -16,8 +16,14 @@ def main(argv=None) -> int:
     lab_cli.configure(lab)
     from gdbklp import monitor
     monitor.configure(sub.add_parser("watch", help="live monitor: klp-watch on a guest, full screen"))
+    from gdbklp import gdbinit
+    gdbinit.configure(sub.add_parser("gdbinit", help="the gdb commands that load this gdbklp into gdb-multiarch "
+                                                     "(printed, or installed with --install)"))
     args = parser.parse_args(argv)
     try:
+        if args.command == "lab" or getattr(args, "lab", False):
+            from gdbklp.lab.config import require_checkout
+            require_checkout()
         return args.func(args) or 0
     except GdbklpError as e:  # the lab's, gdb's and gdbklp's own: one line
         print(f"gdbklp: {e}", file=sys.stderr)

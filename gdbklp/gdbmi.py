@@ -11,9 +11,9 @@ import threading
 import time
 from pathlib import Path
 
+from gdbklp import gdbinit
 from gdbklp.errors import GdbklpError
 
-LOADER = Path(__file__).resolve().parent.parent / "gdbinit.d" / "gdbklp.py"
 RESULT_CLASSES = ("done", "running", "connected", "error", "exit")
 
 
@@ -31,7 +31,7 @@ def mi_quote(text: str) -> str:
 
 class GdbSession:
     def __init__(self, vmlinux: Path | None = None, gdb: str = "gdb-multiarch",
-                 loader: Path = LOADER):
+                 loader: Path | None = None):
         if not shutil.which(gdb):
             raise GdbSessionError(f"missing {gdb}: install with 'apt-get install gdb-multiarch'")
         from pygdbmi.gdbcontroller import GdbController
@@ -51,7 +51,7 @@ class GdbSession:
         self.mi("-gdb-set confirm off")
         if vmlinux is not None:
             self.console(f"file {vmlinux}", timeout=120)
-        self.console(f"source {loader}")
+        self.console(f"source {loader or gdbinit.loader_file()}")
 
     # ---- raw MI ------------------------------------------------------------
 

@@ -21,3 +21,20 @@ def load(parts=PARTS) -> None:
         except Exception as e:
             failed[name] = f"{type(e).__name__}: {e}"
             print(f"gdbklp: part '{name}' not loaded: {failed[name]}")
+
+
+def start() -> None:
+    """Load every part into this gdb, or say in one line why not (a gdb older
+    than gdbklp supports); what the loaders run, never a traceback."""
+    try:
+        import gdb
+
+        from gdbklp import versions
+        version = tuple(int(part) for part in gdb.VERSION.split()[0].split(".")[:2] if part.isdigit())
+        if version < versions.MIN_GDB:
+            print(f"gdbklp: not loaded: gdbklp needs gdb {versions.dotted(versions.MIN_GDB)} or newer; "
+                  f"this is gdb {gdb.VERSION}")
+            return
+        load()
+    except Exception as e:
+        print(f"gdbklp: not loaded: {type(e).__name__}: {e}")

@@ -12,7 +12,7 @@ from gdbklp.lab import LabError, build, host, ownkernel, session, workload
 from gdbklp.lab import root as labroot
 from gdbklp.lab.config import (DEFAULT_KERNEL, DEFAULT_TRAMPOLINE, KERNELS, OTHER_RELEASE_ROOTS, QEMUS, REPO_ROOT,
                                TRAMPOLINES)
-from gdbklp.gdbmi import LOADER
+from gdbklp.gdbinit import loader_file
 from gdbklp.lab.qemu import Guest, emulator, kernel_cmdline
 from gdbklp.options import WatchOptions
 from gdbklp.ports import port_number, require_listener
@@ -91,7 +91,7 @@ def cmd_build(args) -> int:
 
 
 def gdb_command(vmlinux, port: int) -> list[str]:
-    return ["gdb-multiarch", "-q", "-x", str(LOADER), "-ex", f"file {vmlinux}",
+    return ["gdb-multiarch", "-q", "-x", str(loader_file()), "-ex", f"file {vmlinux}",
             "-ex", f"target remote 127.0.0.1:{port}"]
 
 

@@ -12,15 +12,22 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gdbklp import cache_root  # noqa: F401 (the lab's cache is gdbklp's)
 from gdbklp.abi.designs import Design
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGES_DIR = REPO_ROOT / "qemu-images"
 
 
-def cache_root() -> Path:
-    """Where built artefacts live: $GDBKLP_CACHE or ~/.cache/gdbklp."""
-    return Path(os.environ.get("GDBKLP_CACHE", Path.home() / ".cache" / "gdbklp"))
+def require_checkout() -> None:
+    """The lab builds its kernels, modules and initramfs from the checkout's
+    qemu-images/ and tests its mutants there: a wheel does not carry them.
+    LabError, in one line, for an installed gdbklp."""
+    if not IMAGES_DIR.is_dir():
+        from gdbklp.lab import LabError
+        raise LabError(f"the lab needs a checkout of gdbklp (it builds from its qemu-images/); this gdbklp is "
+                       f"installed at {REPO_ROOT / 'gdbklp'}, which has none: watch your own guest instead "
+                       "(gdbklp watch --attach, or gdb with `gdbklp gdbinit`)")
 
 
 @dataclass(frozen=True)
