@@ -8,7 +8,7 @@
 # Environment: KLP_REPORT_DIR (default .) receives klp-watch.json and
 # klp-watch.xml (JUnit); KLP_WATCH_OPTIONS is added to klp-watch start
 # (for example "--max-events 500 --fail-fast").
-# With the lab: gdbklp lab boot -S --mode run --run "-t 4 -n 100" prints the port.
+# With the lab: gdbklp lab boot -S --mode run --workload "-t 4 -n 100" prints the port.
 python
 import os
 import gdb
@@ -22,5 +22,5 @@ try:
     gdb.execute("continue")
 except gdb.error as e:  # the guest powered off: the connection closed
     gdb.write(f"klp-watch: {e}\n")
-gdb.execute(f"klp-watch finish --json {out}/klp-watch.json --junit {out}/klp-watch.xml")
+gdb.execute(f"klp-watch finish --report {out}/klp-watch.json --junit {out}/klp-watch.xml")
 end

@@ -2,13 +2,13 @@
 gdb-multiarch over MI (pygdbmi).
 
     gdbklp watch --attach 127.0.0.1:PORT --vmlinux VMLINUX [--sample HZ] [--report FILE]
-    gdbklp watch --lab [--trampoline NAME] [--run ARGS] # boot the lab guest and watch it
-    gdbklp watch --qemu "qemu-system-ppc64 ..." --vmlinux VMLINUX
+    gdbklp watch --lab [--trampoline NAME] [--workload ARGS] # boot the lab guest and watch it
+    gdbklp watch --launch "qemu-system-ppc64 ..." --vmlinux VMLINUX
 
 Every gdb exchange happens on one background thread (GdbFeed), so the screen
 never waits for gdb: it shows the latest status the feed read (klp-watch
 status --json, twice a second) and queues the keys' actions. With --lab the
-monitor drives the guest too: `r` (or --run) starts klplab-run with the
+monitor drives the guest too: `r` (or --workload) starts klplab-run with the
 arguments typed, on its own thread, and the guest's console (its serial log:
 the kernel's messages and the workload's output) is shown. Failures before
 the screen opens (gdb missing, nothing listening, a vmlinux that is not the
@@ -110,7 +110,7 @@ class GdbFeed(threading.Thread):
                 self.gdb.cont()
 
     def save(self, path: Path) -> None:
-        self.gdb.console(f"klp-watch report --json {path}")
+        self.gdb.console(f"klp-watch report --report {path}")
         self.update(message=f"report saved to {path}")
 
     def quit(self, leave_running: bool) -> str:
@@ -334,10 +334,10 @@ def guest_to_watch(args):
             with session.booted(images, trampoline=args.trampoline, plugin_socket=socket) as guest:
                 yield WatchTarget(images.vmlinux, guest.gdb_port, guest=guest,
                                   recorder=str(socket) if socket else None)
-    elif args.qemu:
-        words = shlex.split(args.qemu)
+    elif args.launch:
+        words = shlex.split(args.launch)
         if any(w in GDBSTUB_OPTIONS for w in words):
-            raise LabError("--qemu: leave the gdbstub to gdbklp (no -s or -gdb: it listens on 127.0.0.1 only)")
+            raise LabError("--launch: leave the gdbstub to gdbklp (no -s or -gdb: it listens on 127.0.0.1 only)")
         port = free_port()
         proc = subprocess.Popen([*words, "-gdb", f"tcp:127.0.0.1:{port}"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -357,12 +357,12 @@ def guest_to_watch(args):
 
 
 def cmd_watch(args) -> int:
-    if not (args.lab or args.qemu or args.attach):
-        raise LabError("say which guest to watch: --attach HOST:PORT, --qemu CMDLINE or --lab")
+    if not (args.lab or args.launch or args.attach):
+        raise LabError("say which guest to watch: --attach HOST:PORT, --launch CMDLINE or --lab")
     if not args.lab and not args.vmlinux:
-        raise LabError("--vmlinux is needed with --attach and --qemu")
-    if args.run and not args.lab:
-        raise LabError("--run starts klplab-run in the lab guest: it needs --lab")
+        raise LabError("--vmlinux is needed with --attach and --launch")
+    if args.workload and not args.lab:
+        raise LabError("--workload starts klplab-run in the lab guest: it needs --lab")
     if args.kernel and not args.lab:
         raise LabError("--kernel chooses the lab kernel to boot: it needs --lab")
     if args.record == "" and not args.lab:
@@ -390,8 +390,8 @@ def cmd_watch(args) -> int:
             feed = GdbFeed(gdb)
             feed.start()
             workload = Workload(watched.guest, feed) if watched.guest else None
-            if args.run:
-                workload.start(args.run)
+            if args.workload:
+                workload.start(args.workload)
             ended = run_screen(feed, Path(args.report), workload,
                                watched.guest.serial_log if watched.guest else None)
     print(f"gdbklp watch: {ended}; report in {args.report}")
@@ -402,10 +402,10 @@ def configure(parser) -> None:
     from gdbklp.lab.config import DEFAULT_KERNEL, DEFAULT_TRAMPOLINE, KERNELS, TRAMPOLINES
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--attach", metavar="HOST:PORT", help="a guest's gdbstub (QEMU -gdb tcp:127.0.0.1:PORT)")
-    where.add_argument("--qemu", metavar="CMDLINE", help="start QEMU with this command line (gdbklp adds -gdb)")
+    where.add_argument("--launch", metavar="CMDLINE", help="start QEMU with this command line (gdbklp adds -gdb)")
     where.add_argument("--lab", action="store_true", help="boot the lab guest (gdbklp lab build first)")
-    parser.add_argument("--vmlinux", type=Path, help="the running kernel's vmlinux (with --attach, --qemu)")
-    parser.add_argument("--run", metavar="ARGS", help="with --lab: start klplab-run ARGS in the guest once the "
+    parser.add_argument("--vmlinux", type=Path, metavar="PATH", help="the running kernel's vmlinux (with --attach, --launch)")
+    parser.add_argument("--workload", metavar="ARGS", help="with --lab: start klplab-run ARGS in the guest once the "
                                                       "watch runs (the r key starts more)")
     parser.add_argument("--kernel", choices=tuple(KERNELS), default=None,
                         help=f"with --lab: the lab kernel generation to boot (default {DEFAULT_KERNEL})")
@@ -417,5 +417,5 @@ def configure(parser) -> None:
                              "(with --lab: booted with it; else the socket your QEMU's plugin listens on)")
     parser.add_argument("--resolve-indirect", action="store_true",
                         help="name B and C of every indirect call (one more stop per redirection, at P1)")
-    parser.add_argument("--report", default="klp-watch.json", help="where the report is saved (key s, and at exit)")
+    parser.add_argument("--report", default="klp-watch.json", metavar="FILE", help="where the report is saved (key s, and at exit)")
     parser.set_defaults(func=cmd_watch)

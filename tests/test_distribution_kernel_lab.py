@@ -59,7 +59,7 @@ def test_every_task_decodes_without_problems_or_false_loops(deb_guest, deb_gdb):
     sleeper = int(deb_guest.check("sleep 1000 > /dev/null 2>&1 & echo $!").strip())
     deb_gdb.interrupt()
     try:
-        data = json.loads(deb_gdb.console("klp-frames --tasks --json"))
+        data = json.loads(deb_gdb.console("klp-frames --all-tasks --json"))
         stacks = data["stacks"]
         assert len(stacks) > 20
         # a note only for a task that runs user code on a vCPU: no kernel stack of it is in use

@@ -277,3 +277,36 @@ def test_readme_demo_table_has_the_comparison_header():
     assert lines, "no demo comparison table in README.md"
     assert [re.split(r"\s{2,}", line.strip()) for line in lines] == [re.split(r"\s{2,}", header.strip())], \
         (lines, header, columns)
+
+
+# ---- one vocabulary -----------------------------------------------------------
+
+# --record is record mode everywhere: it names the plugin's socket where the
+# user's QEMU has one, and nothing where gdbklp boots QEMU with it (gdbklp lab)
+SAME_NAME_OTHER_FORM = {"--record"}
+
+
+def option_forms(parser, where: str, forms) -> None:
+    """forms[option] += (what it takes, where), for parser and its subcommands."""
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                form = (action.nargs, action.metavar, tuple(action.choices or ()))
+                forms.setdefault(option, set()).add((form, where))
+    for name, sub in _subparsers(parser).items():
+        option_forms(sub, f"{where} {name}", forms)
+
+
+def test_an_option_name_means_one_thing_everywhere(monkeypatch):
+    forms: dict[str, set] = {}
+    option_forms(cli_parser(monkeypatch), "gdbklp", forms)
+    for name, parser in gdb_parsers().items():
+        option_forms(parser, name, forms)
+    differing = {option: sorted(uses, key=str) for option, uses in forms.items()
+                 if len({form for form, _ in uses}) > 1 and option not in SAME_NAME_OTHER_FORM}
+    assert not differing, differing
+    # what the issue of one vocabulary named: --json prints, --report FILE writes
+    assert {form for form, _ in forms["--json"]} == {(0, None, ())}
+    assert {form for form, _ in forms["--report"]} == {(None, "FILE", ())}
+    assert {form for form, _ in forms["--run"]} == {(None, "CMD", ())}
+    assert {form for form, _ in forms["--qemu"]} == {(None, None, ("lab", "host", "record"))}

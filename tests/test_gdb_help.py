@@ -71,7 +71,8 @@ def test_help_of_each_subcommand_is_its_own(sub):
     proc = run_gdb_batch(f"help klp-watch {sub}")
     assert_no_traceback(proc)
     assert f"usage: klp-watch {sub} [-h]" in proc.stdout
-    assert ("--json" in proc.stdout) == (sub in ("status", "report", "finish"))
+    assert ("--json" in proc.stdout) == (sub in ("status", "report"))  # print as JSON
+    assert ("--report FILE" in proc.stdout) == (sub in ("start", "report", "finish"))  # write JSON
 
 
 @in_gdb
@@ -81,7 +82,7 @@ def test_help_of_klp_frames_shows_every_option():
     first = proc.stdout.splitlines()[0]
     assert first.startswith("Decode kernel stacks through live-patch trampolines") and first.endswith("inconsistent.")
     assert "usage: klp-frames" in proc.stdout
-    assert options_listed(proc.stdout) == {"-h", "--help", "--all", "--task", "--tasks", "--json"}
+    assert options_listed(proc.stdout) == {"-h", "--help", "--all", "--task", "--all-tasks", "--json"}
 
 
 @in_gdb
@@ -110,12 +111,12 @@ def completions(*lines: str) -> list[list[str]]:
 
 @in_gdb
 def test_options_complete_with_tab():
-    got = completions("klp-watch start --re", "klp-watch st", "klp-frames --ta", "klp-watch start --design ",
+    got = completions("klp-watch start --re", "klp-watch st", "klp-frames --al", "klp-watch start --design ",
                       "klp-unwinder o", "klp-watch status --", "klp-watch start --max-events 3 --fail")
     assert got == [
         ["klp-watch start --record", "klp-watch start --report", "klp-watch start --resolve-indirect"],
         ["klp-watch start", "klp-watch status", "klp-watch stop"],
-        ["klp-frames --task", "klp-frames --tasks"],
+        ["klp-frames --all", "klp-frames --all-tasks"],
         ["klp-watch start --design auto", "klp-watch start --design livepatch-stack", "klp-watch start --design rfc"],
         ["klp-unwinder off", "klp-unwinder on"],
         ["klp-watch status --help", "klp-watch status --json"],
@@ -125,8 +126,8 @@ def test_options_complete_with_tab():
 
 @in_gdb
 def test_a_file_option_completes_file_names():
-    got = completions(f"klp-watch report --json {REPO}/pyproject.to", f"klp-watch start --report {REPO}/gdbinit.")
-    assert got == [[f"klp-watch report --json {REPO}/pyproject.toml"], [f"klp-watch start --report {REPO}/gdbinit.d/"]]
+    got = completions(f"klp-watch report --report {REPO}/pyproject.to", f"klp-watch start --report {REPO}/gdbinit.")
+    assert got == [[f"klp-watch report --report {REPO}/pyproject.toml"], [f"klp-watch start --report {REPO}/gdbinit.d/"]]
 
 
 @in_gdb

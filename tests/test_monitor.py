@@ -176,7 +176,7 @@ def test_monitor_bad_input_is_one_line():
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert nothing.returncode == 1 and nothing.stderr.strip() == "gdbklp: no vmlinux at /nonexistent"
     assert "Traceback" not in nothing.stderr
-    all_interfaces = subprocess.run(gdbklp("watch", "--qemu", "qemu-system-ppc64 -gdb tcp::1234", "--vmlinux", sys.executable),
+    all_interfaces = subprocess.run(gdbklp("watch", "--launch", "qemu-system-ppc64 -gdb tcp::1234", "--vmlinux", sys.executable),
                                     capture_output=True, text=True, timeout=60, cwd=REPO)
     assert all_interfaces.returncode == 1 and "no -s or -gdb" in all_interfaces.stderr
     assert all_interfaces.stderr.count("\n") == 1
@@ -216,7 +216,7 @@ def test_monitor_refuses_a_vmlinux_of_another_kernel(guest, lab, tmp_path):
 def test_monitor_drives_the_lab_and_shows_its_console(lab, tmp_path, mode):
     # --lab --run: the workload starts with the watch; r starts another; the
     # guest's console shows klplab-run's counts
-    term = Terminal(gdbklp("watch", "--lab", *mode, "--run", "-t 1 -n 4 -k local,indirect", "--report",
+    term = Terminal(gdbklp("watch", "--lab", *mode, "--workload", "-t 1 -n 4 -k local,indirect", "--report",
                            str(tmp_path / "report.json")))
     term.read_until(r"redirections: 8 ", 180)
     term.read_until(r"klplab-counts-end", 30)

@@ -51,7 +51,7 @@ def own_tree(tmp_path_factory) -> Path:
 def watched_demo(*args) -> tuple[dict, dict[str, workload.KindCounts]]:
     """gdbklp lab demo with the given options and its JSON report: (the
     report, the guest's counts)."""
-    report = Path(args[args.index("--json") + 1])
+    report = Path(args[args.index("--report") + 1])
     proc = gdbklp_lab("demo", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     return json.loads(report.read_text()), workload.parse_counts(proc.stdout)
@@ -72,9 +72,9 @@ def test_a_kernel_built_by_the_user_is_watched_as_the_lab_kernel_is(own_tree, tm
     lab_ko = tmp_path / "lab" / "my_patch.ko"
 
     own, own_counts = watched_demo("--vmlinux", vmlinux, "--kernel-build", own_tree, "--module", own_ko,
-                                   "--run", RUN, "--json", tmp_path / "own.json")
+                                   "--run", RUN, "--report", tmp_path / "own.json")
     lab, lab_counts = watched_demo("--kernel", GENERATION.name, "--module", lab_ko,
-                                   "--run", RUN, "--json", tmp_path / "lab.json")
+                                   "--run", RUN, "--report", tmp_path / "lab.json")
     assert own["vmlinux"] == str(vmlinux)
     assert own_counts == lab_counts and own_counts["local"].new == own_counts["global"].new == 20
     for key in ("redirections", "by_call_site", "by_caller", "by_patched", "by_replacement", "violations", "errors"):

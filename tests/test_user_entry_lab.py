@@ -97,7 +97,7 @@ def test_a_task_running_user_code_is_said_to_be_there_not_walked_from_its_stale_
             gdb.cont()
         else:
             pytest.fail("no vCPU ran user code at 10 interrupts with two busy loops")
-        notes = json.loads(gdb.console("klp-frames --tasks --json"))["notes"]
+        notes = json.loads(gdb.console("klp-frames --all-tasks --json"))["notes"]
         in_user = [n for n in notes if "(no kernel stack in use)" in n]
         assert len(in_user) >= len(users) and all(n.split(":")[0].split()[1].isdigit() for n in in_user), notes
         busy = [n for n in in_user if int(n.split()[1].rstrip(":")) in pids]

@@ -295,10 +295,13 @@ def test_sampling_finds_a_corrupted_entry_of_a_sleeping_task(lab, tmp_path):
         deadline = time.monotonic() + 15
         while True:  # the report can be read while the guest runs
             time.sleep(1)
-            gdb.console(f"klp-watch report --json {path}")
+            gdb.console(f"klp-watch report --report {path}")
             if WatchReport.read_json(path).violations or time.monotonic() > deadline:
                 break
         gdb.console("klp-watch stop")
+        printed = json.loads(gdb.console("klp-watch report --json"))  # the same report, printed
+        gdb.console(f"klp-watch report --report {path}")
+        assert printed == json.loads(path.read_text()) and printed["violations"]
         time.sleep(0.5)
         gdb.interrupt()
         gdb.console(f"set var *(unsigned long *){magic:#x} = {0x57AC6E9D:#x}")

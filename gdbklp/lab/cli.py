@@ -101,7 +101,7 @@ def cmd_boot(args) -> int:
     socket = recorder_socket(args)
     guest = Guest(images.vmlinux, images.initramfs, smp=args.smp, stopped=args.stopped,
                   emulator=lab_emulator(args), plugin_socket=socket,
-                  append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.run,
+                  append=kernel_cmdline(mode=args.mode, patch=not args.no_patch, run_args=args.workload,
                                         trampoline=args.trampoline))
     with guest.start():
         print(f"gdbstub: 127.0.0.1:{guest.gdb_port}   serial log: {guest.serial_log}")
@@ -170,9 +170,9 @@ def cmd_own_patch(args) -> int:
     print(watched.last_output.rstrip())
     print()
     print(report.format_text())
-    if args.json:
-        report.write_json(args.json)
-        print(f"report: {args.json}")
+    if args.report:
+        report.write_json(args.report)
+        print(f"report: {args.report}")
     clean = not (report.violations or report.errors or report.guest_events)
     return 0 if clean and watched.last_status == 0 else 1
 
@@ -218,9 +218,9 @@ def cmd_demo(args) -> int:
         "MISMATCH between gdb and the guest"
     print(f"\n{report.redirections} redirections watched in {elapsed:.1f} s ({rate:.0f}/s); "
           f"{len(report.violations)} violations; {agreement}")
-    if args.json:
-        report.write_json(args.json)
-        print(f"report: {args.json}")
+    if args.report:
+        report.write_json(args.report)
+        print(f"report: {args.report}")
     return 0 if ok else 1
 
 
@@ -281,9 +281,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-S", "--stopped", action="store_true", help="wait for gdb before starting")
     p.add_argument("--mode", choices=("serve", "run", "shell"), default="serve",
                    help="serve: the guest's /init runs the lines sent on its console (what the demo and the "
-                        "tests use); run: it runs klplab-run --run's arguments, then powers off; shell: an "
+                        "tests use); run: it runs klplab-run with --workload's arguments, then powers off; shell: an "
                         "interactive shell on the console (default serve)")
-    p.add_argument("--run", default="", metavar="ARGS", help="klplab-run arguments (mode run)")
+    p.add_argument("--workload", default="", metavar="ARGS", help="klplab-run arguments (mode run)")
     p.add_argument("--no-patch", action="store_true", help="do not load the live patch at boot")
     add_guest_options(p)
     p.set_defaults(func=cmd_boot)
@@ -301,7 +301,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds the workload may take (default: per trampoline)")
     p.add_argument("--flags", default="", help="yield,sleep,hold")
     p.add_argument("--smp", type=int, default=None, help="vCPUs (default 2)")
-    p.add_argument("--json", metavar="FILE", help="also write the watch report as JSON")
+    p.add_argument("--report", metavar="FILE", help="also write the watch report as JSON")
     p.add_argument("--without-p1", action="store_true",
                    help="one stop per redirection, not two: indirect calls' B and C are then named only "
                         "where the patch's functions or C's code tell (the lab's: not)")

@@ -245,6 +245,8 @@ class Guest:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(5)  # it reads to the end of QEMU's output: not from a closed pipe
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()

@@ -21,7 +21,7 @@ def every_task(kernel) -> tuple[list, list[str]]:
     (a task exiting while the guest was stopped: its stack may be freed) or
     is not in use (a task running user code on a vCPU)."""
     if not kernel.has_dwarf:
-        raise GdbklpError("--tasks needs DWARF (a vmlinux built with debug info)")
+        raise GdbklpError("--all-tasks needs DWARF (a vmlinux built with debug info)")
     vcpus.select_kernel_vcpu()
     found, notes = [], []
     for task in tasks.all_tasks():
@@ -45,7 +45,7 @@ class KlpFrames(Command):
         who = parser.add_mutually_exclusive_group()
         who.add_argument("--all", action="store_true", help="every vCPU (gdb thread)")
         who.add_argument("--task", metavar="PID|ADDR", help="any task, running or asleep (needs DWARF)")
-        who.add_argument("--tasks", action="store_true", help="every task, running or asleep (needs DWARF)")
+        who.add_argument("--all-tasks", action="store_true", help="every task, running or asleep (needs DWARF)")
         parser.add_argument("--json", action="store_true", help="print the same as JSON")
 
     def run(self, args: argparse.Namespace) -> None:
@@ -55,7 +55,7 @@ class KlpFrames(Command):
         if args.task:
             vcpus.select_kernel_vcpu()
             found.append(stacks.stack_of_task(kernel, tasks.find_task(kernel, args.task)))
-        elif args.tasks:
+        elif args.all_tasks:
             found, notes = every_task(kernel)
         elif args.all:
             for label, state in vcpus.each_vcpu():

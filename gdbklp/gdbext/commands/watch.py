@@ -98,12 +98,13 @@ class KlpWatch(Command):
         status = sub.add_parser("status", help="one line: running or not, redirections and violations so far")
         status.add_argument("--json", action="store_true",
                             help="the counters, the tasks and the latest violations as one JSON line (the monitor's feed)")
-        for name, text in (("report", "print the report, or write it as JSON and/or JUnit XML"),
+        for name, text in (("report", "print the report (as text, or --json), or write it as JSON and/or JUnit XML"),
                            ("finish", "end the watch, write the reports, and quit gdb with status "
                                       "0 (clean), 1 (violations or the guest went down) or 2 (nothing seen)")):
             p = sub.add_parser(name, help=text)
-            p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+            p.add_argument("--report", metavar="FILE", help="write the report as JSON (as klp-watch start --report)")
             p.add_argument("--junit", metavar="FILE", help="write the report as JUnit XML")
+        sub.choices["report"].add_argument("--json", action="store_true", help="print the report as JSON")
 
     def run(self, args: argparse.Namespace) -> None:
         if args.action == "start":
@@ -167,14 +168,16 @@ class KlpWatch(Command):
 
     @staticmethod
     def write_reports(watch: Watch, args: argparse.Namespace) -> None:
-        if args.json:
-            watch.report.write_json(args.json)
+        if args.report:
+            watch.report.write_json(args.report)
         if args.junit:
             watch.report.write_junit(args.junit)
 
     def report(self, watch: Watch, args: argparse.Namespace) -> None:
         self.write_reports(watch, args)
-        if not (args.json or args.junit):
+        if args.json:
+            gdb.write(json.dumps(watch.report.to_dict(), indent=1) + "\n")
+        elif not (args.report or args.junit):
             gdb.write(styled(watch.report.format_text()) + "\n")
 
     def finish(self, watch: Watch, args: argparse.Namespace) -> None:
