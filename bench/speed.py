@@ -1,7 +1,7 @@
 """The speed programme: every way of watching the lab, on one workload, side by side.
 
     .venv/bin/python bench/speed.py [--args "KLPLAB-RUN ARGS"] [--rounds N] [--modes M,...] [--qemus Q,...]
-                                    [--kernels K,...]
+                                    [--kernels K,...] [--hot N] [--chart FILE.svg]
 
 On each lab kernel generation (--kernels, default the default one) and each
 QEMU the lab runs (the lab root's, which does not flush its translations at
@@ -58,7 +58,10 @@ from gdbklp.lab import build, session, workload  # noqa: E402
 from gdbklp.lab.config import DEFAULT_KERNEL, KERNELS, QEMUS, REPO_ROOT  # noqa: E402
 from gdbklp.lab.qemu import emulator  # noqa: E402
 from gdbklp.report import WatchReport  # noqa: E402
+from gdbklp.versions import dotted  # noqa: E402
 from gdbklp.options import Mode, WatchOptions  # noqa: E402
+
+from chart import bar_chart_svg  # noqa: E402 (bench/chart.py, beside this script)
 
 NAIVE_SCRIPT = REPO_ROOT / "bench" / "naive-watch.gdb"
 STOP_REPLY = re.compile(r"Packet received: [TS][0-9a-f]{2}")
@@ -287,6 +290,20 @@ def compare_with_script(load: Workload, names: list[str], results: dict) -> None
                       f"(watching cost {ratio(naive - base, seconds - base, '.2f') if base else '-'}x less)")
 
 
+def write_chart(path: Path, load: Workload, modes, names: list[str], labels: list[str], results: dict) -> None:
+    """load's slowdown per mode (time per redirection against unwatched), one
+    bar per kernel and QEMU, as an SVG chart."""
+    values = {}
+    for name, label in zip(names, labels):
+        timed = results[name][load.name][0]
+        for mode in modes:
+            if mode.name in timed and "unwatched" in timed and mode.name != "unwatched":
+                values[(mode.name, label)] = per_redirection(timed[mode.name]) / per_redirection(timed["unwatched"])
+    rows = [m.name for m in modes if any((m.name, label) in values for label in labels)]
+    path.write_text(bar_chart_svg(f"slowdown against unwatched: klplab-run {load.args}", rows, labels, values))
+    print(f"chart: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--args", default="-t 2 -n 40 -b 1 -w 2000", help="klplab-run arguments")
@@ -295,6 +312,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"some of: {', '.join(MODES)}")
     parser.add_argument("--qemus", default=",".join(QEMUS), help=f"some of: {', '.join(QEMUS)}")
     parser.add_argument("--kernels", default=DEFAULT_KERNEL, help=f"some of: {', '.join(KERNELS)}")
+    parser.add_argument("--chart", type=Path, metavar="FILE.svg",
+                        help="also draw the standard workload's slowdowns as an SVG chart")
     args = parser.parse_args()
     modes = [MODES[name.strip()] for name in args.modes.split(",")]
     emulators = [emulator(name.strip()) for name in args.qemus.split(",")]
@@ -310,6 +329,9 @@ def main() -> None:
     for load in workloads:
         print_table(load, modes, names, results)
         compare_with_script(load, names, results)
+    if args.chart:
+        labels = [f"Linux {images.kernel.name}, QEMU {dotted(e.version_number)} ({e.which})" for images, e in setups]
+        write_chart(args.chart, workloads[0], modes, names, labels, results)
 
 
 if __name__ == "__main__":
