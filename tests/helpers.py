@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,3 +67,24 @@ def recorder_for(options: WatchOptions, workdir: Path) -> tuple[WatchOptions, Pa
         return options, None
     socket = workdir / options.record
     return dataclasses.replace(options, record=str(socket)), socket
+
+
+def readme_example(after: str) -> list[str]:
+    """The lines of README.md's first ``` block after the text `after`,
+    without the "..." that abbreviate it."""
+    text = (REPO / "README.md").read_text().split(after, 1)[1]
+    block = text.split("```\n", 2)[1]
+    return [line for line in block.splitlines() if line.strip() not in ("", "...")]
+
+
+def shape(line: str) -> str:
+    """A line with its numbers and addresses as #, its spacing as one space."""
+    return " ".join(re.sub(r"0x[0-9a-f]+|\d+(\.\d+)?", "#", line).split())
+
+
+def assert_shows_the_readme_example(after: str, output: str) -> None:
+    """Every line of the README's example has a line of the same shape in
+    output (a real run's): the README shows what the tool prints."""
+    shapes = {shape(line) for line in output.splitlines()}
+    missing = [line for line in readme_example(after) if shape(line) not in shapes]
+    assert not missing, f"README lines no real output has: {missing}\n--- output:\n{output[-3000:]}"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, assert_shows_the_readme_example
 from gdbklp.lab import config as cfg
 from gdbklp.lab.session import attached, booted
 
@@ -31,6 +31,8 @@ def test_the_demo_on_each_generation(kernel, mode):
     # every call kind, each seen by gdb as often as the guest counted it
     assert "35 redirections watched" in proc.stdout and "every kind agrees with the guest" in proc.stdout
     assert f"booting the lab (kernel-{kernel}-" in proc.stdout
+    if not mode and kernel == cfg.DEFAULT_KERNEL:
+        assert_shows_the_readme_example("`./bootstrap demo` boots the lab", proc.stdout)
 
 
 @pytest.mark.parametrize("lab", [k for k in cfg.KERNELS if k != cfg.DEFAULT_KERNEL], indirect=True)

@@ -8,12 +8,13 @@ import time
 
 import pytest
 
-from helpers import GDB, RECORDED, REPO, assert_counts_agree, needs_parking, recorder_for
+from helpers import (GDB, RECORDED, REPO, assert_counts_agree, assert_shows_the_readme_example, needs_parking,
+                     recorder_for)
 from gdbklp.lab import LabError, workload
 from gdbklp.lab import config as cfg
 from gdbklp.lab.qemu import Guest, kernel_cmdline
 from gdbklp.lab.session import WatchedGuest, attached, booted, watch_workload
-from gdbklp.options import WatchOptions
+from gdbklp.options import Mode, WatchOptions
 from gdbklp.report import WatchReport
 
 # each watches a QEMU guest; on each generation --kernels names
@@ -153,6 +154,8 @@ def test_each_fault_is_reported_with_its_invariant(lab, tmp_path, fault, options
         assert report.guest_events and report.guest_events[0].startswith("die(")
     else:
         assert not report.guest_events
+    if fault == "fault-toc-slot" and options.mode is Mode.AUTO:  # as the README's demo watches
+        assert_shows_the_readme_example("A violation, as gdb prints it", v.format_text())
 
 
 def start_batch(lab, tmp_path, run_args: str):
