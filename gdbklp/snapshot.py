@@ -27,15 +27,22 @@ class Snapshot:
         self.code = code
 
     def read(self, address: int, length: int) -> bytes:
+        data = self.recorded(address, length)
+        if data is not None:
+            return data
+        if self.code is not None:
+            return self.code(address, length)
+        raise NotRecorded(f"{length} bytes at {address:#x} were not recorded")
+
+    def recorded(self, address: int, length: int) -> bytes | None:
+        """The bytes if one recorded block holds them all, else None."""
         i = bisect.bisect_right(self.starts, address) - 1
         while i >= 0:
             start, data = self.blocks[i]
             if address + length <= start + len(data):
                 return data[address - start:address - start + length]
             i -= 1
-        if self.code is not None:
-            return self.code(address, length)
-        raise NotRecorded(f"{length} bytes at {address:#x} were not recorded")
+        return None
 
     def register(self, name: str) -> int:
         if name not in self.registers:
@@ -61,3 +68,91 @@ class CodeImage:
             return self.rest(address, length)
         except GdbklpError:
             raise NotRecorded(f"no code of the kernel holds {length} bytes at {address:#x}") from None
+
+
+class TracingSnapshot:
+    """A Snapshot that logs every read a check makes of the recording, in
+    order: ((kind, what), value) with kind "r" (a register) or "m" (memory).
+    Reads of the code are not logged: the code stays while a VerdictMemo
+    stays valid, so what such a read gives follows from its address."""
+
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot
+        self.trace: list[tuple[tuple, object]] = []
+
+    def read(self, address: int, length: int) -> bytes:
+        data = self.snapshot.recorded(address, length)
+        if data is None:
+            return self.snapshot.read(address, length)
+        self.trace.append((("m", address, length), data))
+        return data
+
+    def register(self, name: str) -> int:
+        value = self.snapshot.register(name)
+        self.trace.append((("r", name), value))
+        return value
+
+
+def perform(snapshot: Snapshot, access: tuple):
+    """One access of a trace, made again on another snapshot (None: the
+    recording does not hold it)."""
+    if access[0] == "r":
+        return snapshot.registers.get(access[1])
+    return snapshot.recorded(access[1], access[2])
+
+
+class VerdictMemo:
+    """The verdicts of a check that is a function of its state and of what it
+    reads: a tree per state whose nodes are the check's reads, in order, and
+    whose branches are the values they gave. A new snapshot walks the tree,
+    making the same reads: where every value matches a path, the check would
+    read and decide exactly as it did then; elsewhere it must run.
+
+    Valid only while whatever else the check consults does not change: the
+    caller clears it when that does (a new code image, a new module list).
+    """
+
+    def __init__(self, limit: int = 4096):
+        self.roots: dict = {}
+        self.limit = limit  # states kept: varied states are not worth the memory
+        self.hits = 0
+
+    def clear(self) -> None:
+        self.roots.clear()
+
+    def verdict(self, state, snapshot: Snapshot):
+        """The verdict stored for state on a path snapshot follows, or None."""
+        node = self.roots.get(state)
+        while isinstance(node, tuple):
+            access, branches = node
+            node = branches.get(perform(snapshot, access))  # None (not recorded) is no branch
+        if node is not None:
+            self.hits += 1
+        return node.verdict if node is not None else None
+
+    def store(self, state, trace: list[tuple[tuple, object]], verdict) -> None:
+        """Keep verdict for state and the reads (trace) the check made."""
+        if state not in self.roots and len(self.roots) >= self.limit:
+            return
+        leaf = _Leaf(verdict)
+        if not trace:
+            self.roots.setdefault(state, leaf)
+            return
+        if state not in self.roots:
+            self.roots[state] = (trace[0][0], {})
+        node = self.roots[state]
+        for i, (access, value) in enumerate(trace):
+            if not isinstance(node, tuple) or node[0] != access:
+                return  # the check read differently on the same path: not a function of its reads
+            following = trace[i + 1][0] if i + 1 < len(trace) else None
+            nxt = node[1].get(value)
+            if nxt is None:
+                nxt = node[1][value] = (following, {}) if following is not None else leaf
+            node = nxt
+
+
+class _Leaf:
+    __slots__ = ("verdict",)
+
+    def __init__(self, verdict):
+        self.verdict = verdict

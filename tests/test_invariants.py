@@ -90,6 +90,20 @@ def test_toc_slot_of_a_local_caller_is_not_checked():
     assert invariants(check(image)) == []
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_checks_read_of_the_frame_header_only_the_back_chain_and_a_reloaded_toc_slot(kind):
+    # record mode's verdict memo keys on exactly these bytes (ReturnSample)
+    clean = StackImage(f"inside-c-{kind}")
+    restores_toc = CALLER_CALL_SITE[kind] in ("global", "indirect")
+    read = list(range(8)) + (list(range(24, 32)) if restores_toc else [])
+    for offset in range(32):
+        image = StackImage(f"inside-c-{kind}")
+        word = image.regs.sp + offset // 8 * 8
+        image.put_u64(word, image.u64(word) ^ 0x40 << 8 * (offset % 8))  # one bit of that byte
+        changed = check(image)
+        assert (changed.violations != check(clean).violations) == (offset in read), offset
+
+
 def test_livepatch_sp_pushed_without_pop():
     image = StackImage("inside-c-local")
     result = check(image, livepatch_sp=image.u64(image.livepatch_sp_slot) + 24)

@@ -3,7 +3,7 @@ recorded are served, reads outside it fail loudly."""
 
 import pytest
 
-from gdbklp.snapshot import NotRecorded, Snapshot
+from gdbklp.snapshot import NotRecorded, Snapshot, TracingSnapshot, VerdictMemo
 
 STACK_BASE = 0xc000000003820000  # a kernel stack of the 6.1 lab (THREAD_SIZE 16 KiB)
 
@@ -36,3 +36,61 @@ def test_a_read_outside_the_recording_fails_naming_it(address, length):
 def test_a_register_not_recorded_fails_naming_it():
     with pytest.raises(NotRecorded, match="register ctr was not recorded"):
         snapshot().register("ctr")
+
+
+# ---- the verdict memo: a check that reads depending on what it read -----------
+
+def branching_check(state: int, snapshot) -> str:
+    """Reads r1, then memory at r1 or r2 depending on the state and r1."""
+    sp = snapshot.register("r1")
+    if state == 1 and sp & 0xF:
+        return "misaligned"
+    word = snapshot.read(sp, 8) if state == 1 else snapshot.read(snapshot.register("r2"), 4)
+    return f"{state}:{word.hex()}"
+
+
+def traced(check, state, snapshot):
+    tracing = TracingSnapshot(snapshot)
+    return check(state, tracing), tracing.trace
+
+
+def snapshot_variants():
+    memory = [(0x1000, bytes(range(64))), (0x2000, bytes(range(64, 128)))]
+    for r1 in (0x1000, 0x1008, 0x1003, 0x2000):
+        for r2 in (0x1010, 0x2010):
+            yield Snapshot({"r1": r1, "r2": r2}, memory)
+
+
+def test_the_memo_gives_what_the_check_would_for_every_snapshot():
+    memo = VerdictMemo()
+    for round_ in range(2):
+        hits_before = memo.hits
+        for state in (1, 2):
+            for snapshot in snapshot_variants():
+                expected = branching_check(state, snapshot)
+                remembered = memo.verdict(state, snapshot)
+                if round_ == 1:
+                    assert remembered == expected, (state, snapshot.registers)
+                if remembered is None:
+                    verdict, trace = traced(branching_check, state, snapshot)
+                    memo.store(state, trace, verdict)
+    # the first round: the snapshots that differ only where the check does not read
+    assert hits_before == 4 and memo.hits - hits_before == 16
+
+
+def test_a_value_not_seen_is_a_miss_not_a_wrong_verdict():
+    memo = VerdictMemo()
+    seen = Snapshot({"r1": 0x1000, "r2": 0}, [(0x1000, b"\1" * 8)])
+    verdict, trace = traced(branching_check, 1, seen)
+    memo.store(1, trace, verdict)
+    assert memo.verdict(1, seen) == verdict
+    assert memo.verdict(1, Snapshot({"r1": 0x1000, "r2": 0}, [(0x1000, b"\2" * 8)])) is None
+    assert memo.verdict(1, Snapshot({"r1": 0x1000}, [])) is None  # the read is not recorded: a miss
+    assert memo.verdict(2, seen) is None
+
+
+def test_the_memo_keeps_at_most_its_limit_of_states():
+    memo = VerdictMemo(limit=2)
+    for state in range(5):
+        memo.store(state, [], f"v{state}")
+    assert [memo.verdict(s, Snapshot({}, [])) for s in range(5)] == ["v0", "v1", None, None, None]

@@ -211,7 +211,7 @@ class _Walker:
             f.call_site = self.call_site(pc)
         if header is not None:
             f.lr_save = u64(header, 16)
-            self.toc_slot(f, u64(header, 24))
+            self.toc_slot(f, u64(header, ppc.TOC_SAVE_SLOT))
         if note:
             f.notes.append(note)
         self.frames.append(f)

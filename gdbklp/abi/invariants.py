@@ -31,7 +31,12 @@ SAMPLE = "sample"                  # Violation.call_site of what a sampling paus
 
 @dataclass(frozen=True)
 class ReturnSample:
-    """What one stop at P3 reads: r1 and r13, then small memory blocks."""
+    """What one stop at P3 reads: r1 and r13, then small memory blocks.
+
+    Of frame_header the checks read the back chain (bytes 0-8) and, only for
+    a caller that reloads r2 (CallSite.restores_toc), the TOC save slot
+    (record mode's verdict memo relies on that; tests/test_invariants.py
+    holds it)."""
 
     task: int
     cpu: int
@@ -364,11 +369,11 @@ def _check_resume_toc(s: ReturnSample, facts: CodeFacts, entry: LivepatchEntry, 
         out.append(Violation(7, "saved TOC is no loaded object's TOC", "the TOC of vmlinux or a module",
                              f"{entry.toc:#x}"))
     if site.restores_toc and caller_obj and caller_obj.toc is not None:
-        slot = struct.unpack_from("<Q", s.frame_header, 24)[0]
+        slot = struct.unpack_from("<Q", s.frame_header, ppc.TOC_SAVE_SLOT)[0]
         if slot != caller_obj.toc:
             out.append(Violation(3, "A's TOC save slot 24(r1) was overwritten while C ran: "
                                     "A's ld r2,24(r1) will load a wrong TOC",
-                                 f"{caller_obj.name}'s TOC {caller_obj.toc:#x} at {s.sp + 24:#x}",
+                                 f"{caller_obj.name}'s TOC {caller_obj.toc:#x} at {s.sp + ppc.TOC_SAVE_SLOT:#x}",
                                  f"{slot:#x} ({owner(slot)})"))
     return out
 

@@ -33,6 +33,7 @@ MASK64 = (1 << 64) - 1  # registers and addresses are 64 bits wide
 
 NOP = 0x60000000            # ori r0,r0,0
 LD_R2_24_R1 = 0xE8410018    # ld r2,24(r1): the TOC restore after a cross-object call
+TOC_SAVE_SLOT = 24          # the ELFv2 frame header's TOC save slot: that ld's 24(r1)
 BCTRL = 0x4E800421
 BLRL = 0x4E800021
 BLR = 0x4E800020

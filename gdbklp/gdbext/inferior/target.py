@@ -44,6 +44,11 @@ VALUE_CHUNK = 32 * 1024
 _snapshot: Snapshot | None = None
 
 
+def reading_recorded() -> bool:
+    """Whether reads are served from a recording (reading_from), not the guest."""
+    return _snapshot is not None
+
+
 @contextlib.contextmanager
 def reading_from(snapshot: Snapshot):
     """Serve read_memory() and register() from snapshot inside this block."""

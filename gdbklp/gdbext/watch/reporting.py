@@ -25,6 +25,8 @@ class Reporter:
         self.report = report
         self.options = options
         self.end_watch: Callable[[str], None] = lambda reason: None
+        self.last_redirection: tuple[Redirection, bool] | None = None  # and whether it was checked
+        self.errors_seen = 0  # every error, also those past MAX_ERRORS
 
     def context(self, who: TaskIdentity, cpu: int, **names) -> EventContext:
         """The event being handled now (its sequence number: redirections so far)."""
@@ -32,6 +34,7 @@ class Reporter:
 
     def redirection(self, redirection: Redirection, violations: list[Violation], checked: bool) -> bool:
         """One redirection and what is wrong with it; True if the guest must stop for the user."""
+        self.last_redirection = (redirection, checked)
         self.report.add(redirection, violations, checked)
         self.publish(violations)
         return self.stop_wanted(violations)
@@ -68,6 +71,7 @@ class Reporter:
 
     def error(self, message: str) -> None:
         """A probe or a pause failed: kept (the first MAX_ERRORS), and said unless --quiet."""
+        self.errors_seen += 1
         if len(self.report.errors) < MAX_ERRORS:
             self.report.errors.append(message)
             if not self.options.quiet:

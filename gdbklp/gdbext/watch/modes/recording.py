@@ -18,7 +18,10 @@ import threading
 
 import gdb
 
-from gdbklp.abi.designs import CodePoint
+from gdbklp.abi.callsite import CallSite
+from gdbklp.abi.designs import CodePoint, Design
+from gdbklp.abi.invariants import ReturnSample
+from gdbklp.abi.ppc import TOC_SAVE_SLOT
 from gdbklp.abi.kernel import local_entry
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target, tasks
@@ -27,7 +30,8 @@ from gdbklp.gdbext.watch.modes.parking import guest_stopped
 from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, ProbePoint, Probes, describe_points
 from gdbklp.options import Mode
 from gdbklp.recorder import Recorder, RecordPoint
-from gdbklp.snapshot import Snapshot
+from gdbklp.report import Redirection
+from gdbklp.snapshot import Snapshot, TracingSnapshot, VerdictMemo
 
 POLL_SECONDS = 0.2  # how often the reading thread looks whether the watch ended
 # where the module list or the patches' map changes: a module about to run
@@ -54,10 +58,15 @@ class RecordMode(WatchMode):
         self.ending = threading.Event()
         self.reader: threading.Thread | None = None
         self.code = None  # the kernel's code as of the last stop
+        # a P3 check is a function of its state and its reads while the code and
+        # module list stay (the memo is cleared with them); a P1 or a hand-off
+        # probe would leave state for it to consult, so not with those
+        only_p3 = [p.point for p in self.points.values()] == [CodePoint.P3] and not watch.options.handoff
+        self.memo = VerdictMemo() if only_p3 and watch.design == Design.LIVEPATCH_STACK else None
 
     def arm(self) -> str:
         self.client = Recorder(self.watch.options.record)
-        self.code = self.watch.look_up_while_stopped()
+        self.look_up()
         gdb.events.stop.connect(self.at_stop)
         points = [RecordPoint(p.address, number, p.recipe.reads) for number, p in self.points.items()]
         # live once a vCPU runs (the plugin drops the old translations from one):
@@ -114,8 +123,15 @@ class RecordMode(WatchMode):
         """At a module list change: check what came before against the list as it
         was, then read it again; the guest goes on."""
         self.catch_up()
-        self.code = self.watch.look_up_while_stopped()
+        self.look_up()
         return False
+
+    def look_up(self) -> None:
+        """Read what the checks look up (the guest is stopped); what the memo
+        remembers was decided on the old."""
+        self.code = self.watch.look_up_while_stopped()
+        if self.memo is not None:
+            self.memo.clear()
 
     def while_armed(self, check):
         """check, as long as the watch records (a guard hit after its end checks nothing)."""
@@ -127,7 +143,7 @@ class RecordMode(WatchMode):
         if self.client is None:
             return
         self.catch_up()
-        self.code = self.watch.look_up_while_stopped()
+        self.look_up()
 
     # ---- the reading thread: no gdb API here ------------------------------------
 
@@ -185,12 +201,49 @@ class RecordMode(WatchMode):
         # at a stop, stays as read at the last stop (look_up_while_stopped)
         tasks.identity.cache.clear()
         blocks = [(address, data) for address, data in record.reads if data is not None]
+        snapshot = Snapshot(record.registers, blocks, self.code.read)
         try:
+            state = point.recipe.state(record)
+            if self.memo is not None:
+                self.check_remembering(point, state, snapshot)
+                return
             # a check that wants the guest stopped has ended the watch (end_at_stop)
-            with target.reading_from(Snapshot(record.registers, blocks, self.code.read)):
-                point.check(point.recipe.state(record))
+            with target.reading_from(snapshot):
+                point.check(state)
         except Exception as e:  # one record's failure must not end the watch
             self.watch.record_error(f"record {record.seq} at {point.label}: {type(e).__name__}: {e}")
+
+    def check_remembering(self, point: ProbePoint, state: ReturnSample, snapshot: Snapshot) -> None:
+        """point.check(state), or the verdict it gave on the same state and the
+        same values read: a hot function's redirections repeat one state.
+        Only clean verdicts are kept: a violation is always checked in full.
+
+        Of A's frame header the P3 checks read the back chain, and the TOC save
+        slot only for a caller that reloads r2 from it (CallSite.restores_toc):
+        the slot is part of the key only then (elsewhere it holds whatever the
+        caller left there, different at each call)."""
+        reporter = self.watch.reporter
+        key = (state.task, state.cpu, state.sp, state.livepatch_sp, state.stack_base, state.livepatch_block,
+               state.frame_header[:8], state.task_slot)
+        remembered = self.memo.verdict(key, snapshot)
+        if remembered is not None:
+            after_seq, checked = remembered  # Redirection's fields but its first, seq
+            reporter.redirection(Redirection(reporter.report.redirections, *after_seq), [], checked)
+            return
+        seen, wrong, errors = reporter.report.redirections, len(reporter.report.violations), reporter.errors_seen
+        tracing = TracingSnapshot(snapshot)
+        with target.reading_from(tracing):
+            stop = point.check(state)
+        if stop or reporter.report.redirections != seen + 1 or len(reporter.report.violations) != wrong \
+                or reporter.errors_seen != errors:
+            return
+        redirection, checked = reporter.last_redirection
+        trace = tracing.trace
+        if CallSite(redirection.call_site).restores_toc:
+            slot = ("m", state.sp + TOC_SAVE_SLOT, 8)
+            trace = [(slot, state.frame_header[TOC_SAVE_SLOT:TOC_SAVE_SLOT + 8])] + trace
+        self.memo.store(key, trace, ([getattr(redirection, f.name) for f in dataclasses.fields(Redirection)][1:],
+                                     checked))
 
     def close(self) -> None:
         if self.client is None:
