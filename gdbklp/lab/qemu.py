@@ -293,18 +293,25 @@ class Guest:
     def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
         """Wait until the console (from offset start) matches pattern."""
         regex = re.compile(pattern)
+        return self._wait_until(lambda: regex.search(self._console, start), timeout,
+                                f"while waiting for {pattern!r}",
+                                lambda: f"timed out after {timeout:.0f} s waiting for {pattern!r}")
+
+    def _wait_until(self, found, timeout: float, during: str, late):
+        """found()'s first true answer, asked whenever the console grows (under
+        its lock); LabError if QEMU exits first ("QEMU exited " + during) or
+        timeout passes (late())."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                m = regex.search(self._console, start)
-                if m:
-                    return m
+                answer = found()
+                if answer:
+                    return answer
                 if self.proc is None or self.proc.poll() is not None:
-                    raise LabError(f"QEMU exited while waiting for {pattern!r}{self._serial_tail()}")
+                    raise LabError(f"QEMU exited {during}{self._serial_tail()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LabError(f"timed out after {timeout:.0f} s waiting for {pattern!r}"
-                                   f"{self._serial_tail()}")
+                    raise LabError(f"{late()}{self._serial_tail()}")
                 self._cond.wait(min(left, 0.5))
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -328,21 +335,17 @@ class Guest:
         for its own) holds this one back instead of lending it its marker."""
         done = re.compile(re.escape(self.qemu.done_marker) + r" (\d+)\n")
         markers = self._done_markers
-        deadline = time.monotonic() + timeout
+
+        def ended():
+            for m in done.finditer(self._console, self._markers_scanned):
+                markers.append(m)
+                self._markers_scanned = m.end()
+            return len(markers) > sent.number
+
+        self._wait_until(ended, timeout, "while a guest command ran",
+                         lambda: f"guest command {sent.number + 1} did not end within {timeout:.0f} s "
+                                 f"({len(markers)} ended)")
         with self._cond:
-            while len(markers) <= sent.number:
-                for m in done.finditer(self._console, self._markers_scanned):
-                    markers.append(m)
-                    self._markers_scanned = m.end()
-                if len(markers) > sent.number:
-                    break
-                if self.proc is None or self.proc.poll() is not None:
-                    raise LabError(f"QEMU exited while a guest command ran{self._serial_tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise LabError(f"guest command {sent.number + 1} did not end within {timeout:.0f} s "
-                                   f"({len(markers)} ended){self._serial_tail()}")
-                self._cond.wait(min(left, 0.5))
             m = markers[sent.number]
             begin = max(sent.offset, markers[sent.number - 1].end() if sent.number else 0)
             return int(m.group(1)), self._console[begin:m.start()]
