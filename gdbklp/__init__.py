@@ -7,12 +7,13 @@ Layout:
   gdbklp.lab     the QEMU lab: declarative config, cached builder, guest control.
 """
 
+import os
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 
-def cache_root():
+def cache_root() -> Path:
     """Where gdbklp keeps what it builds or writes once (the lab's images, the
     gdb loader of gdbklp.gdbinit): $GDBKLP_CACHE or ~/.cache/gdbklp."""
-    import os
-    from pathlib import Path
     return Path(os.environ.get("GDBKLP_CACHE", Path.home() / ".cache" / "gdbklp"))

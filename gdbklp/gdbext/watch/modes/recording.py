@@ -21,8 +21,8 @@ import gdb
 from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.designs import CodePoint, Design
 from gdbklp.abi.invariants import ReturnSample
-from gdbklp.abi.ppc import TOC_SAVE_SLOT
 from gdbklp.abi.kernel import local_entry
+from gdbklp.abi.ppc import TOC_SAVE_SLOT
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target, tasks
 from gdbklp.gdbext.watch.modes import WatchMode
