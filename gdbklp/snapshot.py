@@ -28,8 +28,10 @@ class Snapshot:
 
     def read(self, address: int, length: int) -> bytes:
         data = self.recorded(address, length)
-        if data is not None:
-            return data
+        return data if data is not None else self.unrecorded(address, length)
+
+    def unrecorded(self, address: int, length: int) -> bytes:
+        """What no recorded block holds: from the code, or NotRecorded."""
         if self.code is not None:
             return self.code(address, length)
         raise NotRecorded(f"{length} bytes at {address:#x} were not recorded")
@@ -83,7 +85,7 @@ class TracingSnapshot:
     def read(self, address: int, length: int) -> bytes:
         data = self.snapshot.recorded(address, length)
         if data is None:
-            return self.snapshot.read(address, length)
+            return self.snapshot.unrecorded(address, length)
         self.trace.append((("m", address, length), data))
         return data
 
@@ -138,9 +140,7 @@ class VerdictMemo:
         if not trace:
             self.roots.setdefault(state, leaf)
             return
-        if state not in self.roots:
-            self.roots[state] = (trace[0][0], {})
-        node = self.roots[state]
+        node = self.roots.setdefault(state, (trace[0][0], {}))
         for i, (access, value) in enumerate(trace):
             if not isinstance(node, tuple) or node[0] != access:
                 return  # the check read differently on the same path: not a function of its reads

@@ -9,6 +9,7 @@ changing one value, as the fault flags of klp_lab_patch.ko do in the guest.
 import pytest
 
 from gdbklp.abi import ppc
+from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.invariants import (KLP_PATCHED, KLP_UNDEFINED, KLP_UNPATCHED, ReturnSample, CodeFacts,
                                    check_consistency, check_return, check_switched_task, frame_size_from_prologue,
                                    module_stub_target, replaced_on_stack)
@@ -16,13 +17,15 @@ from gdbklp.lab.workload import CALLER_CALL_SITE, KINDS, caller_of
 from images import StackImage
 
 
-def check(image, sp=None, livepatch_sp=None):
+def sample_of(image, sp=None, livepatch_sp=None) -> ReturnSample:
     L = image.u64(image.livepatch_sp_slot) if livepatch_sp is None else livepatch_sp
     sp = image.regs.sp if sp is None else sp
     top = L + 24
-    sample = ReturnSample(image.task, 0, sp, L, image.base,
-                          image.read(image.base, top - image.base), image.read(sp, 32))
-    return check_return(sample, CodeFacts(image.view, image.read))
+    return ReturnSample(image.task, 0, sp, L, image.base, image.read(image.base, top - image.base), image.read(sp, 32))
+
+
+def check(image, sp=None, livepatch_sp=None):
+    return check_return(sample_of(image, sp, livepatch_sp), CodeFacts(image.view, image.read))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -92,16 +95,18 @@ def test_toc_slot_of_a_local_caller_is_not_checked():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_checks_read_of_the_frame_header_only_the_back_chain_and_a_reloaded_toc_slot(kind):
-    # record mode's verdict memo keys on exactly these bytes (ReturnSample)
+    # and record mode's verdict memo keys on exactly these bytes (memo_key, toc_slot_read)
     clean = StackImage(f"inside-c-{kind}")
-    restores_toc = CALLER_CALL_SITE[kind] in ("global", "indirect")
-    read = list(range(8)) + (list(range(24, 32)) if restores_toc else [])
+    site = CallSite(CALLER_CALL_SITE[kind])
+    read = list(range(8)) + (list(range(24, 32)) if site.restores_toc else [])
     for offset in range(32):
         image = StackImage(f"inside-c-{kind}")
         word = image.regs.sp + offset // 8 * 8
         image.put_u64(word, image.u64(word) ^ 0x40 << 8 * (offset % 8))  # one bit of that byte
         changed = check(image)
         assert (changed.violations != check(clean).violations) == (offset in read), offset
+        key = lambda img: (sample_of(img).memo_key(), sample_of(img).toc_slot_read(site))
+        assert (key(image) != key(clean)) == (offset in read), offset
 
 
 def test_livepatch_sp_pushed_without_pop():

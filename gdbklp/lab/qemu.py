@@ -317,7 +317,7 @@ class Guest:
     def wait_ready(self, timeout: float = 60.0) -> None:
         self.wait_for(re.escape(self.qemu.ready_marker), timeout)
 
-    def send(self, command: str) -> "SentCommand":
+    def send(self, command: str) -> SentCommand:
         """Start a shell command on the guest (serve mode); wait_done(it) waits for it."""
         with self._cond:
             sent = SentCommand(len(self._console), self._commands_sent)
@@ -326,7 +326,7 @@ class Guest:
         self.proc.stdin.flush()
         return sent
 
-    def wait_done(self, sent: "SentCommand", timeout: float = 120.0) -> tuple[int, str]:
+    def wait_done(self, sent: SentCommand, timeout: float = 120.0) -> tuple[int, str]:
         """Wait for a command send() started; return (status, output).
 
         The guest's shell runs its commands one after the other and ends each

@@ -22,7 +22,6 @@ from gdbklp.abi.callsite import CallSite
 from gdbklp.abi.designs import CodePoint, Design
 from gdbklp.abi.invariants import ReturnSample
 from gdbklp.abi.kernel import local_entry
-from gdbklp.abi.ppc import TOC_SAVE_SLOT
 from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target, tasks
 from gdbklp.gdbext.watch.modes import WatchMode
@@ -216,15 +215,9 @@ class RecordMode(WatchMode):
     def check_remembering(self, point: ProbePoint, state: ReturnSample, snapshot: Snapshot) -> None:
         """point.check(state), or the verdict it gave on the same state and the
         same values read: a hot function's redirections repeat one state.
-        Only clean verdicts are kept: a violation is always checked in full.
-
-        Of A's frame header the P3 checks read the back chain, and the TOC save
-        slot only for a caller that reloads r2 from it (CallSite.restores_toc):
-        the slot is part of the key only then (elsewhere it holds whatever the
-        caller left there, different at each call)."""
+        Only clean verdicts are kept: a violation is always checked in full."""
         reporter = self.watch.reporter
-        key = (state.task, state.cpu, state.sp, state.livepatch_sp, state.stack_base, state.livepatch_block,
-               state.frame_header[:8], state.task_slot)
+        key = state.memo_key()
         remembered = self.memo.verdict(key, snapshot)
         if remembered is not None:
             after_seq, checked = remembered  # Redirection's fields but its first, seq
@@ -238,10 +231,7 @@ class RecordMode(WatchMode):
                 or reporter.errors_seen != errors:
             return
         redirection, checked = reporter.last_redirection
-        trace = tracing.trace
-        if CallSite(redirection.call_site).restores_toc:
-            slot = ("m", state.sp + TOC_SAVE_SLOT, 8)
-            trace = [(slot, state.frame_header[TOC_SAVE_SLOT:TOC_SAVE_SLOT + 8])] + trace
+        trace = state.toc_slot_read(CallSite(redirection.call_site)) + tracing.trace
         self.memo.store(key, trace, ([getattr(redirection, f.name) for f in dataclasses.fields(Redirection)][1:],
                                      checked))
 
