@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from helpers import assert_counts_agree
+from helpers import RECORDED, assert_counts_agree, recorder_for
 from gdbklp.abi.designs import Design
 from gdbklp.lab import workload
 from gdbklp.gdbmi import GdbCommandError
 from gdbklp.lab.config import KERNELS, TRAMPOLINES
 from gdbklp.lab.session import WatchedGuest, attached, booted
+from gdbklp.options import WatchOptions
 
 pytestmark = [pytest.mark.guest, pytest.mark.gdb]  # each watches a QEMU guest
 
@@ -69,18 +70,38 @@ def test_rfc_fixed_clean_workload_and_hazards(lab, tmp_path):
 
 
 @pytest.mark.parametrize("lab", RFC_KERNELS, indirect=True)
-def test_rfc_as_posted_fails_at_the_first_redirection(lab, tmp_path):
+def test_rfc_fixed_clean_workload_recorded(lab, tmp_path):
+    """rfc-fixed in record mode: the redirect path (P1) and the helper (P3) from
+    records, every redirection counted as the guest counted it."""
+    kinds = TRAMPOLINES["rfc-fixed"].kinds
+    options, socket = recorder_for(RECORDED, tmp_path)
+    with booted(lab, workdir=tmp_path, trampoline="rfc-fixed", plugin_socket=socket) as guest, \
+            attached(guest, lab.vmlinux) as gdb:
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch(f"klplab-run -r -t 2 -n 10 -k {','.join(kinds)}", options=options)
+        WatchedGuest.assert_clean(report)
+        assert report.design == Design.RFC and report.mode == "record" and not report.errors, report.format_text()
+        rows = assert_counts_agree(report, watched.counts(), kinds)
+        assert [r.guest_new for r in rows] == [20] * len(kinds)
+
+
+@pytest.mark.parametrize("options", [WatchOptions(), RECORDED], ids=lambda o: o.mode)
+@pytest.mark.parametrize("lab", RFC_KERNELS, indirect=True)
+def test_rfc_as_posted_fails_at_the_first_redirection(lab, tmp_path, options):
     """rfc: klp-lint finds the 0x18 constant and the lost return address; klp-watch
     reports the misrouted global call and the lost return address at the first
-    redirection, with the addresses, and records what the guest does next."""
-    with booted(lab, workdir=tmp_path, trampoline="rfc") as guest, attached(guest, lab.vmlinux) as gdb:
+    redirection, with the addresses, and records what the guest does next; in
+    record mode too."""
+    options, socket = recorder_for(options, tmp_path)
+    with booted(lab, workdir=tmp_path, trampoline="rfc", plugin_socket=socket) as guest, \
+            attached(guest, lab.vmlinux) as gdb:
         result = lint(gdb)
         assert result["verdict"] == "defects found"
         errors = [f for f in result["findings"] if not f["ok"]]
         assert "compared with 0x18, not 0xe8410018" in errors[0]["text"]
         assert errors[0]["where"].startswith("klp_rfc_redirect+")
         assert "return address" in errors[1]["text"] and errors[1]["where"] == "KLP_return_helper"
-        report = WatchedGuest(guest, gdb).watch("klplab-run -r -t 1 -n 1 -k global", timeout=60)
+        report = WatchedGuest(guest, gdb).watch("klplab-run -r -t 1 -n 1 -k global", timeout=60, options=options)
         first = [v for v in report.violations if v.seq == 0]
         assert {v.invariant for v in first} >= {2, 5}
         misrouted = next(v for v in first if v.invariant == 2)

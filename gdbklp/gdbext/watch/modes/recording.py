@@ -202,13 +202,13 @@ class RecordMode(WatchMode):
         blocks = [(address, data) for address, data in record.reads if data is not None]
         snapshot = Snapshot(record.registers, blocks, self.code.read)
         try:
-            state = point.recipe.state(record)
-            if self.memo is not None:
-                self.check_remembering(point, state, snapshot)
-                return
             # a check that wants the guest stopped has ended the watch (end_at_stop)
             with target.reading_from(snapshot):
-                point.check(state)
+                state = point.recipe.state(record)  # may read code (the RFC path's RA)
+                if self.memo is None:
+                    point.check(state)
+                    return
+            self.check_remembering(point, state, snapshot)
         except Exception as e:  # one record's failure must not end the watch
             self.watch.record_error(f"record {record.seq} at {point.label}: {type(e).__name__}: {e}")
 
