@@ -89,21 +89,25 @@ def test_a_task_running_user_code_is_said_to_be_there_not_walked_from_its_stale_
     gdb.cont()
     pids = [int(guest.check("(while :; do :; done) > /dev/null 2>&1 & echo $!").strip()) for _ in range(2)]
     try:
-        for _ in range(10):
+        # not each interrupt finds a busy loop in user space: a vCPU may run the
+        # kernel, or init (the console's shell, in user space between commands;
+        # CI met that once): interrupts until one shows a busy loop there
+        for _ in range(20):
             gdb.interrupt()
             users = [line for line in gdb.console("klp-frames --all").splitlines() if "in user space at" in line]
-            if users:
+            notes = json.loads(gdb.console("klp-frames --all-tasks --json"))["notes"]
+            in_user = [n for n in notes if "(no kernel stack in use)" in n]
+            assert len(in_user) >= len(users) and all(n.split(":")[0].split()[1].isdigit() for n in in_user), notes
+            busy = [n for n in in_user if int(n.split()[1].rstrip(":")) in pids]
+            if busy:
                 break
             gdb.cont()
         else:
-            pytest.fail("no vCPU ran user code at 10 interrupts with two busy loops")
-        notes = json.loads(gdb.console("klp-frames --all-tasks --json"))["notes"]
-        in_user = [n for n in notes if "(no kernel stack in use)" in n]
-        assert len(in_user) >= len(users) and all(n.split(":")[0].split()[1].isdigit() for n in in_user), notes
-        busy = [n for n in in_user if int(n.split()[1].rstrip(":")) in pids]
-        assert busy, (notes, pids)
+            pytest.fail("no vCPU ran a busy loop in user space at 20 interrupts with two of them")
         pid = int(busy[0].split()[1].rstrip(":"))
-        with pytest.raises(GdbCommandError, match=f"klp-frames: pid {pid} .*: on vCPU [0-9], in user space at"):
+        # the interrupt may also land where it enters the kernel (a timer tick): no kernel stack either
+        with pytest.raises(GdbCommandError, match=f"klp-frames: pid {pid} .*: on vCPU [0-9], "
+                                                  "(in user space|entering the kernel from user space) at"):
             gdb.console(f"klp-frames --task {pid}")
     finally:
         gdb.cont()
