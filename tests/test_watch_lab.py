@@ -386,3 +386,29 @@ def test_a_recorded_watch_follows_the_patch_cycled(lab, tmp_path):
     assert report.mode == "record"
     assert_counts_agree(report, counts, minimum=10)
     assert sum(c.old for c in counts.values()) > 0
+
+
+PATCH_TEXT = "grep '^klp_lab_patch ' /proc/modules"  # its 6th field: where its code is
+
+
+def test_a_recorded_watch_reads_modules_loaded_since_its_last_stop(lab, tmp_path):
+    """The patch unloaded, another module loaded into its place, the patch
+    loaded again elsewhere, then calls through it, recorded with no stop in
+    between: each module change reads the module list as it is then (not as
+    of the last stop: the freed patch's code, no reloaded patch)."""
+    socket = tmp_path / "recorder.sock"
+    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        before = guest.check(PATCH_TEXT).split()[5]
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch("echo 0 > /sys/kernel/livepatch/klp_lab_patch/enabled && sleep 2 && "
+                               "rmmod klp_lab_patch && insmod /lib/modules/livepatch-sample.ko && "
+                               "while grep -q 1 /sys/kernel/livepatch/livepatch_sample/transition; do sleep 1; done && "
+                               "insmod /lib/modules/klp_lab_patch.ko && klplab-run -r -t 2 -n 5",
+                               options=WatchOptions(record=str(socket)))
+        counts = watched.counts()
+        after = guest.check(PATCH_TEXT).split()[5]
+    assert after != before, "the patch came back where it was: nothing read stale would show"
+    WatchedGuest.assert_clean(report)
+    assert_counts_agree(report, counts, minimum=10)
+    assert all(c.new == c.calls for c in counts.values())  # every call went through the reloaded patch

@@ -190,7 +190,11 @@ class Watch:
         """Read now what the checks look up beyond the state they are given (the
         module list, the code facts, the patches' functions, the modules' code):
         for checks that run on recorded states while the guest runs, where gdb
-        can read nothing. Returns the code they may read."""
+        can read nothing. Returns the code they may read.
+
+        The module list is read now: at a probe hit (a module change) it may
+        differ from the last stop gdb reported."""
+        self.kernel.modules.refresh()
         facts = code_facts(self.kernel)
         patches.replacements(self.kernel)
         texts = [(o.base, target.read_memory(o.base, o.size)) for o in facts.view.objects if o.name != VMLINUX]

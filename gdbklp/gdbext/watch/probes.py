@@ -75,7 +75,7 @@ class Probe(gdb.Breakpoint):
         try:
             stop = self.point.handle()
         except Exception as e:  # a probe must never break the guest's run
-            self.on_error(f"{type(e).__name__}: {e}")
+            self.on_error(f"at {self.point.label}: {type(e).__name__}: {e}")
             stop = False
         finally:
             handle_stops(False)
