@@ -56,7 +56,12 @@ def test_every_task_decodes_without_problems_or_false_loops(deb_guest, deb_gdb):
     if deb_gdb.running:
         deb_gdb.interrupt()
     deb_gdb.cont()
-    sleeper = int(deb_guest.check("sleep 1000 > /dev/null 2>&1 & echo $!").strip())
+    # a task asleep in the kernel, entered from user space: the shell's child
+    # runs until sleep(1) sleeps (both may be on the vCPUs at an interrupt made
+    # at once, with no task entered from user space)
+    sleeper = int(deb_guest.check("sleep 1000 > /dev/null 2>&1 & p=$!; "
+                                  "until grep -q '^State:[[:space:]]*S' /proc/$p/status; do :; done; echo $p")
+                  .strip())
     deb_gdb.interrupt()
     try:
         data = json.loads(deb_gdb.console("klp-frames --all-tasks --json"))
