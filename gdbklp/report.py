@@ -4,10 +4,11 @@ Pure Python (no gdb): the gdb side fills it, the lab, the tests and the batch
 scripts read it back from JSON.
 """
 
+import functools
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
@@ -97,6 +98,14 @@ _CODECS = {
 SUMMARY_FIELDS = ("design", "probe", "mode", "redirections", "by_call_site", "samples", "tasks")
 
 
+@functools.lru_cache(maxsize=4096)
+def tally_keys(caller: str, call_site: str, patched: str, replacement: str, named_by: str) -> tuple[str, str]:
+    """A redirection's keys in WatchReport.by_caller and by_redirect (a hot
+    function's redirections repeat them: made once)."""
+    return (function_of_label(caller),
+            f"{call_site}: {patched} -> {replacement}" + (f" ({named_by})" if named_by else ""))
+
+
 @dataclass
 class WatchReport:
     design: str = "livepatch-stack"
@@ -135,24 +144,30 @@ class WatchReport:
         return row
 
     def add(self, r: Redirection, violations: list[Violation], checked: bool) -> None:
-        self.redirections += 1
+        self.add_alike(r, violations, checked, 1)
+
+    def add_alike(self, r: Redirection, violations: list[Violation], checked: bool, count: int) -> None:
+        """count redirections alike but for their seq (r's, then the next ones):
+        a hot function's, remembered clean by record mode, tallied at once."""
+        self.redirections += count
         tally = self.by_call_site.setdefault(r.call_site, Tally())
-        tally.seen += 1
-        tally.checked += checked
+        tally.seen += count
+        tally.checked += checked * count
         tally.violations += len(violations)
-        self.by_caller[function_of_label(r.caller)] += 1
-        self.by_patched[r.patched] += 1
-        self.by_replacement[r.replacement] += 1
-        self.by_redirect[f"{r.call_site}: {r.patched} -> {r.replacement}"
-                         + (f" ({r.named_by})" if r.named_by else "")] += 1
+        caller, redirect = tally_keys(r.caller, r.call_site, r.patched, r.replacement, r.named_by)
+        self.by_caller[caller] += count
+        self.by_patched[r.patched] += count
+        self.by_replacement[r.replacement] += count
+        self.by_redirect[redirect] += count
         row = self.task(r.who)
-        row.redirections += 1
+        row.redirections += count
         row.violations += len(violations)
         if r.cpu not in row.cpus:
             row.cpus.append(r.cpu)
         self.violations.extend(violations)
-        if len(self.events) < self.keep_events:
-            self.events.append(r)
+        kept = min(count, self.keep_events - len(self.events))
+        if kept > 0:
+            self.events.extend(r if n == 0 else replace(r, seq=r.seq + n) for n in range(kept))
 
     def add_violations(self, who: TaskIdentity, violations: list[Violation]) -> None:
         """Violations not tied to one redirection: a call not redirected, a sample."""

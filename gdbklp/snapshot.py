@@ -95,14 +95,6 @@ class TracingSnapshot:
         return value
 
 
-def perform(snapshot: Snapshot, access: tuple):
-    """One access of a trace, made again on another snapshot (None: the
-    recording does not hold it)."""
-    if access[0] == "r":
-        return snapshot.registers.get(access[1])
-    return snapshot.recorded(access[1], access[2])
-
-
 class VerdictMemo:
     """The verdicts of a check that is a function of its state and of what it
     reads: a tree per state whose nodes are the check's reads, in order, and
@@ -125,9 +117,11 @@ class VerdictMemo:
     def verdict(self, state, snapshot: Snapshot):
         """The verdict stored for state on a path snapshot follows, or None."""
         node = self.roots.get(state)
-        while isinstance(node, tuple):
+        registers, recorded = snapshot.registers, snapshot.recorded
+        while type(node) is tuple:  # the same reads again, in the same order
             access, branches = node
-            node = branches.get(perform(snapshot, access))  # None (not recorded) is no branch
+            value = registers.get(access[1]) if access[0] == "r" else recorded(access[1], access[2])
+            node = branches.get(value)  # None (not recorded) is no branch
         if node is not None:
             self.hits += 1
         return node.verdict if node is not None else None

@@ -1,6 +1,7 @@
 """klp-watch start's options as data, and the report's per-task rows."""
 
 import argparse
+import dataclasses
 import shlex
 
 import pytest
@@ -83,3 +84,20 @@ def test_one_row_per_task_incarnation_and_json_round_trip():
     assert WatchReport.from_dict(data) == report
     assert WatchReport.from_dict(data).to_dict() == data
     assert [t["pid"] for t in report.summary()["tasks"]] == [72, 74, 74]
+
+
+def test_redirections_alike_tally_as_one_by_one():
+    """add_alike(r, [], checked, n): what n add() calls with r's fields and
+    seqs from r's on give; the event list keeps those it has room for."""
+    who = TaskIdentity(0xC000000002A10000, 72, "klplab-run", 1)
+    one_by_one, alike = WatchReport(keep_events=5), WatchReport(keep_events=5)
+    alike.started = one_by_one.started
+    for seq in range(3):
+        one_by_one.add(redirection(seq, who), [], checked=True)
+        alike.add(redirection(seq, who), [], checked=True)
+    for seq in range(3, 9):
+        one_by_one.add(dataclasses.replace(redirection(3, who), seq=seq), [], checked=True)
+    alike.add_alike(redirection(3, who), [], True, 6)
+    assert alike.to_dict() == one_by_one.to_dict()
+    assert [r.seq for r in alike.events] == [0, 1, 2, 3, 4]
+    assert alike.redirections == 9 and alike.by_call_site["local"].checked == 9

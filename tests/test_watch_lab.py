@@ -412,3 +412,21 @@ def test_a_recorded_watch_reads_modules_loaded_since_its_last_stop(lab, tmp_path
     WatchedGuest.assert_clean(report)
     assert_counts_agree(report, counts, minimum=10)
     assert all(c.new == c.calls for c in counts.values())  # every call went through the reloaded patch
+
+
+def test_a_recorded_hot_function_is_checked_call_by_call(lab, tmp_path):
+    """A patched function called as fast as 2 tasks can, recorded: past the
+    report's event list, remembered clean verdicts are tallied per batch of
+    records, and still every redirection counts once, per task and caller."""
+    socket = tmp_path / "recorder.sock"
+    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        watched = WatchedGuest(guest, gdb)
+        report = watched.watch("klplab-run -r -t 2 -n 8000 -k local -b 1000 -w 0",
+                               options=WatchOptions(record=str(socket)))
+        counts = watched.counts()
+    WatchedGuest.assert_clean(report)
+    (row,) = assert_counts_agree(report, counts, kinds=("local",), minimum=16000)
+    assert len(report.events) == report.keep_events < report.redirections == row.guest_new
+    assert {site: (t.seen, t.checked) for site, t in report.by_call_site.items()} == {"local": (16000, 16000)}
+    assert sorted(t.redirections for t in report.tasks.values() if t.comm == "klplab-run") == [8000, 8000]

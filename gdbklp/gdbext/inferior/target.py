@@ -4,7 +4,6 @@ Registers are read from gdb's register cache (frame 0, filled at the stop)
 and memory in whole blocks: no gdb frame unwinding or prologue analysis.
 """
 
-import contextlib
 import re
 
 import gdb
@@ -44,20 +43,24 @@ VALUE_CHUNK = 32 * 1024
 _snapshot: Snapshot | None = None
 
 
-def reading_recorded() -> bool:
-    """Whether reads are served from a recording (reading_from), not the guest."""
-    return _snapshot is not None
+class reading_from:  # noqa: N801 (a context manager, used as a function)
+    """Serve read_memory() and register() from snapshot inside this block.
+    A class, not a generator: record mode enters it once or twice per
+    record, tens of thousands of times a second."""
 
+    __slots__ = ("snapshot", "outer")
 
-@contextlib.contextmanager
-def reading_from(snapshot: Snapshot):
-    """Serve read_memory() and register() from snapshot inside this block."""
-    global _snapshot
-    outer, _snapshot = _snapshot, snapshot
-    try:
-        yield snapshot
-    finally:
-        _snapshot = outer
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot
+
+    def __enter__(self) -> Snapshot:
+        global _snapshot
+        self.outer, _snapshot = _snapshot, self.snapshot
+        return self.snapshot
+
+    def __exit__(self, *exc) -> None:
+        global _snapshot
+        _snapshot = self.outer
 
 
 def reading_a_recording() -> bool:

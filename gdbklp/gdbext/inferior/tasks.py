@@ -57,7 +57,7 @@ def identity(task: int) -> TaskIdentity:
     layout = identity_layout()
     if layout is None:
         return TaskIdentity(task)
-    if target.reading_recorded():
+    if target.reading_a_recording():
         # field by field: no packet to save, and a check's verdict then depends
         # (record mode's memo) on these fields, not on the counters between them
         return _identity_of(task, lambda name: target.read_memory(task + layout[name][0], layout[name][1]))

@@ -39,6 +39,17 @@ class Reporter:
         self.publish(violations)
         return self.stop_wanted(violations)
 
+    def clean_alike(self, redirection: Redirection, checked: bool, count: int) -> None:
+        """count clean redirections alike but for their seq, from redirection's
+        on: only where the stop policy cannot stop between them (batching())."""
+        self.last_redirection = (redirection, checked)
+        self.report.add_alike(redirection, [], checked, count)
+
+    def batching(self) -> bool:
+        """Whether clean redirections may be tallied in batches: no --max-events
+        to stop at one of them, no event list left to keep them in order."""
+        return not self.options.max_events and len(self.report.events) >= self.report.keep_events
+
     def violations(self, who: TaskIdentity, violations: list[Violation]) -> bool:
         """Violations not tied to one redirection (a call not redirected, a sample);
         True if the guest must stop for the user."""

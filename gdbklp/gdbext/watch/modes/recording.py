@@ -62,6 +62,9 @@ class RecordMode(WatchMode):
         # probe would leave state for it to consult, so not with those
         only_p3 = [p.point for p in self.points.values()] == [CodePoint.P3] and not watch.options.handoff
         self.memo = VerdictMemo() if only_p3 and watch.design == Design.LIVEPATCH_STACK else None
+        # id of a remembered verdict -> [it, how many records since got it]: with
+        # no event list to keep in order, a hot function's are tallied per batch
+        self.alike: dict[int, list] = {}
 
     def arm(self) -> str:
         self.client = Recorder(self.watch.options.record)
@@ -130,6 +133,7 @@ class RecordMode(WatchMode):
         remembers was decided on the old."""
         self.code = self.watch.look_up_while_stopped()
         if self.memo is not None:
+            self.tally_alike()  # before the verdicts it counts go
             self.memo.clear()
 
     def while_armed(self, check):
@@ -189,6 +193,7 @@ class RecordMode(WatchMode):
                 return
             for record in batch:
                 self.check(record)
+            self.tally_alike()
 
     def check(self, record) -> None:
         point = self.points.get(record.point)
@@ -220,9 +225,13 @@ class RecordMode(WatchMode):
         key = state.memo_key()
         remembered = self.memo.verdict(key, snapshot)
         if remembered is not None:
+            if reporter.batching():
+                self.alike.setdefault(id(remembered), [remembered, 0])[1] += 1
+                return
             after_seq, checked = remembered  # Redirection's fields but its first, seq
             reporter.redirection(Redirection(reporter.report.redirections, *after_seq), [], checked)
             return
+        self.tally_alike()  # in order, before a check that may stop the watch
         seen, wrong, errors = reporter.report.redirections, len(reporter.report.violations), reporter.errors_seen
         tracing = TracingSnapshot(snapshot)
         with target.reading_from(tracing):
@@ -234,6 +243,13 @@ class RecordMode(WatchMode):
         trace = state.toc_slot_read(CallSite(redirection.call_site)) + tracing.trace
         self.memo.store(key, trace, ([getattr(redirection, f.name) for f in dataclasses.fields(Redirection)][1:],
                                      checked))
+
+    def tally_alike(self) -> None:
+        """Report the remembered clean redirections counted since the last time."""
+        reporter = self.watch.reporter
+        for (after_seq, checked), count in self.alike.values():
+            reporter.clean_alike(Redirection(reporter.report.redirections, *after_seq), checked, count)
+        self.alike.clear()
 
     def close(self) -> None:
         if self.client is None:
