@@ -1,5 +1,6 @@
 """klp-watch on the real lab: a clean workload, every injected fault, batch use."""
 
+import contextlib
 import json
 import os
 import signal
@@ -370,17 +371,24 @@ def test_a_recorded_watch_leaves_gdb_usable(lab, tmp_path):
     assert_counts_agree(report, counts, kinds=("local", "global"), minimum=120)
 
 
+@contextlib.contextmanager
+def recording_guest(lab, tmp_path):
+    """A lab guest booted with the recorder plugin, gdb attached, running:
+    (WatchedGuest, the options of a watch recorded through that plugin)."""
+    socket = tmp_path / "recorder.sock"
+    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
+        gdb.cont()
+        yield WatchedGuest(guest, gdb), WatchOptions(record=str(socket))
+
+
 def test_a_recorded_watch_follows_the_patch_cycled(lab, tmp_path):
     """The patch disabled, unloaded and loaded again twice while tasks call
     through it, then calls through the reloaded patch, recorded: each
     redirection checked once, none judged against a module list it was not
     made under (a false violation would fail assert_clean)."""
-    socket = tmp_path / "recorder.sock"
-    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
-        gdb.cont()
-        watched = WatchedGuest(guest, gdb)
+    with recording_guest(lab, tmp_path) as (watched, recorded):
         report = watched.watch("klplab-run -r -t 4 -n 20 -b 2 -p 2 -f yield && klplab-run -t 2 -n 5",
-                               options=WatchOptions(record=str(socket)))
+                               options=recorded)
         counts = watched.counts()
     WatchedGuest.assert_clean(report)
     assert report.mode == "record"
@@ -396,18 +404,15 @@ def test_a_recorded_watch_reads_modules_loaded_since_its_last_stop(lab, tmp_path
     loaded again elsewhere, then calls through it, recorded with no stop in
     between: each module change reads the module list as it is then (not as
     of the last stop: the freed patch's code, no reloaded patch)."""
-    socket = tmp_path / "recorder.sock"
-    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
-        gdb.cont()
-        before = guest.check(PATCH_TEXT).split()[5]
-        watched = WatchedGuest(guest, gdb)
+    with recording_guest(lab, tmp_path) as (watched, recorded):
+        before = watched.guest.check(PATCH_TEXT).split()[5]
         report = watched.watch("echo 0 > /sys/kernel/livepatch/klp_lab_patch/enabled && sleep 2 && "
                                "rmmod klp_lab_patch && insmod /lib/modules/livepatch-sample.ko && "
                                "while grep -q 1 /sys/kernel/livepatch/livepatch_sample/transition; do sleep 1; done && "
                                "insmod /lib/modules/klp_lab_patch.ko && klplab-run -r -t 2 -n 5",
-                               options=WatchOptions(record=str(socket)))
+                               options=recorded)
         counts = watched.counts()
-        after = guest.check(PATCH_TEXT).split()[5]
+        after = watched.guest.check(PATCH_TEXT).split()[5]
     assert after != before, "the patch came back where it was: nothing read stale would show"
     WatchedGuest.assert_clean(report)
     assert_counts_agree(report, counts, minimum=10)
@@ -418,12 +423,8 @@ def test_a_recorded_hot_function_is_checked_call_by_call(lab, tmp_path):
     """A patched function called as fast as 2 tasks can, recorded: past the
     report's event list, remembered clean verdicts are tallied per batch of
     records, and still every redirection counts once, per task and caller."""
-    socket = tmp_path / "recorder.sock"
-    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
-        gdb.cont()
-        watched = WatchedGuest(guest, gdb)
-        report = watched.watch("klplab-run -r -t 2 -n 8000 -k local -b 1000 -w 0",
-                               options=WatchOptions(record=str(socket)))
+    with recording_guest(lab, tmp_path) as (watched, recorded):
+        report = watched.watch("klplab-run -r -t 2 -n 8000 -k local -b 1000 -w 0", options=recorded)
         counts = watched.counts()
     WatchedGuest.assert_clean(report)
     (row,) = assert_counts_agree(report, counts, kinds=("local",), minimum=16000)
