@@ -95,7 +95,7 @@ def test_toc_slot_of_a_local_caller_is_not_checked():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_checks_read_of_the_frame_header_only_the_back_chain_and_a_reloaded_toc_slot(kind):
-    # and record mode's verdict memo keys on exactly these bytes (memo_key, toc_slot_read)
+    # and record mode's verdict memo keys on exactly these bytes (HEADER_ALWAYS_READ, toc_slot_read)
     clean = StackImage(f"inside-c-{kind}")
     site = CallSite(CALLER_CALL_SITE[kind])
     read = list(range(8)) + (list(range(24, 32)) if site.restores_toc else [])
@@ -105,7 +105,8 @@ def test_the_checks_read_of_the_frame_header_only_the_back_chain_and_a_reloaded_
         image.put_u64(word, image.u64(word) ^ 0x40 << 8 * (offset % 8))  # one bit of that byte
         changed = check(image)
         assert (changed.violations != check(clean).violations) == (offset in read), offset
-        key = lambda img: (sample_of(img).memo_key(), sample_of(img).toc_slot_read(site))
+        key = lambda img: (sample_of(img).frame_header[:ReturnSample.HEADER_ALWAYS_READ],
+                           sample_of(img).toc_slot_read(site))
         assert (key(image) != key(clean)) == (offset in read), offset
 
 

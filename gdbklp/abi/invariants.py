@@ -33,9 +33,13 @@ SAMPLE = "sample"                  # Violation.call_site of what a sampling paus
 class ReturnSample:
     """What one stop at P3 reads: r1 and r13, then small memory blocks.
 
-    Of frame_header the checks read the back chain (bytes 0-8) and, only for
-    a caller that reloads r2 (CallSite.restores_toc), the TOC save slot:
-    memo_key() and toc_slot_read() say so (tests/test_invariants.py holds it)."""
+    Of frame_header the checks read the back chain (the first
+    HEADER_ALWAYS_READ bytes) and, only for a caller that reloads r2
+    (CallSite.restores_toc), the TOC save slot (toc_slot_read()): record
+    mode's verdict memo keys on those bytes alone (tests/test_invariants.py
+    holds it)."""
+
+    HEADER_ALWAYS_READ = 8  # the back chain
 
     task: int
     cpu: int
@@ -45,13 +49,6 @@ class ReturnSample:
     livepatch_block: bytes  # memory [stack_base, livepatch_sp + 24): the whole livepatch stack
     frame_header: bytes     # memory [sp, sp + 32): the header of (what must be) A's frame
     task_slot: int = 0      # where the PACA holds the task pointer (r13 + its offset)
-
-    def memo_key(self) -> tuple:
-        """Everything of the sample the checks may read, but the TOC save slot:
-        what record mode's verdict memo keys on (the slot of a caller that does
-        not reload r2 holds what the caller left there, new at each call)."""
-        return (self.task, self.cpu, self.sp, self.livepatch_sp, self.stack_base, self.livepatch_block,
-                self.frame_header[:8], self.task_slot)
 
     def toc_slot_read(self, site: CallSite) -> list[tuple[tuple, bytes]]:
         """The read of A's TOC save slot the checks made for a call of this

@@ -100,7 +100,14 @@ def p3_recipe(watch) -> Recipe:
                                      f"{MAX_LIVEPATCH_BLOCK} bytes recorded")
         return ReturnSample(u64(task), record.vcpu, sp, u64(livepatch_sp), base, block, header, task_slot)
 
-    return Recipe(tuple(reads), state)
+    def memo_key(record) -> tuple:
+        """What state() makes the ReturnSample from, but the frame header's
+        bytes the checks may not read (a failed read: None, never a stored key)."""
+        task, livepatch_sp, stack, (_, header) = record.reads[:4]
+        return (record.vcpu, record.registers["r1"], task, livepatch_sp, stack,
+                header and header[:ReturnSample.HEADER_ALWAYS_READ])
+
+    return Recipe(tuple(reads), state, memo_key)
 
 
 def p1_recipe(watch, make_state) -> Recipe:

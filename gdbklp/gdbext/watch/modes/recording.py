@@ -207,30 +207,38 @@ class RecordMode(WatchMode):
         blocks = [(address, data) for address, data in record.reads if data is not None]
         snapshot = Snapshot(record.registers, blocks, self.code.read)
         try:
+            # a hot function's redirections repeat one state and the same values read
+            key = point.recipe.memo_key(record) if self.memo is not None and point.recipe.memo_key else None
+            if key is not None and self.replay(key, snapshot):
+                return
             # a check that wants the guest stopped has ended the watch (end_at_stop)
             with target.reading_from(snapshot):
                 state = point.recipe.state(record)  # may read code (the RFC path's RA)
-                if self.memo is None:
+                if key is None:
                     point.check(state)
                     return
-            self.check_remembering(point, state, snapshot)
+            self.check_remembering(point, key, state, snapshot)
         except Exception as e:  # one record's failure must not end the watch
             self.watch.record_error(f"record {record.seq} at {point.label}: {type(e).__name__}: {e}")
 
-    def check_remembering(self, point: ProbePoint, state: ReturnSample, snapshot: Snapshot) -> None:
-        """point.check(state), or the verdict it gave on the same state and the
-        same values read: a hot function's redirections repeat one state.
-        Only clean verdicts are kept: a violation is always checked in full."""
-        reporter = self.watch.reporter
-        key = state.memo_key()
+    def replay(self, key: tuple, snapshot: Snapshot) -> bool:
+        """Report the verdict the check gave on the same key and the same values
+        read, if any; whether there was one."""
         remembered = self.memo.verdict(key, snapshot)
-        if remembered is not None:
-            if reporter.batching():
-                self.alike.setdefault(id(remembered), [remembered, 0])[1] += 1
-                return
+        if remembered is None:
+            return False
+        reporter = self.watch.reporter
+        if reporter.batching():
+            self.alike.setdefault(id(remembered), [remembered, 0])[1] += 1
+        else:
             after_seq, checked = remembered  # Redirection's fields but its first, seq
             reporter.redirection(Redirection(reporter.report.redirections, *after_seq), [], checked)
-            return
+        return True
+
+    def check_remembering(self, point: ProbePoint, key: tuple, state: ReturnSample, snapshot: Snapshot) -> None:
+        """point.check(state), its verdict kept under key and the values it read
+        if clean: a violation is always checked in full."""
+        reporter = self.watch.reporter
         self.tally_alike()  # in order, before a check that may stop the watch
         seen, wrong, errors = reporter.report.redirections, len(reporter.report.violations), reporter.errors_seen
         tracing = TracingSnapshot(snapshot)
