@@ -10,11 +10,11 @@ executes, it records a set of registers and memory reads, and writes one
 fixed-size record per hit to its client over the UNIX stream socket PATH,
 with no gdbstub stop. It serves one client at a time and is idle until armed.
 
-Protocol (version 1; every integer little-endian, no padding anywhere):
+Protocol (version 2; every integer little-endian, no padding anywhere):
 
 Client -> plugin, each message starting with a u32 magic:
 
-- ARM: ``{u32 magic 0x4d52414b "KARM", u32 version 1, u32 nregisters,
+- ARM: ``{u32 magic 0x4d52414b "KARM", u32 version 2, u32 nregisters,
   u32 npoints}``, then nregisters x 16-byte NUL-padded register names, then
   npoints x point. Every record carries these registers, in this order.
   The names are QEMU's gdb register names for the vCPU; for ppc64 (power9)
@@ -25,7 +25,10 @@ Client -> plugin, each message starting with a u32 magic:
   ``dar``, ``dsisr``, ``sprg0``.., ``tb``, ``pvr``, ...; ``xer``, ``lr``
   and ``ctr`` appear twice, the first is used). A NAK for an unknown name
   lists them all. A point is
-  ``{u64 vaddr, u32 point_id, u32 nreads}`` then nreads x read, a read
+  ``{u64 vaddr, u32 point_id, u16 nreads, u16 flags}`` then nreads x read
+  (flags: bit 0, FLUSH, writes the point's records at once, with everything
+  queued before them, where other records wait in a batch: for what the
+  client must learn of now), a read
   ``{u8 base_kind, u8 base_index, u8 end_kind, u8 end_index, u32 length,
   u64 mask, i64 offset, i64 end_offset}``. Source kinds: 0 none (value 0;
   as an end: a fixed length), 1 register (base_index: an index into the
@@ -83,12 +86,13 @@ ARM_MAGIC = 0x4D52414B      # "KARM"
 DISARM_MAGIC = 0x5349444B   # "KDIS"
 STATS_MAGIC = 0x4154534B    # "KSTA"
 RECORD_MAGIC = 0x4345524B   # "KREC"
-VERSION = 1
+VERSION = 2
 
 POINT_STATS = 0xFFFFFFFF
 POINT_ACK = 0xFFFFFFFE
 POINT_NAK = 0xFFFFFFFD
 POINT_ID_MAX = 0xFFFFFFEF
+POINT_FLUSH = 0x0001  # a point's flag: its records are written at once
 
 NONE, REGISTER, READ = 0, 1, 2  # source kinds
 READ_OK, READ_FAILED = 0, 1
@@ -97,7 +101,7 @@ MAX_REGISTERS, MAX_POINTS, MAX_READS, MAX_READ_LENGTH = 64, 4096, 64, 65536
 ALL_BITS = (1 << 64) - 1
 
 ARM_HEADER = struct.Struct("<IIII")
-POINT = struct.Struct("<QII")
+POINT = struct.Struct("<QIHH")
 READ_SPEC = struct.Struct("<BBBBIQqq")
 HEADER = struct.Struct("<IIIIQ")
 READ_RESULT = struct.Struct("<QII")
@@ -145,11 +149,13 @@ class Read:
 
 @dataclass(frozen=True)
 class RecordPoint:
-    """A probe point: the guest instruction at vaddr, before it executes."""
+    """A probe point: the guest instruction at vaddr, before it executes;
+    flush: its records reach the client at once, not in the next batch."""
 
     vaddr: int
     point_id: int
     reads: tuple[Read, ...] = ()
+    flush: bool = False
 
 
 @dataclass(slots=True)
@@ -220,7 +226,7 @@ def encode_arm(registers, points) -> bytes:
             raise RecorderError(f"{where}: at most {MAX_READS} reads")
         ids.add(point.point_id)
         vaddrs.add(point.vaddr)
-        out.append(POINT.pack(point.vaddr, point.point_id, len(point.reads)))
+        out.append(POINT.pack(point.vaddr, point.point_id, len(point.reads), POINT_FLUSH if point.flush else 0))
         for i, read in enumerate(point.reads):
             base = _source_index(read.base, registers, f"{where}, read {i}")
             end = _source_index(read.end, registers, f"{where}, read {i}")

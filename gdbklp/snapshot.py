@@ -20,8 +20,10 @@ class Snapshot:
     code, which does not change with the moment, from code (a reader that
     raises NotRecorded for what it does not hold)."""
 
-    def __init__(self, registers: dict[str, int], blocks: list[tuple[int, bytes]], code=None):
+    def __init__(self, registers: dict[str, int], blocks: list[tuple[int, bytes]], code=None,
+                 vcpu: int | None = None):
         self.registers = registers
+        self.vcpu = vcpu  # the vCPU it was recorded on
         self.blocks = sorted(blocks)
         self.starts = [start for start, _ in self.blocks]
         self.code = code
@@ -80,6 +82,7 @@ class TracingSnapshot:
 
     def __init__(self, snapshot: Snapshot):
         self.snapshot = snapshot
+        self.vcpu = snapshot.vcpu
         self.trace: list[tuple[tuple, object]] = []
 
     def read(self, address: int, length: int) -> bytes:

@@ -15,9 +15,12 @@ from gdbklp.options import WatchOptions
 FAST = ("pop-16-bytes", "push-no-magic", "c-clobbers-toc-slot")
 # out-of-line ftrace stubs (7.3): invariant 14, by the hand-off probes or the stub check
 OOL = ("ool-r15-clobbered", "ool-handler-ra-from-lr", "ool-stub-skips-an-instruction")
+# caught at a guard point (the trampoline's exit for calls not redirected),
+# which record mode records as it records P3
+RECORDED_GUARDS = ("ftrace-no-redirect",)
 # klp-lint proves these code points from the code: defective where a mutant edits them
 STATICALLY_CHECKED = (MutatedCode.PUSH_HALF, MutatedCode.RETURN_HALF, MutatedCode.FTRACE_EXIT,
-                      MutatedCode.FTRACE_STUBS)
+                      MutatedCode.FTRACE_STUBS, MutatedCode.FTRACE_DECISION)
 
 
 @pytest.mark.smoke
@@ -26,7 +29,7 @@ STATICALLY_CHECKED = (MutatedCode.PUSH_HALF, MutatedCode.RETURN_HALF, MutatedCod
 @pytest.mark.parametrize("name,options",
                          [(name, WatchOptions()) for name in FAST + OOL] +
                          [pytest.param(name, WatchOptions(park=True), marks=needs_parking) for name in FAST] +
-                         [(name, RECORDED) for name in FAST + OOL],
+                         [(name, RECORDED) for name in FAST + OOL + RECORDED_GUARDS],
                          ids=lambda value: value.mode if isinstance(value, WatchOptions) else value)
 def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):
     mutant = MUTANTS[name]
@@ -57,6 +60,9 @@ def test_mutant_is_caught_with_its_invariant(lab, tmp_path, name, options):
         assert first.diagnosis.startswith("in livepatch_handler's return half"), first.format_text()
     elif mutant.mutated is MutatedCode.PUSH_HALF:
         assert "livepatch_handler is defective (static model)" in first.diagnosis, first.format_text()
+    elif mutant.mutated is MutatedCode.FTRACE_DECISION:  # at the trampoline's exit, a guard point
+        assert first.diagnosis.startswith("the ftrace trampoline's redirect decision"), first.format_text()
+        assert first.call_site == "not redirected", first.format_text()
     else:
         assert first.diagnosis.startswith("between P1 and P3, while C ran"), first.format_text()
 

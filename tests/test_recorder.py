@@ -24,26 +24,26 @@ POINTS = (
         # the word at r1 + 8, masked, as a pointer: 8 bytes there
         Read(Source.read(0), 8, offset=-0x10, mask=~0xF, end=Source()),
     )),
-    RecordPoint(P3 + 0x40, 7, ()),
+    RecordPoint(P3 + 0x40, 7, (), flush=True),
 )
 REGISTERS = ("r1", "r13", "pc")
 
 
 def test_arm_message_field_by_field():
     data = R.encode_arm(REGISTERS, POINTS)
-    assert struct.unpack_from("<IIII", data, 0) == (0x4D52414B, 1, 3, 2)
+    assert struct.unpack_from("<IIII", data, 0) == (0x4D52414B, 2, 3, 2)
     assert data[:4] == b"KARM"
     names = [data[16 + 16 * i:32 + 16 * i] for i in range(3)]
     assert names == [b"r1".ljust(16, b"\0"), b"r13".ljust(16, b"\0"), b"pc".ljust(16, b"\0")]
     off = 16 + 48
-    assert struct.unpack_from("<QII", data, off) == (P3, 3, 3)
+    assert struct.unpack_from("<QIHH", data, off) == (P3, 3, 3, 0)
     off += 16
     reads = [struct.unpack_from("<BBBBIQqq", data, off + 32 * i) for i in range(3)]
     assert reads[0] == (1, 0, 0, 0, 32, (1 << 64) - 1, 0, 0)
     assert reads[1] == (1, 0, 1, 0, 32, (1 << 64) - 1, 0, 16)
     assert reads[2] == (2, 0, 0, 0, 8, ((1 << 64) - 1) & ~0xF, -0x10, 0)
     off += 96
-    assert struct.unpack_from("<QII", data, off) == (P3 + 0x40, 7, 0)
+    assert struct.unpack_from("<QIHH", data, off) == (P3 + 0x40, 7, 0, 1)  # flush
     assert len(data) == off + 16
 
 
@@ -93,12 +93,13 @@ class FakePlugin:
 
     def take_arm(self) -> tuple[tuple[str, ...], list]:
         magic, version, nregs, npoints = struct.unpack("<IIII", self.take(16))
-        assert (magic, version) == (R.ARM_MAGIC, 1)
+        assert (magic, version) == (R.ARM_MAGIC, 2)
         names = tuple(self.take(16).rstrip(b"\0").decode() for _ in range(nregs))
         points = []
         for _ in range(npoints):
-            vaddr, point_id, nreads = struct.unpack("<QII", self.take(16))
-            points.append((vaddr, point_id, [struct.unpack("<BBBBIQqq", self.take(32)) for _ in range(nreads)]))
+            vaddr, point_id, nreads, flags = struct.unpack("<QIHH", self.take(16))
+            points.append((vaddr, point_id, flags, [struct.unpack("<BBBBIQqq", self.take(32))
+                                                    for _ in range(nreads)]))
         return names, points
 
     def special(self, point_id: int, body: bytes = b"") -> bytes:
@@ -159,8 +160,8 @@ def arm(plugin: FakePlugin, registers=REGISTERS, points=POINTS) -> tuple:
 def test_arm_waits_for_the_ack_and_the_plugin_gets_every_field(plugin):
     names, points = arm(plugin)
     assert names == REGISTERS
-    assert [(v, i, len(r)) for v, i, r in points] == [(P3, 3, 3), (P3 + 0x40, 7, 0)]
-    assert points[0][2][1] == (1, 0, 1, 0, 32, (1 << 64) - 1, 0, 16)
+    assert [(v, i, f, len(r)) for v, i, f, r in points] == [(P3, 3, 0, 3), (P3 + 0x40, 7, R.POINT_FLUSH, 0)]
+    assert points[0][3][1] == (1, 0, 1, 0, 32, (1 << 64) - 1, 0, 16)
 
 
 def test_records_decoded_field_by_field(plugin):

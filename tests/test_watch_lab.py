@@ -209,11 +209,11 @@ def test_fixture_for_kernel_developers(klp_watch):
     assert status == 0
 
 
-def watch_held_transition(guest, gdb):
+def watch_held_transition(guest, gdb, options: WatchOptions = WatchOptions()):
     """Watch two tasks calling the local and global kinds while a transition is held: clean."""
     assert guest.check("cat /sys/kernel/livepatch/klp_lab_patch/transition").strip() == "1"
     watched = WatchedGuest(guest, gdb)
-    report = watched.watch("klplab-run -r -t 2 -n 5 -k local,global")
+    report = watched.watch("klplab-run -r -t 2 -n 5 -k local,global", options=options)
     WatchedGuest.assert_clean(report)
     return watched, report, watched.counts()
 
@@ -244,17 +244,20 @@ def test_transition_held_back_by_a_task_asleep_in_the_old_function(lab, tmp_path
         assert gdb.console("klp-transition").strip() == "klp-transition: no live-patch transition in progress"
 
 
-def test_calls_not_redirected_while_a_disable_transition_is_held(lab, tmp_path):
+@pytest.mark.parametrize("options", [WatchOptions(), RECORDED], ids=lambda options: options.mode)
+def test_calls_not_redirected_while_a_disable_transition_is_held(lab, tmp_path, options):
     """Invariant 12 for the calls ftrace does not redirect. While the patch is being
     disabled, a task asleep in C holds the transition; the shell has switched to
     KLP_UNPATCHED, so its new tasks run B itself: each such call is seen at the
-    trampoline's bctr and agrees with the task's state."""
-    with booted(lab, workdir=tmp_path) as guest, attached(guest, lab.vmlinux) as gdb:
+    trampoline's bctr (a breakpoint, or a point recorded) and agrees with the
+    task's state."""
+    options, socket = recorder_for(options, tmp_path)
+    with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
         gdb.cont()
         guest.check("echo 30000 > /sys/module/klp_lab_patch/parameters/nap_ms; "
                     "(klplab-run -t 1 -n 1 -k local -f nap > /dev/null &); sleep 0.5; "
                     "echo 0 > /sys/kernel/livepatch/klp_lab_patch/enabled")
-        watched, report, counts = watch_held_transition(guest, gdb)
+        watched, report, counts = watch_held_transition(guest, gdb, options)
         assert report.redirections == 0
         assert sum(c.old for c in counts.values()) == 20 == sum(report.old_code_calls.values())
         assert set(report.old_code_calls) == {"klp_lab_b_local [klp_lab_target]",
@@ -264,7 +267,7 @@ def test_calls_not_redirected_while_a_disable_transition_is_held(lab, tmp_path):
         # still follows each task's state, so these calls of B contradict invariant 12
         transition_patch = gdb.console("printf \"%#lx\\n\", klp_transition_patch").strip()
         gdb.console("set var klp_transition_patch = 0")
-        report = watched.watch("klplab-run -r -t 1 -n 3 -k local")
+        report = watched.watch("klplab-run -r -t 1 -n 3 -k local", options=options)
         gdb.interrupt()
         gdb.console(f"set var klp_transition_patch = (struct klp_patch *){transition_patch}")
         assert [v.invariant for v in report.violations] == [12, 12, 12]
@@ -351,7 +354,10 @@ def test_a_recorded_watch_leaves_gdb_usable(lab, tmp_path):
     every redirection before, during and after is checked once."""
     socket = tmp_path / "recorder.sock"
     with booted(lab, workdir=tmp_path, plugin_socket=socket) as guest, attached(guest, lab.vmlinux) as gdb:
-        gdb.console(f"klp-watch start --quiet --record {socket} --report {tmp_path / 'report.json'}")
+        started = gdb.console(f"klp-watch start --record {socket} --report {tmp_path / 'report.json'}")
+        # the guards and the module changes are recorded too: a gdb breakpoint
+        # would cost the guest at every translated block it looks up
+        assert "guard points" in started and "; 0 breakpoints in all;" in started, started
         gdb.cont()
         start = guest.send("klplab-run -r -t 2 -n 60 -k local,global -f sleep")
         time.sleep(1.5)

@@ -55,6 +55,7 @@ struct point_spec {
     uint64_t vaddr;
     uint32_t id;
     uint32_t nreads;
+    bool flush;           /* KLP_POINT_FLUSH: written at once */
     uint32_t size;        /* of its records */
     uint32_t results_offset;
     struct read_spec *reads;
@@ -299,7 +300,7 @@ static void on_probe(unsigned int vcpu, void *udata)
     }
     pthread_mutex_lock(&write_lock);
     ((struct klp_record_header *)buf)->seq = next_seq++;
-    if (queue_locked(buf, p->size, false)) {
+    if (queue_locked(buf, p->size, p->flush)) {
         records_sent++;
     }
     pthread_mutex_unlock(&write_lock);
@@ -558,9 +559,14 @@ static bool handle_arm(int fd)
                             KLP_MAX_READS);
             goto out;
         }
+        if (kp.flags & ~KLP_POINT_FLAGS) {
+            g_string_printf(error, "point %u has unknown flags %#x", kp.point_id, kp.flags & ~KLP_POINT_FLAGS);
+            goto out;
+        }
         p->vaddr = kp.vaddr;
         p->id = kp.point_id;
         p->nreads = kp.nreads;
+        p->flush = kp.flags & KLP_POINT_FLUSH;
         p->cfg = c;
         p->reads = g_new0(struct read_spec, kp.nreads ? kp.nreads : 1);
         p->results_offset = sizeof(struct klp_record_header) + 8 * c->nregs;

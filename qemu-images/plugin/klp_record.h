@@ -13,6 +13,10 @@
  *           (NUL-padded; QEMU's gdb names for the vCPU: r0..r31, pc, msr, cr,
  *           lr, ctr, xer, ... on ppc64), then npoints x (struct klp_point,
  *           then nreads x struct klp_read). Replaces any earlier arming.
+ *           A point's flags: KLP_POINT_FLUSH writes its records at once,
+ *           with everything queued before them (a point the client must
+ *           learn of now: the guest going down, the module list changing),
+ *           where other records wait in a batch.
  *           Reply: one ACK record once the new instrumentation is live (the
  *           translations made before it are dropped first), or one NAK record.
  *   DISARM: u32 KLP_DISARM_MAGIC. Reply: one STATS record once no probe can
@@ -56,7 +60,7 @@
 #define KLP_DISARM_MAGIC 0x5349444bu /* "KDIS" */
 #define KLP_STATS_MAGIC  0x4154534bu /* "KSTA" */
 #define KLP_RECORD_MAGIC 0x4345524bu /* "KREC" */
-#define KLP_PROTOCOL_VERSION 1
+#define KLP_PROTOCOL_VERSION 2
 
 #define KLP_REG_NAME_LEN 16
 
@@ -65,6 +69,10 @@
 #define KLP_POINT_NAK   0xFFFFFFFDu
 #define KLP_POINT_ID_MAX 0xFFFFFFEFu /* probe points' ids are 0..this */
 #define KLP_NO_VCPU     0xFFFFFFFFu
+
+/* struct klp_point's flags */
+#define KLP_POINT_FLUSH 0x0001u
+#define KLP_POINT_FLAGS KLP_POINT_FLUSH /* all that are known */
 
 /* what an ARM may ask, at most */
 #define KLP_MAX_REGISTERS 64
@@ -93,7 +101,8 @@ struct __attribute__((packed)) klp_arm {
 struct __attribute__((packed)) klp_point {
     uint64_t vaddr;      /* the guest instruction; the probe fires before it executes */
     uint32_t point_id;   /* 0..KLP_POINT_ID_MAX, unique */
-    uint32_t nreads;
+    uint16_t nreads;
+    uint16_t flags;      /* KLP_POINT_FLUSH */
 };
 
 struct __attribute__((packed)) klp_read {

@@ -69,6 +69,11 @@ def reading_a_recording() -> bool:
     return _snapshot is not None
 
 
+def recorded_vcpu() -> int | None:
+    """The vCPU of the recording in force, if any."""
+    return _snapshot.vcpu if _snapshot is not None else None
+
+
 def read_memory(address: int, length: int) -> bytes:
     """Guest memory, read through the selected vCPU's MMU context (or from
     the snapshot in force)."""

@@ -13,6 +13,10 @@ STATE_REGISTERS = ("pc", "lr", "r1", "r2", "r13", "msr", "r0")
 
 
 def current_cpu() -> int:
+    """The selected vCPU's number, or the recording's in force."""
+    recorded = target.recorded_vcpu()
+    if recorded is not None:
+        return recorded
     thread = gdb.selected_thread()
     return thread.num - 1 if thread else -1
 

@@ -25,6 +25,10 @@ GUEST_DOWN = ("die", "panic")
 # where each one finds the pc the guest went down at: die(str, regs, err) has regs in r4
 PC_OF_GUEST_DOWN = {"die": "r4", "panic": None}
 PT_REGS_NIP = 256  # offsetof(struct pt_regs, nip) on ppc64
+# what is read of the message die() or panic() was given (at most to the end
+# of its page; the recorder reads it all, and a failed read leaves the name alone)
+MESSAGE_BYTES = 128
+SMALLEST_PAGE = 4096
 
 
 class Guards:
@@ -116,15 +120,19 @@ class Guards:
     # ---- the guest going down ----------------------------------------------
 
     def what_went_down(self, name: str) -> str:
-        """die("message") at the pc it names, or panic("message"), as far as the guest's memory tells."""
+        """die("message") at the pc it names, or panic("message"), as far as the
+        guest's memory (or the recording) tells."""
         what = name
         try:
-            message = gdb.Value(target.register("r3")).cast(gdb.lookup_type("char").pointer()).string()
-            what = f"{name}(\"{message.strip()[:120]}\")"
+            address = target.register("r3")
+            # not past the message's page: the next one may not be mapped
+            length = min(MESSAGE_BYTES, SMALLEST_PAGE - address % SMALLEST_PAGE)
+            message = target.read_memory(address, length).split(b"\0", 1)[0]
+            what = f"{name}(\"{message.decode(errors='replace').strip()[:120]}\")"
             if PC_OF_GUEST_DOWN[name]:
                 nip = target.read_u64(target.register(PC_OF_GUEST_DOWN[name]) + PT_REGS_NIP)
                 what += f" at {self.kernel.describe(nip)}"
-        except (gdb.error, gdb.MemoryError):
+        except (gdb.error, gdb.MemoryError, GdbklpError):  # GdbklpError: not recorded
             pass
         return what
 

@@ -29,7 +29,8 @@ class Recipe:
 
 
 # the registers every record carries: those the checks read at a stop
-RECORDED_REGISTERS = ("r0", "r1", "r2", "r11", "r12", "r13", "lr", "ctr")
+# (r3 and r4: the arguments of die() and panic(), at a guard point)
+RECORDED_REGISTERS = ("r0", "r1", "r2", "r3", "r4", "r11", "r12", "r13", "lr", "ctr")
 
 
 @dataclass(frozen=True)

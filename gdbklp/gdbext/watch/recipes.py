@@ -9,9 +9,12 @@ silently from the live guest.
 """
 
 from gdbklp.abi import ppc, rfc
+from gdbklp.abi.designs import CodePoint
 from gdbklp.abi.invariants import ReturnSample
+from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target, tasks
-from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, Recipe
+from gdbklp.gdbext.watch.guards import MESSAGE_BYTES, PC_OF_GUEST_DOWN, PT_REGS_NIP
+from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, ProbePoint, Recipe
 from gdbklp.recorder import Read, Source
 from gdbklp.snapshot import NotRecorded
 
@@ -22,7 +25,7 @@ MAX_LIVEPATCH_BLOCK = 1024
 # (from r1 to the stack's top: a system call's stack in the lab uses about
 # a kilobyte); a deeper stack is a NotRecorded error for that check only
 STACK_TOP_WINDOW = 2048
-R1, R13 = RECORDED_REGISTERS.index("r1"), RECORDED_REGISTERS.index("r13")
+R1, R3, R13, LR = (RECORDED_REGISTERS.index(name) for name in ("r1", "r3", "r13", "lr"))
 
 
 def u64(data: bytes) -> int:
@@ -65,6 +68,15 @@ def task_fields_read(watch) -> list[Read]:
     return [Read(Source.read(0), offset=fields[0], length=fields[1] - fields[0])] if fields else []
 
 
+def transition_patch_read(watch) -> list[Read]:
+    """klp_transition_patch, which the consistency check reads (if it runs)."""
+    if not watch.consistency:
+        return []
+    # an absolute address: the plugin adds the offset to 0 modulo 2**64
+    address = target.dwarf_address("klp_transition_patch")
+    return [Read(Source(), offset=address - (1 << 64) if address >> 63 else address, length=8)]
+
+
 def task_and_livepatch_sp(watch) -> list[Read]:
     """Reads 0 and 1: the task, then its livepatch_sp."""
     return [running_task(watch), Read(Source.read(0), offset=watch.layout.ti_livepatch_sp, length=8)]
@@ -83,11 +95,7 @@ def p3_recipe(watch) -> Recipe:
         Read(Source.register(R1), mask=ppc.MASK64 & ~(thread_size - 1), offset=thread_size - STACK_TOP_WINDOW,
              length=STACK_TOP_WINDOW),
     ]
-    reads += task_fields_read(watch)
-    if watch.consistency:
-        # an absolute address: the plugin adds the offset to 0 modulo 2**64
-        address = target.dwarf_address("klp_transition_patch")
-        reads.append(Read(Source(), offset=address - (1 << 64) if address >> 63 else address, length=8))
+    reads += task_fields_read(watch) + transition_patch_read(watch)
 
     def state(record) -> ReturnSample:
         (task_slot, task), (_, livepatch_sp), (base, block), (_, header) = reads_of(record, 4)
@@ -148,3 +156,24 @@ def rfc_helper_recipe(watch) -> Recipe:
         return u64(task), record.registers["r1"]
 
     return Recipe(reads, state)
+
+
+def guard_recipe(watch, point: ProbePoint) -> Recipe:
+    """At a guard point, what its check reads at a stop: at an ftrace exit
+    for a call not redirected, the task (its identity and patch_state),
+    klp_transition_patch and the out-of-line stub LR returns into; at die()
+    or panic(), the task and the message (die's pt_regs' nip too); at a
+    module list change, nothing: the list is read again at a pause."""
+    if point.point == CodePoint.MODULES:
+        return Recipe((), lambda record: None)
+    reads = [running_task(watch), *task_fields_read(watch)]
+    if point.point == CodePoint.FTRACE_EXIT:
+        reads += transition_patch_read(watch) + [Read(Source.register(LR), offset=-8, length=16)]
+    elif point.point == CodePoint.GUEST_DOWN:
+        reads.append(Read(Source.register(R3), length=MESSAGE_BYTES))
+        regs = PC_OF_GUEST_DOWN[point.label]
+        if regs is not None:
+            reads.append(Read(Source.register(RECORDED_REGISTERS.index(regs)), offset=PT_REGS_NIP, length=8))
+    else:
+        raise GdbklpError(f"--record: no recipe for the guard point {point.label} ({point.point})")
+    return Recipe(tuple(reads), lambda record: None)

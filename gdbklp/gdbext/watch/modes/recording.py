@@ -5,12 +5,16 @@ started, runs each design point's recipe (gdbklp.gdbext.watch.recipes) on
 every vCPU that reaches it and streams the result; the guest waits when
 gdbklp falls behind, so nothing is lost. A thread of gdb's Python reads
 the records; gdb's own thread checks them with the model's usual checks,
-reading from the record instead of the guest (target.reading_from). The
-guard points (die, panic, the ftrace exits of calls not redirected) stay
-breakpoints: they cost nothing while all is well. So are the places where
-the module list changes (a module's init, a patch's transition starting, a
-module freed): what the checks look up is read again there, after every
-record made before.
+reading from the record instead of the guest (target.reading_from).
+
+The guard points (die, panic, the ftrace exits of calls not redirected) are
+recorded too, and so are the places where the module list changes (a
+module's init, a patch's transition starting, a module freed): a recorded
+watch inserts no gdb breakpoint, which costs a QEMU 10.0 guest at every
+lookup of a translated block whether it is hit or not. At a module list
+change the records made before it are checked against the list as it was;
+the guest is then paused by an interrupt (no translation flush), the list
+read again, and the records made after the change are checked against it.
 """
 
 import dataclasses
@@ -26,7 +30,9 @@ from gdbklp.errors import GdbklpError
 from gdbklp.gdbext.inferior import target, tasks
 from gdbklp.gdbext.watch.modes import WatchMode
 from gdbklp.gdbext.watch.modes.parking import guest_stopped
-from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, ProbePoint, Probes, describe_points
+from gdbklp.gdbext.unwind import handle_stops
+from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, ProbePoint, describe_points
+from gdbklp.gdbext.watch.recipes import guard_recipe
 from gdbklp.options import Mode
 from gdbklp.recorder import Recorder, RecordPoint
 from gdbklp.report import Redirection
@@ -37,6 +43,9 @@ POLL_SECONDS = 0.2  # how often the reading thread looks whether the watch ended
 # its init, a patch starting its transition (before any task reaches its
 # new code), a module being freed
 MODULE_CHANGES = ("do_init_module", "klp_start_transition", "free_module")
+# points whose records gdbklp must have at once, not in the plugin's next batch
+AT_ONCE = (CodePoint.GUEST_DOWN, CodePoint.MODULES)
+LOOK_UP_TRIES = 5  # pauses at which a module list change's look-up may fail before it is given up
 
 
 class RecordMode(WatchMode):
@@ -50,8 +59,13 @@ class RecordMode(WatchMode):
             raise GdbklpError(f"--record: the {watch.design} design's {', '.join(lacking)} has no recording "
                               "recipe yet: use --breakpoint")
         self.client: Recorder | None = None
-        self.guards: Probes | None = None
         self.pending: list = []
+        self.checking = False  # check_pending is running
+        # a module list change was recorded: the records after it wait for the
+        # list read again (at a pause, if the guest runs)
+        self.look_up_wanted = False
+        self.paused_for_look_up = False
+        self.look_up_failures = 0  # in a row, at pauses for the same change
         self.lock = threading.Lock()  # pending
         self.io = threading.Lock()  # the client: the reading thread's, or gdb's at a stop
         self.ending = threading.Event()
@@ -70,24 +84,25 @@ class RecordMode(WatchMode):
         self.client = Recorder(self.watch.options.record)
         self.look_up()
         gdb.events.stop.connect(self.at_stop)
-        points = [RecordPoint(p.address, number, p.recipe.reads) for number, p in self.points.items()]
+        design = list(self.points.values())
+        guards = [dataclasses.replace(p, check=self.while_armed(p.check), recipe=guard_recipe(self.watch, p))
+                  for p in self.watch.guard_points() + self.module_change_points()]
+        self.points.update(enumerate(guards, len(self.points) + 1))
+        points = [RecordPoint(p.address, number, p.recipe.reads, flush=p.point in AT_ONCE)
+                  for number, p in self.points.items()]
         # live once a vCPU runs (the plugin drops the old translations from one):
         # the reading thread meets the plugin's answer before the first record
         self.client.arm(RECORDED_REGISTERS, points, wait=False)
-        guards = [dataclasses.replace(p, check=self.while_armed(p.check)) for p in self.watch.guard_points()]
-        self.guards = Probes(guards + self.module_change_points(), self.watch.record_error)
         self.watch.reporter.end_watch = self.end_at_stop
         self.reader = threading.Thread(target=self.read_records, name="klp-record", daemon=True)
         self.reader.start()
-        return f"recording {describe_points(list(self.points.values()))} (QEMU's recorder plugin, every vCPU)"
-
-    @property
-    def breakpoints(self) -> int:
-        return len(self.guards) if self.guards else 0
+        return (f"recording {describe_points(design)} and {len(guards)} guard points "
+                "(QEMU's recorder plugin, every vCPU; no breakpoint)")
 
     def can_end_now(self) -> bool:
-        """Only with the guest stopped: gdb cannot take breakpoints (the guards,
-        the hand-off probes) out of an all-stop target while it runs."""
+        """Only with the guest stopped: the records after a module list change
+        are checked against the list read again, and gdb cannot take the
+        hand-off probes' breakpoints out of an all-stop target while it runs."""
         return guest_stopped()
 
     def end_when_possible(self, reason: str) -> None:
@@ -122,11 +137,37 @@ class RecordMode(WatchMode):
         return points
 
     def modules_change(self, _state) -> bool:
-        """At a module list change: check what came before against the list as it
-        was, then read it again; the guest goes on."""
-        self.catch_up()
-        self.look_up()
+        """A module list change recorded: the records after it wait for the list
+        read again (check_pending)."""
+        self.look_up_wanted = True
         return False
+
+    def look_up_before_the_rest(self) -> bool:
+        """At a module list change, read what the checks look up again: at once if
+        the guest is stopped, else at a pause asked for here (False: the records
+        after the change wait for it). With no guest left, they are checked
+        against the old list."""
+        thread = gdb.selected_thread()
+        if thread is not None and thread.is_valid() and thread.is_running():
+            if not self.paused_for_look_up:
+                self.paused_for_look_up = True
+                handle_stops(True)
+                gdb.execute("interrupt", to_string=True)
+            return False
+        self.look_up_wanted = False
+        if thread is None or not thread.is_valid():
+            return True
+        try:
+            self.look_up()
+        except (gdb.error, GdbklpError) as e:  # a module half made or half freed, say
+            self.look_up_failures += 1
+            if self.look_up_failures < LOOK_UP_TRIES:
+                self.look_up_wanted = True  # again, at the next pause
+                return False
+            self.watch.record_error(f"recorder: the module list could not be read after a change ({e}): "
+                                    "the records after it are checked against the list before it")
+        self.look_up_failures = 0
+        return True
 
     def look_up(self) -> None:
         """Read what the checks look up (the guest is stopped); what the memo
@@ -140,13 +181,30 @@ class RecordMode(WatchMode):
         """check, as long as the watch records (a guard hit after its end checks nothing)."""
         return lambda state: self.client is not None and check(state)
 
-    def at_stop(self, _event) -> None:
+    def at_stop(self, event) -> None:
         """The guest stopped: check what it recorded up to here, then read again
-        what the checks look up (the module list may have changed)."""
+        what the checks look up. A stop that is this mode's pause for a module
+        list change lets the guest go on."""
         if self.client is None:
             return
-        self.catch_up()
-        self.look_up()
+        ours = self.paused_for_look_up and isinstance(event, gdb.SignalEvent)
+        self.paused_for_look_up = False
+        handle_stops(False)
+        try:
+            self.catch_up()  # at our pause, it has read the list after the change
+            if not ours and not self.look_up_wanted:
+                self.look_up()
+        except (gdb.error, GdbklpError) as e:
+            self.watch.record_error(f"recorder: at a stop: {type(e).__name__}: {e}")
+        finally:
+            if ours:  # our pause always ends: not in this observer, gdb is still inside its stop processing
+                gdb.post_event(self.resume_after_look_up)
+
+    def resume_after_look_up(self) -> None:
+        if self.client is not None and guest_stopped():  # not if the watch ended for the user
+            gdb.execute("continue &", to_string=True)
+            if self.look_up_wanted:  # the list could not be read at that pause: at another
+                self.check_pending()
 
     # ---- the reading thread: no gdb API here ------------------------------------
 
@@ -174,7 +232,10 @@ class RecordMode(WatchMode):
     def catch_up(self) -> None:
         """With the guest stopped: check every record it made up to the stop.
         The plugin answers a STATS message after every record before it, so
-        once the answer is in, nothing recorded is still on its way."""
+        once the answer is in, nothing recorded is still on its way. From a
+        check of a record (a guard's), nothing: every record before it is checked."""
+        if self.checking:
+            return
         if self.client is not None:
             try:
                 with self.io:
@@ -185,14 +246,23 @@ class RecordMode(WatchMode):
         self.check_pending()
 
     def check_pending(self) -> None:
-        """Check every record received so far, in the order the guest made them."""
-        while True:
+        """Check every record received so far, in the order the guest made them;
+        those after a module list change only once the list is read again."""
+        while not self.look_up_wanted or self.look_up_before_the_rest():
             with self.lock:
                 batch, self.pending = self.pending, []
             if not batch:
                 return
-            for record in batch:
-                self.check(record)
+            self.checking = True
+            try:
+                for i, record in enumerate(batch):
+                    self.check(record)
+                    if self.look_up_wanted:
+                        with self.lock:
+                            self.pending[:0] = batch[i + 1:]
+                        break
+            finally:
+                self.checking = False
             self.tally_alike()
 
     def check(self, record) -> None:
@@ -205,7 +275,8 @@ class RecordMode(WatchMode):
         # at a stop, stays as read at the last stop (look_up_while_stopped)
         tasks.identity.cache.clear()
         blocks = [(address, data) for address, data in record.reads if data is not None]
-        snapshot = Snapshot(record.registers, blocks, self.code.read)
+        record.registers["pc"] = point.address
+        snapshot = Snapshot(record.registers, blocks, self.code.read, record.vcpu)
         try:
             # a hot function's redirections repeat one state and the same values read
             key = point.recipe.memo_key(record) if self.memo is not None and point.recipe.memo_key else None
@@ -277,8 +348,6 @@ class RecordMode(WatchMode):
         self.check_pending()
         self.client.close()
         self.client = None
-        if self.guards is not None:
-            self.guards.remove()
         if stats is not None:
             self.watch.reporter.note(f"recorder: {stats.records_sent} records, the guest waited "
                                      f"{stats.ns_waited / 1e6:.1f} ms for klp-watch")
