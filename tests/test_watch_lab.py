@@ -1,6 +1,7 @@
 """klp-watch on the real lab: a clean workload, every injected fault, batch use."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import pytest
 
 from helpers import (GDB, RECORDED, REPO, assert_counts_agree, assert_shows_the_readme_example, needs_parking,
                      recorder_for)
+from gdbklp.abi.ppc import MSR_PR
 from gdbklp.lab import LabError, workload
 from gdbklp.lab import config as cfg
 from gdbklp.lab.qemu import Guest, kernel_cmdline
@@ -400,6 +402,32 @@ def test_a_recorded_watch_follows_the_patch_cycled(lab, tmp_path):
     assert report.mode == "record"
     assert_counts_agree(report, counts, minimum=10)
     assert sum(c.old for c in counts.values()) > 0
+
+
+BUSY_LOOPS = "(while :; do :; done) > /dev/null 2>&1 & (while :; do :; done) > /dev/null 2>&1 &"
+
+
+def test_a_recorded_watch_stopped_in_user_code_reads_modules_through_a_kernel_vcpu(lab, tmp_path):
+    """Stops while both vCPUs mostly run user code (two busy loops): the look-up
+    at each stop reads the modules' text through a vCPU in the kernel (one in
+    user code cannot reach it: a MemoryError at the module's text before), and
+    the thread gdb stopped on stays selected."""
+    with recording_guest(lab, tmp_path) as (watched, recorded):
+        gdb = watched.gdb
+        watched.guest.check(BUSY_LOOPS)
+        gdb.interrupt()
+        gdb.console(dataclasses.replace(recorded, report=str(tmp_path / "report.json"), background=True).command())
+        in_user = 0
+        for _ in range(12):
+            gdb.cont()
+            time.sleep(0.5)
+            stopped_on = gdb.interrupt()["thread-id"]
+            assert gdb.console("thread").startswith(f"[Current thread is {stopped_on} ")
+            in_user += bool(int(gdb.console("output/x $msr").strip(), 16) & MSR_PR)
+        gdb.console("klp-watch stop")
+        report = WatchReport.read_json(tmp_path / "report.json")
+    assert in_user > 0, "no stop in user code: nothing tested"
+    assert report.errors == []
 
 
 PATCH_TEXT = "grep '^klp_lab_patch ' /proc/modules"  # its 6th field: where its code is

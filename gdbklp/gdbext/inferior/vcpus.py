@@ -1,6 +1,8 @@
 """The guest's vCPUs as gdb sees them: one thread per vCPU (QEMU's gdbstub
 numbers threads 1..N for vCPUs 0..N-1)."""
 
+import contextlib
+
 import gdb
 
 from gdbklp.abi.kernel import KERNEL_BASE
@@ -98,3 +100,17 @@ def select_kernel_vcpu() -> None:
     if not found_kernel_vcpu():
         raise GdbklpError("every vCPU runs user code, so kernel memory cannot be read through "
                       "the gdbstub now; stop the guest in the kernel (a breakpoint) and retry")
+
+
+@contextlib.contextmanager
+def kernel_vcpu_selected():
+    """Select a vCPU that runs kernel code for the block (select_kernel_vcpu),
+    then the one selected before: what gdbklp reads at a stop the user made
+    must not change the user's thread."""
+    original = gdb.selected_thread()
+    select_kernel_vcpu()
+    try:
+        yield
+    finally:
+        if original is not None and original.is_valid() and gdb.selected_thread().num != original.num:
+            original.switch()

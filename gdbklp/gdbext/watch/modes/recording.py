@@ -27,7 +27,7 @@ from gdbklp.abi.designs import CodePoint, Design
 from gdbklp.abi.invariants import ReturnSample
 from gdbklp.abi.kernel import local_entry
 from gdbklp.errors import GdbklpError
-from gdbklp.gdbext.inferior import target, tasks
+from gdbklp.gdbext.inferior import target, tasks, vcpus
 from gdbklp.gdbext.watch.modes import WatchMode
 from gdbklp.gdbext.watch.modes.parking import guest_stopped
 from gdbklp.gdbext.unwind import handle_stops
@@ -170,9 +170,11 @@ class RecordMode(WatchMode):
         return True
 
     def look_up(self) -> None:
-        """Read what the checks look up (the guest is stopped); what the memo
-        remembers was decided on the old."""
-        self.code = self.watch.look_up_while_stopped()
+        """Read what the checks look up (the guest is stopped), through a vCPU
+        that runs kernel code (at a stop in user code, the selected one cannot
+        reach a module's text); what the memo remembers was decided on the old."""
+        with vcpus.kernel_vcpu_selected():
+            self.code = self.watch.look_up_while_stopped()
         if self.memo is not None:
             self.tally_alike()  # before the verdicts it counts go
             self.memo.clear()
