@@ -72,9 +72,11 @@ When the client goes away (EOF, EPIPE) the plugin disarms itself and says so
 in one line on QEMU's stderr; the guest never stays blocked.
 """
 
+import functools
 import select
 import socket
 import struct
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -315,8 +317,30 @@ def decode_run(data, offset: int, layouts: dict[int, "_Layout"], out: list) -> i
     return offset
 
 
+def _one_thread_at_a_time(method):
+    """A Recorder's buffer and queues belong to one thread at a time: a second
+    thread meets this error at once, where it would otherwise wait out its
+    timeout for bytes that the first one already took off the socket."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        me = threading.get_ident()
+        with self._owner_lock:
+            if self._owner not in (None, me):
+                raise RecorderError(f"{method.__name__}: the recorder connection is in use by another thread "
+                                    "(use it from one thread at a time)")
+            outermost = self._owner is None
+            self._owner = me
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if outermost:
+                self._owner = None
+    return guarded
+
+
 class Recorder:
-    """A connection to the recorder plugin's socket (one client at a time)."""
+    """A connection to the recorder plugin's socket (one client at a time,
+    used from one thread at a time)."""
 
     CHUNK = 1 << 20
 
@@ -345,6 +369,8 @@ class Recorder:
         self._pending_layouts: dict[int, _Layout] | None = None
         self.registers: tuple[str, ...] = ()
         self.closed = False
+        self._owner_lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside a public method
 
     # ---- I/O ----------------------------------------------------------------------
 
@@ -412,6 +438,7 @@ class Recorder:
 
     # ---- the API ------------------------------------------------------------------
 
+    @_one_thread_at_a_time
     def arm(self, registers, points, timeout: float = 10.0, wait: bool = True) -> None:
         """Arm these points, each record carrying these registers (QEMU's
         names) in this order; with wait, until the plugin's ACK says they are
@@ -425,9 +452,11 @@ class Recorder:
         if wait:
             self.wait_armed(timeout)
 
+    @_one_thread_at_a_time
     def wait_armed(self, timeout: float = 10.0) -> None:
         self._special((POINT_ACK,), timeout, "confirm the arming")
 
+    @_one_thread_at_a_time
     def next_record(self, timeout: float | None = 0.0) -> Record | None:
         """The next probe record, waiting up to timeout seconds (None:
         forever); None when none came."""
@@ -442,6 +471,7 @@ class Recorder:
             if not self._fill(left):
                 return None
 
+    @_one_thread_at_a_time
     def records(self, timeout: float | None = 0.0) -> list[Record]:
         """Every probe record available now (after waiting up to timeout
         for the first): the fast way to keep up with the plugin."""
@@ -456,11 +486,13 @@ class Recorder:
                 return out
             self._parse()
 
+    @_one_thread_at_a_time
     def stats(self, timeout: float = 10.0) -> Stats:
         """The plugin's counts now (the records before its answer stay queued)."""
         self._send(struct.pack("<I", STATS_MAGIC))
         return Stats(*STATS.unpack(self._special((POINT_STATS,), timeout, "send its counts")[2][:STATS.size]))
 
+    @_one_thread_at_a_time
     def disarm(self, timeout: float = 10.0) -> Stats:
         """Remove the probes; the final counts. Every record sent before
         stays queued for next_record()."""

@@ -5,6 +5,7 @@ variable-length reads, the special records, and what is no record."""
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -220,6 +221,23 @@ def test_stats_and_disarm(plugin):
     assert Stats(12, 3_000, 2_000_000_000).records_per_second == 6.0
     # the records sent before each answer stay queued
     assert [r.point for r in plugin.recorder.records(timeout=1)] == [7, 7]
+
+
+def test_a_second_thread_gets_an_error_at_once_not_a_wait(plugin):
+    """Two threads reading one connection race for its bytes: one of them
+    would wait out its timeout for an answer the other took."""
+    arm(plugin)
+    reader = threading.Thread(target=lambda: plugin.recorder.records(timeout=5))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while plugin.recorder._owner is None:
+        assert time.monotonic() < deadline, "the reading thread never got in"
+        time.sleep(0.01)
+    with pytest.raises(RecorderError, match=r"^stats: the recorder connection is in use by another thread"):
+        plugin.recorder.stats(timeout=5)
+    plugin.ours.sendall(plugin.record(POINTS[1], 0, (1, 2, 3), {}))
+    reader.join()
+    assert plugin.recorder._owner is None  # and the connection is free again
 
 
 def test_a_nak_is_a_one_line_error(plugin):
