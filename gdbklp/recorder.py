@@ -108,6 +108,7 @@ READ_SPEC = struct.Struct("<BBBBIQqq")
 HEADER = struct.Struct("<IIIIQ")
 READ_RESULT = struct.Struct("<QII")
 STATS = struct.Struct("<QQQ")
+RUN_CHECK = struct.Struct("<IIII")  # a header's magic, point_id, vcpu, size
 
 
 class RecorderError(GdbklpError):
@@ -171,6 +172,17 @@ class Record:
     registers: dict[str, int]
     # per read: (address, the bytes read, or None if the read failed)
     reads: tuple[tuple[int, bytes | None], ...]
+    raw: bytes | None = None  # as it came, for a point with a sieve (Recorder.sieves)
+
+
+@dataclass(slots=True)
+class Repeat:
+    """count records in a row of one point that its sieve knew (Recorder.sieves),
+    each as known: what the sieve gave for it. They are not decoded further."""
+
+    point: int
+    known: object
+    count: int
 
 
 @dataclass(frozen=True)
@@ -254,6 +266,20 @@ class _Layout:
 
     make: object = None  # values -> Record, made for this layout by layout_of
 
+    def register_bytes(self, name: str) -> tuple[int, int]:
+        """(start, end) of a register's value in a raw record."""
+        start = HEADER.size + 8 * self.names.index(name)
+        return start, start + 8
+
+    def results_bytes(self) -> tuple[int, int]:
+        """(start, end) of every read's result (address, length, status) in a raw record."""
+        start = HEADER.size + 8 * self.nregisters
+        return start, start + READ_RESULT.size * len(self.point.reads)
+
+    def data_start(self, index: int) -> int:
+        """Where read index's bytes start in a raw record."""
+        return self.results_bytes()[1] + sum(read.length for read in self.point.reads[:index])
+
 
 def _maker(names: tuple[str, ...], nreads: int):
     """A function from one record's unpacked values (header included) to
@@ -296,10 +322,11 @@ def decode_record(data, offset: int, layouts: dict[int, "_Layout"]):
     return layout.make(layout.record.unpack_from(data, offset)), size
 
 
-def decode_run(data, offset: int, layouts: dict[int, "_Layout"], out: list) -> int:
+def decode_run(data, offset: int, layouts: dict[int, "_Layout"], out: list, sieves=None) -> int:
     """Decode the records of one point that follow each other from
     data[offset:] into out, as long as they are complete and of that point;
-    the offset after them (offset itself when the first is not such a record)."""
+    the offset after them (offset itself when the first is not such a record).
+    Through the point's sieve, if sieves has one (see _sieve_run)."""
     if len(data) - offset < HEADER.size:
         return offset
     magic, point_id, _, size, _ = HEADER.unpack_from(data, offset)
@@ -307,6 +334,9 @@ def decode_run(data, offset: int, layouts: dict[int, "_Layout"], out: list) -> i
     if magic != RECORD_MAGIC or layout is None or size != layout.size:
         return offset
     count = (len(data) - offset) // size
+    sieve = sieves.get(point_id) if sieves else None
+    if sieve is not None:
+        return _sieve_run(data, offset, count, layout, sieve, out)
     make = layout.make
     with memoryview(data) as view:
         for values in layout.record.iter_unpack(view[offset:offset + count * size]):
@@ -336,6 +366,33 @@ def _one_thread_at_a_time(method):
             if outermost:
                 self._owner = None
     return guarded
+
+
+def _sieve_run(data, offset: int, count: int, layout: "_Layout", sieve, out: list) -> int:
+    """decode_run for a point with a sieve: a function of a record's raw bytes
+    that gives what is already known of it, or None. Known records in a row
+    become one Repeat; the others are decoded, their raw bytes kept."""
+    point_id, size = layout.point.point_id, layout.size
+    unpack, make = layout.record.unpack, layout.make
+    with memoryview(data) as view:
+        for _ in range(count):
+            raw = bytes(view[offset:offset + size])
+            magic, point, _, length = RUN_CHECK.unpack_from(raw)
+            if magic != RECORD_MAGIC or point != point_id or length != size:
+                break
+            offset += size
+            known = sieve(raw)
+            if known is None:
+                record = make(unpack(raw))
+                record.raw = raw
+                out.append(record)
+                continue
+            last = out[-1] if out else None
+            if type(last) is Repeat and last.known is known and last.point == point_id:
+                last.count += 1
+            else:
+                out.append(Repeat(point_id, known, 1))
+    return offset
 
 
 class Recorder:
@@ -368,6 +425,9 @@ class Recorder:
         self._layouts: dict[int, _Layout] = {}
         self._pending_layouts: dict[int, _Layout] | None = None
         self.registers: tuple[str, ...] = ()
+        # point_id -> a function of a record's raw bytes: what the client knows
+        # of it already (it comes as a Repeat), or None (decoded as a Record)
+        self.sieves: dict[int, object] = {}
         self.closed = False
         self._owner_lock = threading.Lock()
         self._owner: int | None = None  # the thread inside a public method
@@ -396,7 +456,10 @@ class Recorder:
         buf, pos, layouts = self._buf, self._pos, self._layouts
         records = self._records
         while True:
-            pos = decode_run(buf, pos, layouts, records)
+            after = decode_run(buf, pos, layouts, records, self.sieves)
+            if after != pos:
+                pos = after
+                continue
             decoded = decode_record(buf, pos, layouts)
             if decoded is None:
                 break
@@ -458,8 +521,9 @@ class Recorder:
 
     @_one_thread_at_a_time
     def next_record(self, timeout: float | None = 0.0) -> Record | None:
-        """The next probe record, waiting up to timeout seconds (None:
-        forever); None when none came."""
+        """The next probe record (a Record, or a Repeat of a point with a
+        sieve), waiting up to timeout seconds (None: forever); None when none
+        came."""
         if self._records:
             return self._records.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -473,8 +537,9 @@ class Recorder:
 
     @_one_thread_at_a_time
     def records(self, timeout: float | None = 0.0) -> list[Record]:
-        """Every probe record available now (after waiting up to timeout
-        for the first): the fast way to keep up with the plugin."""
+        """Every probe record available now, as next_record() gives them
+        (after waiting up to timeout for the first): the fast way to keep up
+        with the plugin."""
         first = self.next_record(timeout)
         if first is None:
             return []

@@ -129,23 +129,25 @@ class VerdictMemo:
             self.hits += 1
         return node.verdict if node is not None else None
 
-    def store(self, state, trace: list[tuple[tuple, object]], verdict) -> None:
-        """Keep verdict for state and the reads (trace) the check made."""
+    def store(self, state, trace: list[tuple[tuple, object]], verdict) -> bool:
+        """Keep verdict for state and the reads (trace) the check made; whether
+        it is kept (not past the limit, nor where the check once read
+        differently on the same path: there it is no function of its reads)."""
         if state not in self.roots and len(self.roots) >= self.limit:
-            return
+            return False
         leaf = _Leaf(verdict)
         if not trace:
-            self.roots.setdefault(state, leaf)
-            return
+            return isinstance(self.roots.setdefault(state, leaf), _Leaf)
         node = self.roots.setdefault(state, (trace[0][0], {}))
         for i, (access, value) in enumerate(trace):
             if not isinstance(node, tuple) or node[0] != access:
-                return  # the check read differently on the same path: not a function of its reads
+                return False
             following = trace[i + 1][0] if i + 1 < len(trace) else None
             nxt = node[1].get(value)
             if nxt is None:
                 nxt = node[1][value] = (following, {}) if following is not None else leaf
             node = nxt
+        return isinstance(node, _Leaf)
 
 
 class _Leaf:

@@ -91,6 +91,12 @@ def test_a_value_not_seen_is_a_miss_not_a_wrong_verdict():
 
 def test_the_memo_keeps_at_most_its_limit_of_states():
     memo = VerdictMemo(limit=2)
-    for state in range(5):
-        memo.store(state, [], f"v{state}")
+    assert [memo.store(state, [], f"v{state}") for state in range(5)] == [True, True, False, False, False]
     assert [memo.verdict(s, Snapshot({}, [])) for s in range(5)] == ["v0", "v1", None, None, None]
+
+
+def test_a_check_that_read_differently_on_the_same_path_is_not_kept():
+    memo = VerdictMemo()
+    assert memo.store(1, [(("r", "r1"), 5), (("r", "r2"), 6)], "first")
+    assert not memo.store(1, [(("r", "r1"), 5), (("r", "r3"), 6)], "second")
+    assert memo.store(1, [(("r", "r1"), 7), (("r", "r2"), 6)], "third")  # another branch

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -465,3 +466,7 @@ def test_a_recorded_hot_function_is_checked_call_by_call(lab, tmp_path):
     assert len(report.events) == report.keep_events < report.redirections == row.guest_new
     assert {site: (t.seen, t.checked) for site, t in report.by_call_site.items()} == {"local": (16000, 16000)}
     assert sorted(t.redirections for t in report.tasks.values() if t.comm == "klplab-run") == [8000, 8000]
+    # and the reading thread knew most of them by their bytes, not only the memo in gdb's thread
+    (note,) = [n for n in report.notes if n.startswith("recorder: ")]
+    sieved = re.search(r"\((\d+) known clean before decoding\)", note)
+    assert sieved and int(sieved.group(1)) >= 8000, note  # those in flight while it learns go to gdb's memo

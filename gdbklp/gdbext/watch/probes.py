@@ -8,6 +8,7 @@ import gdb
 from gdbklp.abi.designs import CodePoint
 from gdbklp.gdbext import events
 from gdbklp.gdbext.unwind import handle_stops
+from gdbklp.sieve import MemoKey
 
 
 def _nothing() -> None:
@@ -19,13 +20,13 @@ class Recipe:
     """How the recorder plugin captures a point's state with no stop: the
     memory reads it makes there (gdbklp.recorder.Read, over the registers
     of RECORDED_REGISTERS) and how a record becomes the state check() takes;
-    memo_key, for record mode's verdict memo: the values of a record that
-    make all of its state the checks may read, but what they read through
-    the snapshot (the memo traces that)."""
+    memo_key, for record mode's verdict memo: the
+    values of a record that make all of its state the checks may read, but
+    what they read through the snapshot (the memo traces that)."""
 
     reads: tuple
     state: Callable[[object], object]
-    memo_key: Callable[[object], tuple] | None = None
+    memo_key: MemoKey | None = None
 
 
 # the registers every record carries: those the checks read at a stop

@@ -16,6 +16,7 @@ from gdbklp.gdbext.inferior import target, tasks
 from gdbklp.gdbext.watch.guards import MESSAGE_BYTES, PC_OF_GUEST_DOWN, PT_REGS_NIP
 from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, ProbePoint, Recipe
 from gdbklp.recorder import Read, Source
+from gdbklp.sieve import MemoKey
 from gdbklp.snapshot import NotRecorded
 
 # the livepatch stack is read from the stack's base up to its top entry:
@@ -108,13 +109,9 @@ def p3_recipe(watch) -> Recipe:
                                      f"{MAX_LIVEPATCH_BLOCK} bytes recorded")
         return ReturnSample(u64(task), record.vcpu, sp, u64(livepatch_sp), base, block, header, task_slot)
 
-    def memo_key(record) -> tuple:
-        """What state() makes the ReturnSample from, but the frame header's
-        bytes the checks may not read (a failed read: None, never a stored key)."""
-        task, livepatch_sp, stack, (_, header) = record.reads[:4]
-        return (record.vcpu, record.registers["r1"], task, livepatch_sp, stack,
-                header and header[:ReturnSample.HEADER_ALWAYS_READ])
-
+    # what state() makes the ReturnSample from, but the frame header's bytes
+    # the checks may not read
+    memo_key = MemoKey(("r1",), ((0, None), (1, None), (2, None), (3, ReturnSample.HEADER_ALWAYS_READ)))
     return Recipe(tuple(reads), state, memo_key)
 
 

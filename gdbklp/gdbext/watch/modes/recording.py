@@ -34,8 +34,9 @@ from gdbklp.gdbext.unwind import handle_stops
 from gdbklp.gdbext.watch.probes import RECORDED_REGISTERS, ProbePoint, describe_points
 from gdbklp.gdbext.watch.recipes import guard_recipe
 from gdbklp.options import Mode
-from gdbklp.recorder import Recorder, RecordPoint
+from gdbklp.recorder import Recorder, RecordPoint, Repeat, layout_of
 from gdbklp.report import Redirection
+from gdbklp.sieve import RecordSieve
 from gdbklp.snapshot import Snapshot, TracingSnapshot, VerdictMemo
 
 POLL_SECONDS = 0.2  # how often the reading thread looks whether the watch ended
@@ -76,6 +77,8 @@ class RecordMode(WatchMode):
         # probe would leave state for it to consult, so not with those
         only_p3 = [p.point for p in self.points.values()] == [CodePoint.P3] and not watch.options.handoff
         self.memo = VerdictMemo() if only_p3 and watch.design == Design.LIVEPATCH_STACK else None
+        self.sieve: RecordSieve | None = None  # the memo's verdicts, for the reading thread
+        self.sieved = 0  # records it passed on as known
         # id of a remembered verdict -> [it, how many records since got it]: with
         # no event list to keep in order, a hot function's are tallied per batch
         self.alike: dict[int, list] = {}
@@ -90,6 +93,8 @@ class RecordMode(WatchMode):
         self.points.update(enumerate(guards, len(self.points) + 1))
         points = [RecordPoint(p.address, number, p.recipe.reads, flush=p.point in AT_ONCE)
                   for number, p in self.points.items()]
+        if self.memo is not None:
+            self.client.sieves = self.sieves(points)
         # live once a vCPU runs (the plugin drops the old translations from one):
         # the reading thread meets the plugin's answer before the first record
         self.client.arm(RECORDED_REGISTERS, points, wait=False)
@@ -98,6 +103,17 @@ class RecordMode(WatchMode):
         self.reader.start()
         return (f"recording {describe_points(design)} and {len(guards)} guard points "
                 "(QEMU's recorder plugin, every vCPU; no breakpoint)")
+
+    def sieves(self, points: list[RecordPoint]) -> dict:
+        """The reading thread's sieves: P3's remembered verdicts, forgotten
+        from a module list change on (gdbklp.sieve)."""
+        kinds = {p.point_id: self.points[p.point_id].point for p in points}
+        p3 = next(p for p in points if kinds[p.point_id] == CodePoint.P3)
+        self.sieve = RecordSieve(layout_of(p3, RECORDED_REGISTERS), self.points[p3.point_id].recipe.memo_key,
+                                 constant=("pc",))
+        sieves = {p3.point_id: self.sieve}
+        sieves.update((p.point_id, self.sieve.forget_at) for p in points if kinds[p.point_id] == CodePoint.MODULES)
+        return sieves
 
     def can_end_now(self) -> bool:
         """Only with the guest stopped: the records after a module list change
@@ -178,6 +194,8 @@ class RecordMode(WatchMode):
         if self.memo is not None:
             self.tally_alike()  # before the verdicts it counts go
             self.memo.clear()
+            if self.sieve is not None:  # not yet at the arming's first look-up
+                self.sieve.forget()
 
     def while_armed(self, check):
         """check, as long as the watch records (a guard hit after its end checks nothing)."""
@@ -258,7 +276,11 @@ class RecordMode(WatchMode):
             self.checking = True
             try:
                 for i, record in enumerate(batch):
-                    self.check(record)
+                    if type(record) is Repeat:
+                        self.sieved += record.count
+                        self.count_clean(record.known, record.count)
+                    else:
+                        self.check(record)
                     if self.look_up_wanted:
                         with self.lock:
                             self.pending[:0] = batch[i + 1:]
@@ -281,7 +303,7 @@ class RecordMode(WatchMode):
         snapshot = Snapshot(record.registers, blocks, self.code.read, record.vcpu)
         try:
             # a hot function's redirections repeat one state and the same values read
-            key = point.recipe.memo_key(record) if self.memo is not None and point.recipe.memo_key else None
+            key = point.recipe.memo_key.of(record) if self.memo is not None and point.recipe.memo_key else None
             if key is not None and self.replay(key, snapshot):
                 return
             # a check that wants the guest stopped has ended the watch (end_at_stop)
@@ -290,7 +312,7 @@ class RecordMode(WatchMode):
                 if key is None:
                     point.check(state)
                     return
-            self.check_remembering(point, key, state, snapshot)
+            self.check_remembering(point, key, state, record, snapshot)
         except Exception as e:  # one record's failure must not end the watch
             self.watch.record_error(f"record {record.seq} at {point.label}: {type(e).__name__}: {e}")
 
@@ -300,17 +322,24 @@ class RecordMode(WatchMode):
         remembered = self.memo.verdict(key, snapshot)
         if remembered is None:
             return False
-        reporter = self.watch.reporter
-        if reporter.batching():
-            self.alike.setdefault(id(remembered), [remembered, 0])[1] += 1
-        else:
-            after_seq, checked = remembered  # Redirection's fields but its first, seq
-            reporter.redirection(Redirection(reporter.report.redirections, *after_seq), [], checked)
+        self.count_clean(remembered, 1)
         return True
 
-    def check_remembering(self, point: ProbePoint, key: tuple, state: ReturnSample, snapshot: Snapshot) -> None:
+    def count_clean(self, verdict: tuple, count: int) -> None:
+        """Report count clean redirections whose check gave a remembered verdict."""
+        reporter = self.watch.reporter
+        after_seq, checked = verdict  # Redirection's fields but its first, seq
+        for done in range(count):
+            if reporter.batching():
+                self.alike.setdefault(id(verdict), [verdict, 0])[1] += count - done
+                return
+            reporter.redirection(Redirection(reporter.report.redirections, *after_seq), [], checked)
+
+    def check_remembering(self, point: ProbePoint, key: tuple, state: ReturnSample, record,
+                          snapshot: Snapshot) -> None:
         """point.check(state), its verdict kept under key and the values it read
-        if clean: a violation is always checked in full."""
+        if clean (for the reading thread too, with the record's raw bytes): a
+        violation is always checked in full."""
         reporter = self.watch.reporter
         self.tally_alike()  # in order, before a check that may stop the watch
         seen, wrong, errors = reporter.report.redirections, len(reporter.report.violations), reporter.errors_seen
@@ -322,8 +351,9 @@ class RecordMode(WatchMode):
             return
         redirection, checked = reporter.last_redirection
         trace = state.toc_slot_read(CallSite(redirection.call_site)) + tracing.trace
-        self.memo.store(key, trace, ([getattr(redirection, f.name) for f in dataclasses.fields(Redirection)][1:],
-                                     checked))
+        verdict = ([getattr(redirection, f.name) for f in dataclasses.fields(Redirection)][1:], checked)
+        if self.memo.store(key, trace, verdict) and record.raw is not None:
+            self.sieve.learn(record, trace, verdict)
 
     def tally_alike(self) -> None:
         """Report the remembered clean redirections counted since the last time."""
@@ -351,5 +381,6 @@ class RecordMode(WatchMode):
         self.client.close()
         self.client = None
         if stats is not None:
-            self.watch.reporter.note(f"recorder: {stats.records_sent} records, the guest waited "
+            sieved = f" ({self.sieved} known clean before decoding)" if self.sieve is not None else ""
+            self.watch.reporter.note(f"recorder: {stats.records_sent} records{sieved}, the guest waited "
                                      f"{stats.ns_waited / 1e6:.1f} ms for klp-watch")
