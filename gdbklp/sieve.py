@@ -63,7 +63,9 @@ class RecordSieve:
         self.constant = constant  # registers the decoder sets, the same in every record (pc: the point)
         self.limit = limit  # verdicts kept
         self.shapes_limit = shapes_limit  # sets of offsets tried per record
-        self.shapes: tuple = ()  # ((offsets, getter, {bytes: verdict}), ...): replaced, never changed in place
+        # ((offsets, getter, {bytes: verdict}), ...): the reading thread iterates it, so
+        # a new shape replaces the tuple (a new verdict goes into its dict in place)
+        self.shapes: tuple = ()
         self.size = 0
         self.forgotten_before = 0  # learn nothing from a record older than this seq
         self.lock = threading.Lock()

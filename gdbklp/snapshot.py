@@ -7,6 +7,7 @@ the recording does not hold fails loudly instead of reading the live guest.
 """
 
 import bisect
+import operator
 
 from gdbklp.errors import GdbklpError
 
@@ -24,7 +25,10 @@ class Snapshot:
                  vcpu: int | None = None):
         self.registers = registers
         self.vcpu = vcpu  # the vCPU it was recorded on
-        self.blocks = sorted(blocks)
+        # by start alone, the order recorded kept among equal starts: which block
+        # a read takes follows from the blocks' places, never from their bytes
+        # (RecordSieve relies on it)
+        self.blocks = sorted(blocks, key=operator.itemgetter(0))
         self.starts = [start for start, _ in self.blocks]
         self.code = code
 

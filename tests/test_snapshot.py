@@ -100,3 +100,11 @@ def test_a_check_that_read_differently_on_the_same_path_is_not_kept():
     assert memo.store(1, [(("r", "r1"), 5), (("r", "r2"), 6)], "first")
     assert not memo.store(1, [(("r", "r1"), 5), (("r", "r3"), 6)], "second")
     assert memo.store(1, [(("r", "r1"), 7), (("r", "r2"), 6)], "third")  # another branch
+
+
+def test_blocks_that_start_together_are_taken_by_their_place_not_their_bytes():
+    """The reading thread's sieve compares where the blocks are, not all of
+    their bytes: which block a read takes must follow from the places alone."""
+    for first, second in ((b"\1" * 32, b"\2" * 64), (b"\2" * 32, b"\1" * 64)):
+        snapshot = Snapshot({}, [(0x1000, first), (0x1000, second)])
+        assert snapshot.recorded(0x1008, 8) == second[8:16]  # the later read, whatever its bytes

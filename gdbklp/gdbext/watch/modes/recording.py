@@ -231,9 +231,8 @@ class RecordMode(WatchMode):
     def read_records(self) -> None:
         try:
             while not self.ending.is_set():
-                with self.io:
-                    records = self.client.records(POLL_SECONDS)
-                self.hand_over(records)
+                with self.io:  # handed over before catch_up can take later ones
+                    self.hand_over(self.client.records(POLL_SECONDS))
         except GdbklpError as e:  # the plugin went away (QEMU ended): what came before still counts
             message = f"recorder: {e}"
             gdb.post_event(lambda: self.watch.record_error(message))
@@ -277,8 +276,7 @@ class RecordMode(WatchMode):
             try:
                 for i, record in enumerate(batch):
                     if type(record) is Repeat:
-                        self.sieved += record.count
-                        self.count_clean(record.known, record.count)
+                        self.count_repeat(record)
                     else:
                         self.check(record)
                     if self.look_up_wanted:
@@ -315,6 +313,16 @@ class RecordMode(WatchMode):
             self.check_remembering(point, key, state, record, snapshot)
         except Exception as e:  # one record's failure must not end the watch
             self.watch.record_error(f"record {record.seq} at {point.label}: {type(e).__name__}: {e}")
+
+    def count_repeat(self, repeat: Repeat) -> None:
+        """Records the reading thread knew clean (as check() does, a failure is
+        one error line and the records after it are still checked)."""
+        self.sieved += repeat.count
+        try:
+            self.count_clean(repeat.known, repeat.count)
+        except Exception as e:
+            self.watch.record_error(f"{repeat.count} records known clean at point {repeat.point}: "
+                                    f"{type(e).__name__}: {e}")
 
     def replay(self, key: tuple, snapshot: Snapshot) -> bool:
         """Report the verdict the check gave on the same key and the same values
