@@ -40,8 +40,9 @@ def assert_each_call_site_checked(report, counts):
 
 @pytest.mark.smoke
 def test_clean_workload_with_migration_and_patch_cycling(guest, gdb):
-    # 4 tasks, every kind 200 times, sleeping inside C (so they move between the 2 vCPUs)
-    report, counts = watch_workload(guest, gdb, "-t 4 -n 50 -f sleep")
+    # 4 tasks, every kind 200 times, sleeping inside C, each task moved to the
+    # other vCPU between its batches (left to the scheduler, all 4 once stayed put)
+    report, counts = watch_workload(guest, gdb, "-t 4 -n 50 -b 10 -m -f sleep")
     WatchedGuest.assert_clean(report)
     assert_counts_agree(report, counts, minimum=200)
     assert len(report.tasks) == 4

@@ -9,15 +9,19 @@
  * At the end it prints the guest's own per-kind counts.
  *
  * usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]
- *                   [-w WORK] [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]
+ *                   [-w WORK] [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-m] [-r]
+ *   -m: each task moves to the next online CPU before each batch (the
+ *       scheduler alone may leave every task on one CPU for a whole run)
  *   -w: after each batch, WORK rounds of system calls that call no patched
  *       function (a stat of "/" and a getppid), so that redirections are a
  *       fixed share of a kernel's work, as on a real system
  *   flags: yield, sleep, hold, nap, fault-magic, fault-toc, fault-ra, fault-r1,
  *          fault-toc-slot, fault-unbalanced (or a number);  -r: reset counters first
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +49,7 @@ struct options {
 	int patch_cycles;
 	const char *patch_ko;
 	int reset;
+	int migrate;
 	const char *kinds[NR_KINDS];
 	int nr_kinds;
 };
@@ -58,7 +63,7 @@ static void die(const char *what)
 static void usage(void)
 {
 	fprintf(stderr, "usage: klplab-run [-t TASKS] [-k KIND,...|all] [-n CALLS] [-b BATCH]\n"
-			"                  [-w WORK] [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-r]\n");
+			"                  [-w WORK] [-f FLAG,...] [-p CYCLES] [-P PATCH.ko] [-m] [-r]\n");
 	exit(2);
 }
 
@@ -141,8 +146,20 @@ static void unpatched_work(long rounds)
 	}
 }
 
+/* Pin the calling task to online CPU number (index modulo their count). */
+static void move_to_cpu(long index)
+{
+	long online = sysconf(_SC_NPROCESSORS_ONLN);
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET(online > 0 ? index % online : 0, &set);
+	if (sched_setaffinity(0, sizeof(set), &set))
+		die("sched_setaffinity");
+}
+
 /* One task: CALLS calls of each kind, interleaved batch by batch. */
-static int run_task(const struct options *o)
+static int run_task(const struct options *o, int task)
 {
 	long done = 0;
 	char cmd[64];
@@ -153,6 +170,9 @@ static int run_task(const struct options *o)
 		die(RUN_FILE);
 	while (done < o->calls) {
 		long n = o->calls - done < o->batch ? o->calls - done : o->batch;
+
+		if (o->migrate)
+			move_to_cpu(task + done / o->batch);
 
 		for (k = 0; k < o->nr_kinds; k++) {
 			int len = snprintf(cmd, sizeof(cmd), "%s %ld %#lx", o->kinds[k], n, o->flags);
@@ -238,7 +258,7 @@ int main(int argc, char **argv)
 	char all[] = "all";
 
 	parse_kinds(&o, all);
-	while ((opt = getopt(argc, argv, "t:k:n:b:w:f:p:P:r")) != -1) {
+	while ((opt = getopt(argc, argv, "t:k:n:b:w:f:p:P:mr")) != -1) {
 		switch (opt) {
 		case 't': o.tasks = atoi(optarg); break;
 		case 'k': parse_kinds(&o, optarg); break;
@@ -248,6 +268,7 @@ int main(int argc, char **argv)
 		case 'f': o.flags = parse_flags(optarg); break;
 		case 'p': o.patch_cycles = atoi(optarg); break;
 		case 'P': o.patch_ko = optarg; break;
+		case 'm': o.migrate = 1; break;
 		case 'r': o.reset = 1; break;
 		default: usage();
 		}
@@ -263,7 +284,7 @@ int main(int argc, char **argv)
 		if (pid < 0)
 			die("fork");
 		if (pid == 0)
-			_exit(run_task(&o));
+			_exit(run_task(&o, i));
 	}
 	if (o.patch_cycles) {
 		cycler = fork();
